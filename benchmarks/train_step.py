@@ -1,0 +1,116 @@
+"""One training step of mamba-130m (random weights) on the CPU: ours against transformers' MambaForCausalLM.
+
+    python benchmarks/train_step.py [--arch mamba-130m --tokens 128 --threads 2]
+
+Both models hold the same weights; only in_proj is trainable (forward + backward of the LM loss, batch 1).
+Prints time and peak memory of each, the check that losses and in_proj gradients agree, and the
+matmul-bound estimate: the step's matrix-multiply work divided by the GEMM rate measured on this machine.
+Target (issue 2): at least 4x faster than transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+
+import torch
+
+from _common import machine, peak_memory, rel_err, setup_threads, timed
+
+
+def step_matmul_flops(config, tokens: int) -> tuple[float, float]:
+    """(forward, backward) multiply-add FLOPs of the step's matmuls, with only in_proj trainable."""
+    d, E, R, N, V = config.hidden_size, config.intermediate_size, config.time_step_rank, config.state_size, config.vocab_size
+    in_proj = 2 * tokens * d * 2 * E
+    per_layer = in_proj + 2 * tokens * (E * (R + 2 * N) + R * E + E * d)
+    forward = config.num_hidden_layers * per_layer + 2 * tokens * d * V
+    # backward: input gradients of every matmul except layer 0's in_proj (its input comes from the frozen
+    # embedding), plus the weight gradients of in_proj in every layer
+    backward = (forward - in_proj) + config.num_hidden_layers * in_proj
+    return forward, backward
+
+
+def gemm_rate(shapes, repeats=5) -> float:
+    """Achieved GFLOP/s of torch.mm over (m, k, n) shapes."""
+    flops, seconds = 0.0, 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        t, _ = timed(lambda: torch.mm(a, b), repeats)
+        flops += 2 * m * k * n
+        seconds += t
+    return flops / seconds / 1e9
+
+
+def trim():
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)   # give freed heap back so the next peak is measured from a low base
+    except OSError:
+        pass
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="mamba-130m")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    setup_threads(args.threads)
+
+    from transformers import MambaForCausalLM
+
+    import mambapeft
+
+    ours = mambapeft.from_config(args.arch, seed=0).train()
+    config = ours.config
+    theirs = MambaForCausalLM(config).train()
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    theirs.tie_weights()
+    for model in (ours, theirs):
+        for name, p in model.named_parameters():
+            p.requires_grad_(".in_proj." in name)
+    ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach()
+
+    print(f"one training step, {args.arch}, batch 1 x {args.tokens} tokens, only in_proj trainable, fp32")
+    print(f"machine: {machine()}")
+    results = {}
+    for name, model, repeats in (("mambapeft", ours, args.repeats), ("transformers", theirs, max(1, args.repeats - 1))):
+        seconds, loss = timed(lambda: step(model), repeats)
+        trim()
+        model.zero_grad(set_to_none=True)
+        trim()
+        memory, _ = peak_memory(lambda: step(model))
+        grads = [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
+        results[name] = (seconds, memory, loss, grads)
+
+    (t_ours, m_ours, l_ours, g_ours), (t_hf, m_hf, l_hf, g_hf) = results["mambapeft"], results["transformers"]
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
+    print(f"{'model':14s} {'step (s)':>9s} {'tokens/s':>9s} {'peak memory':>12s}")
+    for name, (seconds, memory, _, _) in results.items():
+        print(f"{name:14s} {seconds:9.2f} {args.tokens / seconds:9.0f} {mib(memory):>12s}")
+    grad_err = max(rel_err(a, b) for a, b in zip(g_ours, g_hf))
+    print(f"same result: loss {l_ours.item():.6f} vs {l_hf.item():.6f}, max rel. diff of in_proj gradients {grad_err:.1e}")
+    speedup = t_hf / t_ours
+    print(f"speed-up {speedup:.1f}x (target >= 4x): {'ok' if speedup >= 4 else 'MISSED'}")
+
+    forward, backward = step_matmul_flops(config, args.tokens)
+    peak = gemm_rate([(2048, 2048, 2048)])
+    d, E, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    shaped = gemm_rate([(args.tokens, d, 2 * E), (args.tokens, E, d), (args.tokens, d, V), (d, args.tokens, 2 * E)])
+    total = forward + backward
+    print(f"matmul work of the step: {total / 1e9:.1f} GFLOP (forward {forward / 1e9:.1f}, backward {backward / 1e9:.1f})")
+    print(f"GEMM rate measured: {peak:.0f} GFLOP/s on 2048^3, {shaped:.0f} GFLOP/s on this step's shapes")
+    print(f"matmul-bound estimate: {total / peak / 1e9:.2f} s at the peak rate, {total / shaped / 1e9:.2f} s at the "
+          f"step's shapes; ours takes {t_ours:.2f} s = {t_ours / (total / shaped / 1e9):.2f}x the shape-aware bound")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""mambapeft: parameter-efficient fine-tuning of Mamba state-space models (MambaPEFT, ICLR 2025)."""
+
+from .errors import CheckpointError, ConfigError, MambaPeftError
+from .model import (
+    ARCHITECTURES,
+    MambaLM,
+    MambaMixer,
+    MambaState,
+    MixerState,
+    PeftHook,
+    from_config,
+    from_pretrained,
+    save_pretrained,
+)
+from .scan import selective_scan, selective_scan_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES", "MambaLM", "MambaMixer", "MambaState", "MixerState", "PeftHook", "from_config",
+    "from_pretrained", "save_pretrained", "selective_scan", "selective_scan_reference",
+    "CheckpointError", "ConfigError", "MambaPeftError", "__version__",
+]

@@ -1,0 +1,60 @@
+"""`mambapeft info MODEL_OR_ARCH`: the architecture and its parameter counts, without loading weights."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..model.architectures import ARCHITECTURES, from_config
+from ..model.lm import MambaLM
+from ..model.loading import read_config, resolve_folder
+from ..model.summary import MIXER_PARTS, architecture_summary
+
+
+def add_parser(commands):
+    parser = commands.add_parser(
+        "info",
+        help="show a model's architecture and parameter counts",
+        description="Show the architecture and parameter counts of a named architecture "
+        f"({', '.join(ARCHITECTURES)}), a local checkpoint folder or a Hugging Face hub id. Reads only the config.",
+    )
+    parser.add_argument("model", nargs="?", default="tiny", help="architecture name, folder or hub id (default: tiny)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.set_defaults(run=run)
+
+
+def load_shapes(name: str):
+    """A meta-device model (shapes only) for an architecture name, folder or hub id, and where it came from."""
+    if name.lower() in ARCHITECTURES:
+        return from_config(name, device="meta"), "architecture (random weights)"
+    folder = resolve_folder(name)
+    config, fmt = read_config(folder)
+    with torch.device("meta"):
+        model = MambaLM(config)
+    return model, f"checkpoint, {'Hugging Face' if fmt == 'hf' else 'mamba_ssm'} format, {folder}"
+
+
+def run(args) -> int:
+    model, source = load_shapes(args.model)
+    summary = {"model": args.model, "source": source, **architecture_summary(model)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    p = summary["parameters"]
+    parts = " · ".join(f"{k} {v:,}" for k, v in p["per_layer_parts"].items())
+    yes = {True: "yes", False: "no"}
+    print(f"{args.model}: {source}")
+    print(f"  model_type   {summary['model_type']}")
+    print(f"  d_model {summary['d_model']}   n_layer {summary['n_layer']}   vocab {summary['vocab_size']}")
+    print(f"  d_inner (E) {summary['d_inner']}   d_state (N) {summary['d_state']}   "
+          f"dt_rank (R) {summary['dt_rank']}   d_conv (K) {summary['d_conv']}")
+    print(f"  bias: in/out_proj {yes[summary['use_bias']]}, conv1d {yes[summary['use_conv_bias']]};  "
+          f"lm_head tied to embeddings: {yes[summary['tie_word_embeddings']]}")
+    print(f"parameters     {p['total']:,}")
+    print(f"  embeddings   {p['embeddings']:,}")
+    print(f"  per layer    {p['per_layer']:,}  ({parts})")
+    print(f"  all layers   {p['layers']:,}")
+    print(f"  norm_f       {p['norm_f']:,}")
+    print(f"  lm_head      {'tied' if summary['tie_word_embeddings'] else format(p['lm_head'], ',')}")
+    return 0

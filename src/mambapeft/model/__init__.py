@@ -1,0 +1,12 @@
+"""The model layer: the PEFT-ready mixer, the language model around it, loading and generation."""
+
+from .architectures import ARCHITECTURES, HUB_IDS, arch_config, from_config
+from .lm import MambaBlock, MambaLM, MambaLMOutput, MambaState, RMSNorm
+from .loading import from_pretrained, save_pretrained
+from .mixer import DIRECTION_NAMES, MambaMixer, MixerState, PeftHook
+
+__all__ = [
+    "ARCHITECTURES", "HUB_IDS", "arch_config", "from_config", "MambaBlock", "MambaLM", "MambaLMOutput",
+    "MambaState", "RMSNorm", "from_pretrained", "save_pretrained", "DIRECTION_NAMES", "MambaMixer",
+    "MixerState", "PeftHook",
+]

@@ -1,0 +1,201 @@
+"""The Mamba-1 language model on our mixer.
+
+Our own module tree, with exactly the module names of transformers' `MambaForCausalLM`
+(backbone.embeddings, backbone.layers.i.{norm, mixer.*}, backbone.norm_f, lm_head), so a Hugging Face
+checkpoint's state dict loads into it unchanged and a merged model saves as one transformers loads.
+Why not transformers' model with its mixers swapped: its block passes transformers' cache object (whose API
+changed three times) into the mixer, and its generation path assumes that cache; owning the ~150 lines of
+model around the mixer keeps one recurrent state of our own, which affix tokens and extra scan states need.
+
+    input_ids (b, L) --embeddings--> h (b, L, d)
+    [model hooks may insert soft prompt tokens here]
+    for each layer:  h = h + mixer(norm(h))          (residual in float32)
+    norm_f --> [soft prompt positions dropped] --> lm_head --> logits (b, L, vocab)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+from .mixer import MambaMixer, MixerState, drop_inserted, insert_from_hooks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: h + mixer(norm(h)), the residual stream kept in float32."""
+
+    def __init__(self, mixer: MambaMixer, eps: float, residual_in_fp32: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.norm = RMSNorm(mixer.d_model, eps, device=device, dtype=dtype)
+        self.mixer = mixer
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(self, h, mask=None, state: MixerState | None = None):
+        residual = h.float() if self.residual_in_fp32 else h
+        return residual + self.mixer(self.norm(h.to(self.norm.weight.dtype)), mask, state)
+
+
+class MambaBackbone(nn.Module):
+    def __init__(self, config, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        # _weight skips nn.Embedding's own init (MambaLM.reset_parameters does it; on the meta device the
+        # built-in normal_ would import torch's compiler stack for seconds)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+                                       _weight=torch.empty(config.vocab_size, config.hidden_size, **factory))
+        self.layers = nn.ModuleList(
+            MambaBlock(mixer_from_config(config, **factory), config.layer_norm_epsilon, config.residual_in_fp32, **factory)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, **factory)
+
+
+def mixer_from_config(config, device=None, dtype=None) -> MambaMixer:
+    """A mixer for a transformers MambaConfig or FalconMambaConfig."""
+    return MambaMixer(
+        config.hidden_size,
+        d_state=config.state_size,
+        d_conv=config.conv_kernel,
+        expand=config.expand,
+        dt_rank=config.time_step_rank,
+        conv_bias=config.use_conv_bias,
+        bias=config.use_bias,
+        bcdt_rms_eps=getattr(config, "mixer_rms_eps", None) if config.model_type == "falcon_mamba" else None,
+        device=device,
+        dtype=dtype,
+    )
+
+
+@dataclass
+class MambaState:
+    """Recurrent state of the whole model for generation: one MixerState per layer."""
+
+    layers: list[MixerState] = field(default_factory=list)
+
+    @property
+    def offset(self) -> int:
+        return self.layers[0].offset if self.layers else 0
+
+
+@dataclass
+class MambaLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    state: MambaState | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy, labels -100 ignored; the same as transformers' ForCausalLMLoss."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+
+class MambaLM(nn.Module):
+    """Mamba-1 causal language model. `config` is a transformers MambaConfig or FalconMambaConfig."""
+
+    def __init__(self, config, device=None, dtype=None):
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"only silu activations are supported, the config asks for {config.hidden_act!r}")
+        self.config = config
+        self.backbone = MambaBackbone(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.hooks = nn.ModuleList()   # model-level PeftHooks: soft prompt tokens at stage "embeddings"
+        self.tie_weights()
+        if self.lm_head.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None):
+        """Random initialisation in the style of mamba_ssm (for from_config; loading overwrites it)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        n_layer = len(self.backbone.layers)
+        nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
+        if not self.config.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        for block in self.backbone.layers:
+            mixer = block.mixer
+            for linear in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
+                linear.reset_parameters()
+            mixer.conv1d.reset_parameters()
+            mixer.reset_ssm_parameters()
+            mixer.out_proj.weight /= n_layer**0.5     # GPT-2 style scaling of the residual branch
+            block.norm.weight.fill_(1.0)
+        self.backbone.norm_f.weight.fill_(1.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_state(self) -> MambaState:
+        return MambaState([MixerState() for _ in self.backbone.layers])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        state: MambaState | None = None,
+        num_items_in_batch: int | None = None,
+        **unused,
+    ) -> MambaLMOutput:
+        """input_ids (b, L) -> logits (b, L, vocab); loss when labels (b, L) are given (-100 = ignore).
+
+        attention_mask (b, L): 1 for real tokens, 0 for padding (padded positions are zeroed before in_proj and
+        after the conv, as in transformers, so left padding leaves the real tokens' outputs unchanged).
+        state: continue from it and update it (generation; see `new_state`).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.backbone.embeddings(input_ids) if inputs_embeds is None else inputs_embeds    # (b, L, d)
+        if attention_mask is not None and attention_mask.shape != h.shape[:2]:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(h.shape[:2])}")
+        mask = attention_mask
+        offset = state.offset if state is not None else 0
+        h, mask, kept = insert_from_hooks(self.hooks, "embeddings", 0, h, mask, offset)       # soft prompt in
+        for i, layer in enumerate(self.backbone.layers):
+            h = layer(h, mask, state.layers[i] if state is not None else None)
+        h = drop_inserted(self.backbone.norm_f(h), kept)                                     # soft prompt out
+        logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()                      # (b, L, vocab)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return MambaLMOutput(loss=loss, logits=logits, state=state)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """Greedy or sampled continuation; see `mambapeft.model.generation.generate` for the options."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    def save_pretrained(self, folder) -> None:
+        """Writes config.json and model.safetensors in the Hugging Face Mamba format."""
+        from .loading import save_pretrained
+
+        save_pretrained(self, folder)

@@ -1,0 +1,295 @@
+"""Loading Mamba-1 checkpoints into our model, strictly, and saving them back in the Hugging Face format.
+
+Formats read:
+  * Hugging Face ("-hf", e.g. state-spaces/mamba-130m-hf): config.json with model_type "mamba" (or
+    "falcon_mamba") and model.safetensors (sharded or not) or pytorch_model.bin;
+  * original mamba_ssm (e.g. state-spaces/mamba-130m): config.json with d_model, n_layer, vocab_size, ssm_cfg, ...
+    and pytorch_model.bin whose embedding is named backbone.embedding (not embeddings).
+Every key and shape is checked: a missing, unexpected or misshapen tensor is an error that names it, never a
+silently random weight. Pickled .bin files are read with torch.load(weights_only=True): tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import FalconMambaConfig, MambaConfig
+
+from ..errors import CheckpointError, ConfigError
+from .lm import MambaLM
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
+
+
+# ---------------------------------------------------------------- where the files are
+
+
+def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir=None,
+                   local_files_only: bool | None = None) -> Path:
+    """A local folder as is; otherwise a Hugging Face hub id, downloaded (or found in the cache).
+
+    A short architecture name ("mamba-130m") stands for its official hub id ("state-spaces/mamba-130m-hf").
+    """
+    from .architectures import ARCHITECTURES, HUB_IDS
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        raise CheckpointError(f"{name} is a file; pass the folder that holds config.json and the weights")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+    if looks_local:
+        raise CheckpointError(f"no folder {name}: pass an existing checkpoint folder or a Hugging Face hub id")
+    name = HUB_IDS.get(name.lower(), name)
+    if "/" not in name:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), ARCHITECTURES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise CheckpointError(
+            f"{name!r} is not a folder, a known architecture{hint} or a hub id of the form owner/name; "
+            f"known architectures: {', '.join(ARCHITECTURES)}"
+        )
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS,
+                                      local_files_only=bool(local_files_only)))
+    except HFValidationError:
+        raise CheckpointError(f"{name!r} is neither a local folder nor a valid Hugging Face hub id") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"cannot fetch {name!r} from the Hugging Face hub: it needs the network (none reachable, or "
+            f"HF_HUB_OFFLINE is set) and it is not in the local cache. Download it where there is a network "
+            f"(`hf download {name}`), or pass the path of a local folder holding config.json and the weights."
+        ) from None
+    except GatedRepoError:
+        raise CheckpointError(f"{name!r} is gated on the hub: accept its terms and log in (`hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{name!r} has no revision {revision!r} on the hub") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"no repository {name!r} on the Hugging Face hub (and no local folder of that name)") from None
+
+
+# ---------------------------------------------------------------- config
+
+
+def read_config(folder: Path):
+    """(transformers config, format) where format is "hf" or "mamba_ssm"."""
+    file = folder / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(
+            f"no {CONFIG_FILE} in {folder}: a Mamba checkpoint folder holds config.json plus model.safetensors "
+            f"(Hugging Face format) or pytorch_model.bin (mamba_ssm format)"
+        )
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}); the file is corrupt or truncated") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, it holds a {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    try:
+        if model_type == "mamba":
+            return MambaConfig.from_dict(raw), "hf"
+        if model_type == "falcon_mamba":
+            return FalconMambaConfig.from_dict(raw), "hf"
+        if model_type is None and "d_model" in raw and "n_layer" in raw:
+            return _config_from_mamba_ssm(raw, file), "mamba_ssm"
+    except ConfigError:
+        raise
+    except Exception as err:  # transformers' own validation
+        raise ConfigError(f"{file} is not a valid {model_type or 'mamba_ssm'} config: {err}") from None
+    if model_type == "mamba2":
+        raise ConfigError(f"{file} describes a Mamba-2 model; mambapeft supports Mamba-1 (model_type 'mamba')")
+    described = f"a {model_type!r} model" if model_type else "no known model (no model_type, no d_model/n_layer)"
+    raise ConfigError(
+        f"{file} describes {described}, not Mamba-1. mambapeft loads Hugging Face Mamba checkpoints "
+        f"(model_type 'mamba' or 'falcon_mamba') and original mamba_ssm ones (d_model, n_layer, vocab_size, ssm_cfg)."
+    )
+
+
+def _config_from_mamba_ssm(raw: dict, file: Path) -> MambaConfig:
+    """mamba_ssm's MambaConfig dict -> transformers MambaConfig (vocab padded as mamba_ssm pads it)."""
+    ssm = raw.get("ssm_cfg") or {}
+    if ssm.get("layer", "Mamba1") != "Mamba1":
+        raise ConfigError(f"{file}: ssm_cfg.layer is {ssm['layer']!r}; mambapeft supports Mamba1 layers only")
+    if raw.get("d_intermediate", 0):
+        raise ConfigError(f"{file}: d_intermediate > 0 (MLP layers between mixers) is not supported")
+    if raw.get("attn_layer_idx"):
+        raise ConfigError(f"{file}: attention layers (attn_layer_idx) are not supported, only pure Mamba-1")
+    if not raw.get("rms_norm", True):
+        raise ConfigError(f"{file}: rms_norm is false (LayerNorm); mambapeft supports RMSNorm Mamba models")
+    unsupported = set(ssm) - {"layer", "d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias",
+                              "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "use_fast_path"}
+    if unsupported:
+        raise ConfigError(f"{file}: ssm_cfg options {sorted(unsupported)} are not supported")
+    vocab = raw["vocab_size"]
+    multiple = raw.get("pad_vocab_size_multiple", 8)
+    if vocab % multiple:
+        vocab += multiple - vocab % multiple
+    return MambaConfig(
+        hidden_size=raw["d_model"],
+        num_hidden_layers=raw["n_layer"],
+        vocab_size=vocab,
+        state_size=ssm.get("d_state", 16),
+        conv_kernel=ssm.get("d_conv", 4),
+        expand=ssm.get("expand", 2),
+        time_step_rank=ssm.get("dt_rank", "auto"),
+        use_conv_bias=ssm.get("conv_bias", True),
+        use_bias=ssm.get("bias", False),
+        residual_in_fp32=raw.get("residual_in_fp32", True),
+        layer_norm_epsilon=raw.get("norm_epsilon", 1e-5),
+        tie_word_embeddings=raw.get("tie_embeddings", True),
+    )
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _load_safetensors(file: Path) -> dict:
+    try:
+        return load_file(str(file))
+    except Exception as err:
+        raise CheckpointError(f"{file} is corrupt or truncated ({err}); download or save it again") from None
+
+
+def _load_bin(file: Path) -> dict:
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{file} cannot be read as a PyTorch checkpoint of tensors ({type(err).__name__}: {err}); it is corrupt, "
+            f"truncated, or pickles objects other than tensors"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def _load_sharded(folder: Path, index_name: str, loader) -> dict:
+    index_file = folder / index_name
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except Exception as err:
+        raise CheckpointError(f"{index_file} is not a valid shard index ({err})") from None
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).is_file():
+            raise CheckpointError(f"{index_file} lists shard {shard}, which is missing from {folder}")
+        state.update(loader(folder / shard))
+    return state
+
+
+def read_state_dict(folder: Path) -> dict:
+    if (folder / SAFETENSORS_FILE).is_file():
+        return _load_safetensors(folder / SAFETENSORS_FILE)
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return _load_sharded(folder, SAFETENSORS_INDEX, _load_safetensors)
+    if (folder / BIN_FILE).is_file():
+        return _load_bin(folder / BIN_FILE)
+    if (folder / BIN_INDEX).is_file():
+        return _load_sharded(folder, BIN_INDEX, _load_bin)
+    raise CheckpointError(
+        f"no weights in {folder}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {BIN_FILE} or {BIN_INDEX}"
+    )
+
+
+def _normalise_keys(state: dict) -> dict:
+    """mamba_ssm's backbone.embedding -> backbone.embeddings; a bare MambaModel's keys get the backbone prefix."""
+    if not any(k.startswith("backbone.") for k in state):
+        state = {("backbone." + k if not k.startswith("lm_head.") else k): v for k, v in state.items()}
+    return {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}
+
+
+def load_state_dict_strict(model: MambaLM, state: dict, source: str) -> None:
+    """Copies `state` into `model` after checking every key and shape; ties the head again if tied."""
+    state = _normalise_keys(state)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)       # a tied head is the embedding; transformers ignores it too
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (first: {', '.join(missing[:4])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (first: {', '.join(unexpected[:4])})")
+        raise CheckpointError(f"{source} does not match its config: " + "; ".join(parts))
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(state[key].shape)}, the config implies {tuple(shape)}"
+            )
+    if tied:
+        state["lm_head.weight"] = state["backbone.embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+
+
+def from_pretrained(name_or_path, *, dtype: torch.dtype | str | None = torch.float32, device=None,
+                    revision: str | None = None, cache_dir=None, local_files_only: bool | None = None) -> MambaLM:
+    """Loads a Mamba-1 checkpoint (local folder or hub id; Hugging Face or mamba_ssm format) into `MambaLM`.
+
+    dtype: float32 by default (the CPU's fast type); "auto" keeps the checkpoint's dtype.
+    """
+    folder = resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    config, _ = read_config(folder)
+    state = read_state_dict(folder)
+    with torch.device("meta"):
+        model = MambaLM(config)
+    load_state_dict_strict(model, state, str(folder))
+    if dtype != "auto":
+        model.to(dtype=dtype)
+    if device is not None:
+        model.to(device)
+    model.name_or_path = str(name_or_path)
+    return model.eval()
+
+
+def save_pretrained(model: MambaLM, folder) -> None:
+    """config.json + model.safetensors that transformers' MambaForCausalLM and our from_pretrained both load."""
+    state = model.state_dict()
+    expected = {k for k in _base_keys(model)}
+    if set(state) != expected:
+        extra = sorted(set(state) - expected)[:4]
+        raise CheckpointError(
+            f"the model carries PEFT adapters ({', '.join(extra)}, ...); save them with the adapter API or merge "
+            f"them into the weights first"
+        )
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / SAFETENSORS_FILE),
+              metadata={"format": "pt"})
+
+
+def _base_keys(model: MambaLM) -> set[str]:
+    with torch.device("meta"):
+        plain = MambaLM(model.config)
+    return set(plain.state_dict())

@@ -1,0 +1,255 @@
+"""The Mamba-1 mixer: the one place where the block's math lives.
+
+Shapes: batch b, length L, model width d, inner width E = expand * d, state size N, dt rank R, conv kernel K.
+Names are those of transformers' MambaMixer, mamba_ssm's Mamba and Vim, so checkpoints load as they are.
+
+    h (b, L, d) --in_proj--> [X | Z] (b, L, 2E)          X: first E outputs, Z: last E
+    X --causal depthwise conv1d--> silu --> x (b, L, E)
+    x --x_proj--> [dt_low (R) | B (N) | C (N)]           rows in this order
+    dt = dt_proj(dt_low)   (softplus inside the scan)    A = -exp(A_log) (E, N)    D (E)
+    y = scan(x, dt, A, B, C, D) * silu(Z)                (b, L, E)
+    out = out_proj(y)                                    (b, L, d)
+
+Extension points, so that PEFT methods plug in without editing this file:
+
+* Every projection (in_proj, conv1d, x_proj, dt_proj, out_proj) is *called as a module* and its weights are
+  never read here. A method may replace one with a wrapper (LoRA on the whole layer or on a row block of
+  it, a parallel branch beside out_proj) and no code path can bypass the wrapper.
+* A_log, D, conv1d.weight and dt_proj.bias are read as attributes at every call, so
+  `torch.nn.utils.parametrize` can add a zero-initialised delta to any of them (partial tuning).
+* `hooks` hold `PeftHook`s: soft tokens inserted before or after in_proj and dropped again before
+  out_proj (affix tuning), and extra state dimensions (extra columns of A, extra B and C rows: additional scan).
+* `bidirectional=True` builds Vim's "v2" block: the backward direction has its own conv1d_b, x_proj_b,
+  dt_proj_b, A_b_log and D_b and scans the flipped sequence; in_proj, the gate and out_proj are shared and the
+  two directions' outputs are averaged. `DIRECTION_NAMES` maps each direction to its attribute names, so a
+  method that targets "A_log" handles both directions with the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..scan import selective_scan
+
+# Per-direction parameter names: index 0 is the (only) forward direction, index 1 Vim's backward one.
+DIRECTION_NAMES = (
+    {"conv1d": "conv1d", "x_proj": "x_proj", "dt_proj": "dt_proj", "A_log": "A_log", "D": "D"},
+    {"conv1d": "conv1d_b", "x_proj": "x_proj_b", "dt_proj": "dt_proj_b", "A_log": "A_b_log", "D": "D_b"},
+)
+STAGES = ("embeddings", "before_in_proj", "after_in_proj")
+
+
+@dataclass
+class MixerState:
+    """What a new token needs from the past of one mixer (generation): the recurrent state."""
+
+    conv: torch.Tensor | None = None   # (b, E, K-1): the last K-1 inputs of the causal conv
+    ssm: torch.Tensor | None = None    # (b, E, n): the scan state; n = N plus any extra states
+    offset: int = 0                    # real tokens consumed so far (inserted soft tokens not counted)
+
+
+class PeftHook(nn.Module):
+    """Base of the PEFT parts that change the sequence or the state rather than a weight.
+
+    A subclass overrides what it needs; the defaults change nothing. Hooks live in `mixer.hooks` (stages
+    "before_in_proj", "after_in_proj", state extension) or in the language model's `hooks` (stage "embeddings").
+    """
+
+    def tokens(self, stage: str, direction: int, length: int, offset: int):
+        """Soft tokens to insert at `stage`.
+
+        stage "embeddings": width d, in the model before the first block (prompt tuning);
+        stage "before_in_proj": width d, shared by both directions (direction is 0);
+        stage "after_in_proj": width 2E ([X | Z]), asked once per direction.
+        Returns None, or (tokens (n, width), positions (n,) long): where the tokens sit in the extended
+        sequence of length `length + n`. `offset` counts the tokens the recurrent state has already seen (0 for
+        a fresh sequence), so that a prefix is inserted once and not again at every generation step.
+        """
+        return None
+
+    def extend_state(self, direction: int, x: torch.Tensor, A_log: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+        """Extra state dimensions. x (b, L, E); A_log (E, N); B, C (b, L, N). Returns them with N' >= N states."""
+        return A_log, B, C
+
+
+def insert_tokens(t: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
+    """Places `tokens` (n, w) at `positions` of the sequence t (b, L, w) made longer by n.
+
+    Returns the longer sequence, its mask (inserted tokens count as real) and the index of the original
+    positions in it, which `drop_inserted` uses to cut the sequence back.
+    """
+    batch, length, width = t.shape
+    n = positions.numel()
+    total = length + n
+    positions = positions.to(device=t.device, dtype=torch.long)
+    if tokens.shape != (n, width):
+        raise ValueError(f"soft tokens have shape {tuple(tokens.shape)}, expected ({n}, {width})")
+    if n and (positions.min() < 0 or positions.max() >= total or positions.unique().numel() != n):
+        raise ValueError(f"soft-token positions {positions.tolist()} must be distinct and within [0, {total})")
+    is_token = torch.zeros(total, dtype=torch.bool, device=t.device)
+    is_token[positions] = True
+    kept = (~is_token).nonzero().squeeze(1)                       # (L,) where the original tokens go
+    source = torch.empty(total, dtype=torch.long, device=t.device)  # extended position -> row of [t | tokens]
+    source[kept] = torch.arange(length, device=t.device)
+    source[positions] = length + torch.arange(n, device=t.device)
+    longer = torch.cat([t, tokens.to(t.dtype).expand(batch, n, width)], dim=1).index_select(1, source)
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(batch, n)], dim=1).index_select(1, source)
+    return longer, mask, kept
+
+
+def drop_inserted(t: torch.Tensor, kept_list: list[torch.Tensor]) -> torch.Tensor:
+    for kept in reversed(kept_list):
+        t = t.index_select(1, kept)
+    return t
+
+
+def insert_from_hooks(hooks, stage: str, direction: int, t: torch.Tensor, mask, offset: int):
+    """Inserts every hook's tokens for this stage; returns the sequence, its mask and what `drop_inserted` needs."""
+    kept_list = []
+    for hook in hooks:
+        found = hook.tokens(stage, direction, t.shape[1], offset)
+        if found is not None:
+            t, mask, kept = insert_tokens(t, *found, mask)
+            kept_list.append(kept)
+    return t, mask, kept_list
+
+
+def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zeroes padding positions, as transformers does: a zero input leaves the scan state untouched."""
+    return t if mask is None else t * mask[:, :, None].to(t.dtype)
+
+
+def _rms(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weight-free RMS norm over the last axis (FalconMamba's norms on dt, B and C)."""
+    t32 = t.float()
+    return (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)
+
+
+class MambaMixer(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        conv_bias: bool = True,
+        bias: bool = False,
+        bidirectional: bool = False,
+        bcdt_rms_eps: float | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.d_inner = E = expand * d_model
+        self.d_state = N = d_state
+        self.d_conv = d_conv
+        self.dt_rank = R = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
+        self.bidirectional = bidirectional
+        self.bcdt_rms_eps = bcdt_rms_eps     # FalconMamba only
+        factory = {"device": device, "dtype": dtype}
+
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias, **factory)
+        for names in DIRECTION_NAMES[: self.num_directions]:
+            setattr(self, names["conv1d"], nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias, **factory))
+            setattr(self, names["x_proj"], nn.Linear(E, R + 2 * N, bias=False, **factory))
+            setattr(self, names["dt_proj"], nn.Linear(R, E, bias=True, **factory))
+            setattr(self, names["A_log"], nn.Parameter(torch.empty(E, N, **factory)))
+            setattr(self, names["D"], nn.Parameter(torch.empty(E, **factory)))
+        self.out_proj = nn.Linear(E, d_model, bias=bias, **factory)
+        self.hooks = nn.ModuleList()
+        if self.A_log.device.type != "meta":
+            self.reset_ssm_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def direction_parts(self, direction: int):
+        """(conv1d, x_proj, dt_proj, A_log, D) of one direction, read now so wrappers and deltas apply."""
+        names = DIRECTION_NAMES[direction]
+        return tuple(getattr(self, names[k]) for k in ("conv1d", "x_proj", "dt_proj", "A_log", "D"))
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4):
+        """mamba_ssm's initialisation: S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] via the bias."""
+        for direction in range(self.num_directions):
+            _, _, dt_proj, A_log, D = self.direction_parts(direction)
+            A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
+            D.fill_(1.0)
+            nn.init.uniform_(dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))    # inverse of softplus
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, state: MixerState | None = None):
+        """hidden_states (b, L, d) -> (b, L, d).
+
+        mask (b, L): 1 for real tokens, 0 for padding. state: continue from it and update it in place
+        (generation; unidirectional mixers only).
+        """
+        if state is not None and self.bidirectional:
+            raise ValueError("a bidirectional (Vim) mixer has no recurrent state: pass state=None")
+        offset = state.offset if state is not None else 0
+        length = hidden_states.shape[1]
+
+        h = _masked(hidden_states, mask)
+        h, mask, kept = insert_from_hooks(self.hooks, "before_in_proj", 0, h, mask, offset)           # (b, L1, d)
+        xz = self.in_proj(h)                                                        # (b, L1, 2E)
+        y = self._scan_direction(0, xz, mask, state, offset)                        # (b, L1, E)
+        if self.bidirectional:
+            flipped_mask = mask.flip(1) if mask is not None else None
+            y_b = self._scan_direction(1, xz.flip(1), flipped_mask, None, offset)
+            y = (y + y_b.flip(1)) / 2
+        y = drop_inserted(y, kept)                                                  # (b, L, E)
+        if state is not None:
+            state.offset += length
+        return self.out_proj(y)                                                     # (b, L, d)
+
+    def _scan_direction(self, direction: int, xz: torch.Tensor, mask, state: MixerState | None, offset: int):
+        """One direction: conv, x_proj, dt, scan and gate. xz (b, L, 2E) -> y (b, L, E)."""
+        conv1d, x_proj, dt_proj, A_log, D = self.direction_parts(direction)
+        xz, mask, kept = insert_from_hooks(self.hooks, "after_in_proj", direction, xz, mask, offset)   # soft tokens enter here
+        x, z = xz.chunk(2, dim=-1)                                                  # (b, L2, E) each
+        x = _masked(F.silu(self._causal_conv(conv1d, x, state)), mask)             # (b, L2, E)
+
+        dt_low, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)   # (b, L2, R | N | N)
+        if self.bcdt_rms_eps is not None:
+            dt_low, B, C = (_rms(t, self.bcdt_rms_eps) for t in (dt_low, B, C))
+        for hook in self.hooks:
+            A_log, B, C = hook.extend_state(direction, x, A_log, B, C)             # N -> n states
+        dt = dt_proj(dt_low)                                                        # (b, L2, E)
+        A = -torch.exp(A_log.float())                                               # (E, n)
+
+        out = selective_scan(
+            x.mT, dt.mT, A, B.mT, C.mT, D=D.float(), z=z.mT, delta_softplus=True,
+            initial_state=state.ssm if state is not None else None,
+            return_last_state=state is not None,
+        )
+        if state is not None:
+            out, state.ssm = out                                                    # (b, E, n)
+        y = out.mT.to(x.dtype)                                                      # (b, L2, E)
+        return drop_inserted(y, kept)                                               # soft tokens leave here
+
+    def _causal_conv(self, conv1d: nn.Module, x: torch.Tensor, state: MixerState | None) -> torch.Tensor:
+        """Depthwise conv over time that sees only the past; with a state, continues from its last inputs."""
+        length = x.shape[1]
+        xt = x.mT                                                                   # (b, E, L)
+        if state is None:
+            return conv1d(xt)[..., :length].mT                                      # padding K-1, cut the tail
+        past = self.d_conv - 1
+        if state.conv is None:
+            state.conv = xt.new_zeros(xt.shape[0], self.d_inner, past)
+        full = torch.cat([state.conv.to(xt.dtype), xt], dim=-1)                     # (b, E, K-1+L)
+        state.conv = full[..., full.shape[-1] - past:]
+        return conv1d(full)[..., past: past + length].mT

@@ -1,0 +1,50 @@
+"""Architecture and parameter counts of a language model, for `mambapeft info` and the parameter reports."""
+
+from __future__ import annotations
+
+from .lm import MambaLM
+
+MIXER_PARTS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
+
+
+def count_unique(parameters) -> int:
+    """Number of elements, each tensor counted once (a tied head is the embedding)."""
+    seen, total = set(), 0
+    for p in parameters:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def architecture_summary(model: MambaLM) -> dict:
+    config = model.config
+    first = model.backbone.layers[0]
+    mixer = first.mixer
+    per_layer = {part: sum(p.numel() for p in getattr(mixer, part).parameters()) if part not in ("A_log", "D")
+                 else getattr(mixer, part).numel() for part in MIXER_PARTS}
+    per_layer["norm"] = first.norm.weight.numel()
+    layer_total = count_unique(first.parameters())
+    tied = config.tie_word_embeddings
+    return {
+        "model_type": config.model_type,
+        "d_model": config.hidden_size,
+        "n_layer": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+        "d_inner": mixer.d_inner,
+        "d_state": mixer.d_state,
+        "dt_rank": mixer.dt_rank,
+        "d_conv": mixer.d_conv,
+        "use_bias": bool(config.use_bias),
+        "use_conv_bias": bool(config.use_conv_bias),
+        "tie_word_embeddings": bool(tied),
+        "parameters": {
+            "total": count_unique(model.parameters()),
+            "embeddings": model.backbone.embeddings.weight.numel(),
+            "per_layer": layer_total,
+            "per_layer_parts": per_layer,
+            "layers": layer_total * len(model.backbone.layers),
+            "norm_f": model.backbone.norm_f.weight.numel(),
+            "lm_head": 0 if tied else model.lm_head.weight.numel(),
+        },
+    }

@@ -1,0 +1,44 @@
+"""Shared test setup: no network, two threads, deterministic seeds, small helpers."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"          # set before transformers/huggingface_hub are imported
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_rel_close(actual, expected, tol=1e-5, what=""):
+    """Elementwise closeness relative to the largest reference value: |a - e| <= tol * (|e| + max|e|)."""
+    expected = expected.detach().double()
+    actual = actual.detach().double()
+    scale = expected.abs().max().item() or 1.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def twin_models(config, seed=0, jitter=0.1, embed_std=None):
+    """transformers' model for `config` with perturbed random weights, and ours with the same weights."""
+    from transformers import FalconMambaForCausalLM, MambaForCausalLM
+
+    from mambapeft import MambaLM
+    from mambapeft.model.loading import load_state_dict_strict
+
+    torch.manual_seed(seed)
+    cls = FalconMambaForCausalLM if config.model_type == "falcon_mamba" else MambaForCausalLM
+    hf = cls(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():      # no parameter left at a constant init (norms 1, D 1, ...)
+            p.add_(torch.randn_like(p) * jitter)
+        if embed_std is not None:
+            hf.backbone.embeddings.weight.normal_(std=embed_std)
+    ours = MambaLM(config).eval()
+    load_state_dict_strict(ours, hf.state_dict(), "test")
+    return hf, ours

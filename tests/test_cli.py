@@ -1,0 +1,63 @@
+"""The command line: help, info on names, folders and bad input (a message, no traceback)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import mambapeft
+from mambapeft.cli.main import main
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "info" in capsys.readouterr().out
+
+
+def test_info_default_is_the_tiny_model(capsys):
+    code, out, _ = run_cli(capsys, "info", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["model"] == "tiny" and info["parameters"]["total"] == 131_008
+
+
+def test_info_mamba_130m_counts(capsys):
+    code, out, _ = run_cli(capsys, "info", "mamba-130m", "--json")
+    info = json.loads(out)
+    p = info["parameters"]
+    assert (info["d_model"], info["n_layer"], info["d_inner"], info["dt_rank"]) == (768, 24, 1536, 48)
+    assert p["total"] == 129_135_360 and p["per_layer"] == 3_771_648 and p["embeddings"] == 50280 * 768
+    assert p["per_layer_parts"]["in_proj"] == 768 * 3072 and p["lm_head"] == 0
+
+
+def test_info_text_output(capsys):
+    code, out, _ = run_cli(capsys, "info", "mamba-1.4b")
+    assert code == 0 and "1,372,178,432" in out and "d_inner (E) 4096" in out
+
+
+def test_info_on_a_saved_folder(capsys, tmp_path):
+    mambapeft.from_config("tiny").save_pretrained(tmp_path / "m")
+    code, out, _ = run_cli(capsys, "info", str(tmp_path / "m"), "--json")
+    info = json.loads(out)
+    assert code == 0 and "Hugging Face format" in info["source"] and info["parameters"]["total"] == 131_008
+
+
+def test_bad_input_is_a_message_not_a_traceback(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "info", str(tmp_path))
+    assert code == 2 and err.startswith("error: no config.json in") and "Traceback" not in err
+    code, _, err = run_cli(capsys, "info", "mamba-130")
+    assert code == 2 and "did you mean 'mamba-130m'" in err
+
+
+def test_console_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "mambapeft", "info", "tiny"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "parameters     131,008" in result.stdout
