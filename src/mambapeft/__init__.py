@@ -21,3 +21,8 @@ __all__ = [
     "from_pretrained", "save_pretrained", "selective_scan", "selective_scan_reference",
     "CheckpointError", "ConfigError", "MambaPeftError", "__version__",
 ]
+
+from .config import MethodSpec, PeftConfig  # noqa: E402
+from .peft import PeftModel, get_peft_model  # noqa: E402
+
+__all__ += ["MethodSpec", "PeftConfig", "PeftModel", "get_peft_model"]

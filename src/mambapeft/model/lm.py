@@ -15,6 +15,7 @@ model around the mixer keeps one recurrent state of our own, which affix tokens 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +112,11 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
 class MambaLM(nn.Module):
     """Mamba-1 causal language model. `config` is a transformers MambaConfig or FalconMambaConfig."""
 
+    # What PEFT methods may target; the Vision Mamba model offers the same names.
+    is_causal = True                      # outputs see only the past: a suffix soft token would change nothing
+    embedding_path = "backbone.embeddings"
+    head_path = "lm_head"
+
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
@@ -126,6 +132,14 @@ class MambaLM(nn.Module):
     def tie_weights(self):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
+
+    def untie_weights(self):
+        """Gives the head its own copy of the embedding, for methods that change one but not the other."""
+        if self.config.tie_word_embeddings:
+            self.config = copy.deepcopy(self.config)
+            self.config.tie_word_embeddings = False
+            self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone(),
+                                               requires_grad=self.lm_head.weight.requires_grad)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None):
@@ -154,6 +168,20 @@ class MambaLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def peft_mixers(self) -> list[MambaMixer]:
+        return [layer.mixer for layer in self.backbone.layers]
+
+    def peft_fingerprint(self) -> dict:
+        """The architecture an adapter depends on (the head's tying does not matter to adapters)."""
+        c = self.config
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "state_size", "conv_kernel",
+                "expand", "time_step_rank", "use_bias", "use_conv_bias")
+        return {k: getattr(c, k) for k in keys}
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
     def new_state(self) -> MambaState:
         return MambaState([MixerState() for _ in self.backbone.layers])
 
@@ -180,6 +208,8 @@ class MambaLM(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(h.shape[:2])}")
         mask = attention_mask
         offset = state.offset if state is not None else 0
+        for hook in self.hooks:
+            hook.begin_forward(offset)
         h, mask, kept = insert_from_hooks(self.hooks, "embeddings", 0, h, mask, offset)       # soft prompt in
         for i, layer in enumerate(self.backbone.layers):
             h = layer(h, mask, state.layers[i] if state is not None else None)

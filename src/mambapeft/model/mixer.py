@@ -60,6 +60,9 @@ class PeftHook(nn.Module):
     "before_in_proj", "after_in_proj", state extension) or in the language model's `hooks` (stage "embeddings").
     """
 
+    def begin_forward(self, offset: int) -> None:
+        """Called on the model's hooks at the start of every forward (e.g. to compute shared tokens once)."""
+
     def tokens(self, stage: str, direction: int, length: int, offset: int):
         """Soft tokens to insert at `stage`.
 
