@@ -7,9 +7,9 @@ import sys
 
 from .. import __version__
 from ..errors import MambaPeftError
-from . import info
+from . import info, methods, params
 
-COMMANDS = (info,)
+COMMANDS = (info, methods, params)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,63 @@
+"""Parallel adapter (He et al., 2022) beside out_proj, Mamba's counterpart of a Transformer's FFN (paper Section 3.1).
+
+    out = out_proj(y) + s * Up(ReLU(Down(y)))      y (b, L, E): the gated SSM output, out_proj's own input
+                                                   Down E -> dim (Kaiming), Up dim -> d (zeros: identity at start)
+
+The ReLU makes it non-linear, so it cannot be folded into out_proj: after merging it stays as extra
+parameters (dim x (E + d) + dim + d per layer). Vision Mamba shares out_proj between its scan directions,
+so each block gets one adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Method, MethodConfig, add_delta, kaiming_, option, register
+
+
+@dataclass
+class ParallelAdapterConfig(MethodConfig):
+    dim: int = option(32, "bottleneck width of the adapter", minimum=1)
+    s: float = option(0.1, "scale s of the adapter's output", exclusive_minimum=0)
+
+
+class ParallelBranch(nn.Module):
+    """out + s * up(relu(down(y))), hung on out_proj as a delta of an AdaptedLayer."""
+
+    def __init__(self, base: nn.Linear, config: ParallelAdapterConfig):
+        super().__init__()
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.s = config.s
+        self.down = nn.Linear(base.in_features, config.dim, **factory)
+        self.up = nn.Linear(config.dim, base.out_features, **factory)
+        kaiming_(self.down.weight)
+        with torch.no_grad():
+            if self.down.weight.device.type != "meta":
+                self.down.bias.zero_()
+                self.up.weight.zero_()
+                self.up.bias.zero_()
+
+    def forward(self, y, out):
+        return out + self.s * self.up(F.relu(self.down(y)))
+
+
+@register
+class ParallelAdapter(Method):
+    name = "parallel_adapter"
+    family = "adapter"
+    description = "parallel adapter beside out_proj: out += s * Up(ReLU(Down(y))); stays unmerged (non-linear)"
+    Config = ParallelAdapterConfig
+    mergeable = False
+
+    def attach(self, model):
+        params = []
+        for mixer in model.peft_mixers():
+            base = getattr(mixer.out_proj, "base", mixer.out_proj)
+            branch = ParallelBranch(base, self.config)
+            add_delta(mixer, "out_proj", self.name, branch)
+            params += list(branch.parameters())
+        return params

@@ -1,0 +1,146 @@
+"""Additional-scan (paper Section 3.3, Eq. 6-8): N' more state dimensions in every selective scan.
+
+    A_log (E, N)  -> [A_log | A_new]        A_new (E, N') trainable, no weight decay
+    B, C  (b, L, N) -> [B | x @ W_B^T], [C | x @ W_C^T]      W_B, W_C (N', E): new rows of x_proj
+
+The scan is diagonal, so the N pretrained states evolve exactly as before (Eq. 8); the new ones store what
+the task needs. `location` says where the new states sit: "top" (before state 0, the slowest-decaying,
+long-term end of an S4D-initialised A) or "bottom" (after state N-1). `init` sets A_new: "neighbour" (the
+paper's proposal) copies the adjacent pretrained column, "s4d" continues S4D-real (A = N+1 .. N+N'),
+"constant" sets A = `a_value`. The new B and C rows start like x_proj's own rows (Kaiming-uniform);
+`zero_init` zeroes the C rows so the model starts exactly as the base model (zeroing B as well would pin every
+gradient of the method at zero for good: the new states and the C rows' gradient would both vanish).
+
+Merging grows the layers: A_log gets N + N' columns, x_proj's B and C blocks N + N' rows each and the config's
+state_size becomes N + N', a plain checkpoint of a slightly larger state that transformers loads as it is.
+Vision Mamba's mixers get one set per scan direction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..model.mixer import DIRECTION_NAMES, PeftHook
+from .base import Method, MethodConfig, kaiming_, option, register
+
+
+@dataclass
+class AdditionalScanConfig(MethodConfig):
+    n: int = option(6, "number of added state dimensions N'", minimum=1)
+    location: str = option("top", "where the new states sit: top (before state 0) or bottom (after the last)",
+                           choices=("top", "bottom"))
+    init: str = option("neighbour", "initial A of the new states: neighbour (copy the adjacent pretrained column), "
+                       "s4d (A = N+1 .. N+N') or constant (A = a_value)", choices=("neighbour", "s4d", "constant"))
+    a_value: float = option(1.0, "A of the new states when init=constant", exclusive_minimum=0)
+    zero_init: bool = option(False, "zero the new C rows, so the model starts exactly as the base model")
+
+
+class ExtraStates(PeftHook):
+    """The added A columns and x_proj rows of one mixer, per scan direction."""
+
+    def __init__(self, mixer, config: AdditionalScanConfig):
+        super().__init__()
+        self.top = config.location == "top"
+        E, N, n = mixer.d_inner, mixer.d_state, config.n
+        self.A_log = nn.ParameterList()           # [direction] (E, N')
+        self.B_weight = nn.ParameterList()        # [direction] (N', E)
+        self.C_weight = nn.ParameterList()        # [direction] (N', E)
+        for direction in range(mixer.num_directions):
+            A_log = getattr(mixer, DIRECTION_NAMES[direction]["A_log"])
+            x_proj = getattr(mixer, DIRECTION_NAMES[direction]["x_proj"])
+            x_weight = getattr(x_proj, "base", x_proj).weight
+            factory = {"device": A_log.device, "dtype": A_log.dtype}
+            if config.init == "neighbour":
+                column = 0 if self.top else N - 1
+                new_A = A_log.detach()[:, column : column + 1].repeat(1, n).clone()
+            elif config.init == "s4d":
+                new_A = torch.log(torch.arange(N + 1, N + n + 1, **factory)).expand(E, n).clone()
+            else:
+                new_A = torch.full((E, n), math.log(config.a_value), **factory)
+            self.A_log.append(nn.Parameter(new_A))
+            like = {"device": x_weight.device, "dtype": x_weight.dtype}
+            self.B_weight.append(nn.Parameter(kaiming_(torch.empty(n, E, **like))))
+            C = torch.zeros(n, E, **like) if config.zero_init else kaiming_(torch.empty(n, E, **like))
+            self.C_weight.append(nn.Parameter(C))
+
+    def _join(self, old, new, dim):
+        return torch.cat([new, old] if self.top else [old, new], dim=dim)
+
+    def extend_state(self, direction, x, A_log, B, C):
+        # x (b, L, E); A_log (E, N); B, C (b, L, N) -> N + N' states
+        B_new = F.linear(x, self.B_weight[direction])                              # (b, L, N')
+        C_new = F.linear(x, self.C_weight[direction])                              # (b, L, N')
+        A_new = self.A_log[direction].to(A_log.dtype)
+        return self._join(A_log, A_new, 1), self._join(B, B_new, -1), self._join(C, C_new, -1)
+
+
+def _hooks(model):
+    for mixer in model.peft_mixers():
+        for hook in mixer.hooks:
+            if isinstance(hook, ExtraStates):
+                yield mixer, hook
+
+
+@register
+class AdditionalScan(Method):
+    name = "additional_scan"
+    family = "additional scan"
+    description = "N' extra state dimensions (extra A columns, extra B and C rows of x_proj); pretrained states untouched"
+    Config = AdditionalScanConfig
+    merge_order = 10                            # reshapes A_log and x_proj: after every delta on them is merged
+    targets = frozenset({("state", None)})
+
+    def check(self, model):
+        for mixer in model.peft_mixers():
+            if mixer.bcdt_rms_eps is not None:
+                raise ConfigError("additional_scan cannot go on FalconMamba: its RMS norm over B and C would mix the "
+                                  "added states into the pretrained ones")
+
+    def attach(self, model):
+        params = []
+        for mixer in model.peft_mixers():
+            hook = ExtraStates(mixer, self.config)
+            mixer.hooks.append(hook)
+            params += list(hook.parameters())
+        return params
+
+    def param_groups(self, params, lr, weight_decay):
+        """The new A columns get no weight decay (decay would pull A toward 0: states that never forget)."""
+        lr = self.config.lr if self.config.lr is not None else lr
+        wd = self.config.weight_decay if self.config.weight_decay is not None else weight_decay
+        a = [t for name, t in params.items() if ".A_log." in name]
+        bc = [t for name, t in params.items() if ".A_log." not in name]
+        return [{"params": a, "lr": lr, "weight_decay": 0.0, "method": self.name},
+                {"params": bc, "lr": lr, "weight_decay": wd, "method": self.name}]
+
+    @torch.no_grad()
+    def merge(self, model):
+        n = self.config.n
+        for mixer, hook in list(_hooks(model)):
+            N, R = mixer.d_state, mixer.dt_rank
+            for direction in range(mixer.num_directions):
+                names = DIRECTION_NAMES[direction]
+                A_log = getattr(mixer, names["A_log"])
+                setattr(mixer, names["A_log"], nn.Parameter(hook._join(A_log.detach(), hook.A_log[direction].detach(), 1)))
+                x_proj = getattr(mixer, names["x_proj"])
+                x_proj = getattr(x_proj, "base", x_proj)
+                w = x_proj.weight.detach()
+                dt, B, C = w.split([R, N, N])
+                grown = torch.cat([dt, hook._join(B, hook.B_weight[direction].detach(), 0),
+                                   hook._join(C, hook.C_weight[direction].detach(), 0)])
+                x_proj.weight = nn.Parameter(grown)
+                x_proj.out_features = grown.shape[0]
+            mixer.d_state = N + n
+            del mixer.hooks[[i for i, h in enumerate(mixer.hooks) if h is hook][0]]
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "state_size"):
+            model.config = copy.deepcopy(config)
+            model.config.state_size = config.state_size + n
+

@@ -1,0 +1,299 @@
+"""One battery for every registered method, on a tiny random language model.
+
+Each row of METHODS is a spec for one method. Every method must have a row (a test checks it), and every row
+goes through the same checks: identity at init (where the method starts as one), a gradient on every
+trainable tensor, frozen weights bit-identical after an optimiser step, a save/load round trip, merging,
+and generation. The parameter counts of the paper are in test_param_counts.py.
+"""
+
+import pytest
+import torch
+from transformers import MambaConfig, MambaForCausalLM
+
+import mambapeft
+from mambapeft import PeftModel, get_peft_model
+from mambapeft.methods import REGISTRY
+
+from conftest import assert_rel_close
+
+# spec, starts as the identity
+METHODS = {
+    "lora_embed": ("lora_embed:r=4", True),
+    "lora_in_proj": ("lora_in_proj:r=4", True),
+    "lora_x_proj": ("lora_x_proj:r=4", True),
+    "lora_dt_proj": ("lora_dt_proj:r=4", True),
+    "lora_out_proj": ("lora_out_proj:r=4", True),
+    "lora_p_x": ("lora_p_x:r=4", True),
+    "lora_p_z": ("lora_p_z:r=4", True),
+    "lora_p_dt": ("lora_p_dt:r=4", True),
+    "lora_p_b": ("lora_p_b:r=4", True),
+    "lora_p_c": ("lora_p_c:r=4", True),
+    "dora_p_x": ("dora_p_x:r=4", True),
+    "sll_lora": ("sll_lora:r=4", True),
+    "parallel_adapter": ("parallel_adapter:dim=8", True),
+    "partial_a": ("partial_a", True),
+    "partial_d": ("partial_d", True),
+    "partial_conv1d": ("partial_conv1d", True),
+    "partial_bias": ("partial_bias", True),
+    "additional_scan": ("additional_scan:n=3,zero_init=true", True),
+    "additional_scan_bottom_s4d": ("additional_scan:n=2,location=bottom,init=s4d", False),
+    "prompt": ("prompt:n=3", False),
+    "prompt_proj": ("prompt:n=2,projection=true", False),
+    "affix": ("affix:n=2", False),
+    "affix_before_proj": ("affix:n=2,where=before_in_proj,projection=true", False),
+    "full": ("full", True),
+    "linear_probe": ("linear_probe", True),
+}
+# methods that only exist for Vision Mamba models (tested in test_vim_methods.py)
+VISION_ONLY = {"partial_cls_token", "partial_pos_embed"}
+ROWS = sorted(METHODS)
+
+
+def base_model(seed=0):
+    return mambapeft.from_config(MambaConfig(hidden_size=24, num_hidden_layers=2, vocab_size=97, state_size=5,
+                                             expand=2, time_step_rank=3, tie_word_embeddings=True), seed=seed).eval()
+
+
+def make_peft(row, seed=0):
+    torch.manual_seed(1)
+    peft = get_peft_model(base_model(seed), [METHODS[row][0]])
+    peft.eval()
+    return peft
+
+
+@torch.no_grad()
+def randomize_adapter(peft):
+    """Move every trainable tensor off its initial value, so no zero-initialised factor hides a gradient."""
+    torch.manual_seed(2)
+    for t in peft.base_model.parameters():
+        if t.requires_grad:
+            t.add_(torch.randn_like(t) * 0.05)
+
+
+IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def test_every_method_has_a_row():
+    assert set(REGISTRY) - VISION_ONLY <= {spec.split(":")[0] for spec, _ in METHODS.values()}
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_identity_at_init(row):
+    spec, identity = METHODS[row]
+    if not identity:
+        pytest.skip(f"{spec} does not start as the identity")
+    expected = base_model()(IDS).logits
+    assert_rel_close(make_peft(row)(IDS).logits, expected, tol=1e-6, what=row)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_gradient_reaches_every_trainable_tensor(row):
+    peft = make_peft(row)
+    randomize_adapter(peft)
+    peft.train()
+    out = peft(IDS, labels=IDS)
+    out.loss.backward()
+    trainable = [(n, p) for n, p in peft.base_model.named_parameters() if p.requires_grad]
+    assert trainable
+    for name, p in trainable:
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{row}: no gradient reaches {name}"
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_frozen_weights_unchanged_after_a_step(row):
+    peft = make_peft(row)
+    frozen = {n: p.detach().clone() for n, p in peft.base_model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in peft.base_model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(peft.parameter_groups(lr=1e-2, weight_decay=0.1))
+    peft.train()
+    peft(IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    params = dict(peft.base_model.named_parameters())
+    for name, before in frozen.items():
+        assert torch.equal(params[name], before), f"{row}: frozen {name} changed"
+    assert any(not torch.equal(params[n], before) for n, before in trainable.items()), f"{row}: nothing trained"
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_save_load_round_trip(row, tmp_path):
+    peft = make_peft(row)
+    randomize_adapter(peft)
+    expected = peft(IDS).logits
+    peft.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(base_model(), tmp_path).eval()
+    assert torch.equal(loaded(IDS).logits, expected)
+    assert loaded.parameter_counts() == peft.parameter_counts()
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_merge_keeps_outputs(row):
+    peft = make_peft(row)
+    randomize_adapter(peft)
+    expected = peft(IDS).logits
+    merged = peft.merge_and_unload().eval()
+    assert_rel_close(merged(IDS).logits, expected, tol=1e-5, what=row)
+    if all(m.mergeable for m in peft.methods):
+        assert isinstance(merged, mambapeft.MambaLM)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if REGISTRY[METHODS[r][0].split(":")[0]].mergeable])
+def test_merged_checkpoint_loads_in_transformers(row, tmp_path):
+    peft = make_peft(row)
+    randomize_adapter(peft)
+    expected = peft(IDS).logits
+    merged = peft.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    hf = MambaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_rel_close(hf(IDS).logits, expected, tol=1e-4, what=row)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_greedy_generation_equals_full_forward_argmax(row):
+    peft = make_peft(row)
+    randomize_adapter(peft)
+    prompt = IDS[:, :5]
+    generated = peft.generate(prompt, max_new_tokens=4, eos_token_id=None)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            tokens = torch.cat([tokens, peft(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+ALL_AT_ONCE = [spec for row, (spec, _) in METHODS.items()
+               if row not in ("full", "dora_p_x", "additional_scan_bottom_s4d", "prompt_proj", "affix_before_proj")]
+
+
+def test_all_methods_at_once(tmp_path):
+    torch.manual_seed(1)
+    peft = get_peft_model(base_model(), ALL_AT_ONCE).eval()
+    assert len(peft.methods) == len(ALL_AT_ONCE)
+    randomize_adapter(peft)
+    peft.train()
+    peft(IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in peft.base_model.parameters() if p.requires_grad)
+    peft.eval()
+    expected = peft(IDS).logits
+    peft.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(base_model(), tmp_path).eval()
+    assert torch.equal(loaded(IDS).logits, expected)
+    generated = loaded.generate(IDS[:, :4], max_new_tokens=3, eos_token_id=None)
+    tokens = IDS[:, :4]
+    with torch.no_grad():
+        for _ in range(3):
+            tokens = torch.cat([tokens, loaded(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)
+    merged = loaded.merge_and_unload().eval()
+    assert_rel_close(merged(IDS).logits, expected, tol=1e-5, what="all at once")
+    assert {m.name for m in merged.methods} == {"parallel_adapter", "prompt", "affix"}
+
+
+def test_parameter_groups_carry_method_settings():
+    torch.manual_seed(1)
+    peft = get_peft_model(base_model(), ["lora_p_x:r=4,lr=3e-3", "partial_a", "partial_bias",
+                                         "additional_scan:n=2,weight_decay=0.05"])
+    groups = peft.parameter_groups(lr=1e-4, weight_decay=0.01)
+    by_method = {}
+    for g in groups:
+        by_method.setdefault(g["method"], []).append(g)
+    assert [(g["lr"], g["weight_decay"]) for g in by_method["lora_p_x"]] == [(3e-3, 0.01)]
+    assert [(g["lr"], g["weight_decay"]) for g in by_method["partial_a"]] == [(1e-4, 1e-3)]     # official x10
+    assert [(g["lr"], g["weight_decay"]) for g in by_method["partial_bias"]] == [(1e-4, 1e-2)]  # official x100
+    a_group, bc_group = by_method["additional_scan"]
+    assert a_group["weight_decay"] == 0.0 and bc_group["weight_decay"] == 0.05                 # new A: no decay
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in peft.base_model.parameters())
+
+
+def test_partial_decay_pulls_toward_the_pretrained_value():
+    """AdamW's decay acts on the delta, so with no gradient the tensor moves toward W0, not toward 0."""
+    peft = get_peft_model(base_model(), ["partial_d:weight_decay=0.5"])
+    mixer = peft.base_model.backbone.layers[0].mixer
+    pretrained = mixer.D.detach().clone()
+    delta = mixer.parametrizations.D[0].delta
+    with torch.no_grad():
+        delta.fill_(1.0)
+    optimizer = torch.optim.AdamW(peft.parameter_groups(lr=0.1), lr=0.1)
+    delta.grad = torch.zeros_like(delta)
+    for p in peft.base_model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    torch.testing.assert_close(delta.detach(), torch.full_like(delta, 1.0 - 0.1 * 0.5))
+    torch.testing.assert_close(mixer.D.detach(), pretrained + delta.detach())
+
+
+def test_additional_scan_keeps_the_pretrained_states_and_inits_a():
+    torch.manual_seed(1)
+    for location, column in (("top", 0), ("bottom", -1)):
+        base = base_model()
+        A_log = base.backbone.layers[0].mixer.A_log.detach().clone()
+        peft = get_peft_model(base, [f"additional_scan:n=3,location={location}"])
+        hook = peft.base_model.backbone.layers[0].mixer.hooks[0]
+        assert torch.equal(hook.A_log[0], A_log[:, [column]].expand(-1, 3))
+    peft = get_peft_model(base_model(), ["additional_scan:n=2,init=s4d"])
+    expected = torch.log(torch.tensor([6.0, 7.0])).expand(48, 2)           # N = 5: S4D continues at 6, 7
+    assert torch.equal(peft.base_model.backbone.layers[0].mixer.hooks[0].A_log[0], expected)
+    peft = get_peft_model(base_model(), ["additional_scan:n=2,init=constant,a_value=0.1"])
+    assert torch.allclose(peft.base_model.backbone.layers[0].mixer.hooks[0].A_log[0].exp(), torch.tensor(0.1))
+
+
+def test_dora_starts_at_the_pretrained_magnitude_and_merges():
+    base = base_model()
+    w = base.backbone.layers[0].mixer.in_proj.weight.detach().clone()
+    peft = get_peft_model(base, ["dora_p_x:r=2,s=0.5"])
+    delta = peft.base_model.backbone.layers[0].mixer.in_proj.deltas["dora_p_x"]
+    assert torch.allclose(delta.magnitude, w[:48].norm(dim=1))
+    randomize_adapter(peft)
+    with torch.no_grad():
+        v = w[:48] + 0.5 * delta.up @ delta.down
+        expected = torch.cat([v * (delta.magnitude / v.norm(dim=1))[:, None], w[48:]])
+    merged = peft.merge_and_unload()
+    torch.testing.assert_close(merged.backbone.layers[0].mixer.in_proj.weight, expected)
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["lora_pp_x"], "did you mean 'lora_p_x'"),
+    (["lora_p_x:r=0"], "r=0 must be >= 1"),
+    (["lora_p_x:rank=4"], "has no option 'rank'"),
+    (["lora_p_x:r=four"], "not a valid int"),
+    (["additional_scan:location=middle"], "not one of top, bottom"),
+    (["dora_p_x", "lora_p_x"], "clash"),
+    (["lora_in_proj", "dora_p_x"], "clash"),
+    (["lora_p_x", "lora_p_x:r=2"], "appears twice"),
+    (["full", "lora_p_x"], "full trains every weight"),
+    (["paper/lora_pq"], "unknown preset"),
+    ([], "names no method"),
+])
+def test_bad_specs_fail_clearly(specs, message):
+    with pytest.raises(mambapeft.ConfigError, match=message):
+        get_peft_model(base_model(), specs)
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    get_peft_model(base_model(), ["lora_p_x:r=2"]).save_pretrained(tmp_path)
+    other = mambapeft.from_config(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=97, state_size=5,
+                                              time_step_rank=3))
+    with pytest.raises(mambapeft.CheckpointError, match="made for another base model: hidden_size 24"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_truncated_or_missing_adapter_files_are_refused(tmp_path):
+    get_peft_model(base_model(), ["lora_p_x:r=2"]).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])
+    with pytest.raises(mambapeft.CheckpointError, match="corrupt or truncated"):
+        PeftModel.from_pretrained(base_model(), tmp_path)
+    weights.unlink()
+    with pytest.raises(mambapeft.CheckpointError, match="no adapter_model.safetensors"):
+        PeftModel.from_pretrained(base_model(), tmp_path)
+    with pytest.raises(mambapeft.CheckpointError, match="no adapter folder"):
+        PeftModel.from_pretrained(base_model(), tmp_path / "nowhere")
+
+
+def test_additional_scan_is_refused_on_falcon_mamba():
+    from transformers import FalconMambaConfig
+
+    model = mambapeft.from_config(FalconMambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=50))
+    with pytest.raises(mambapeft.ConfigError, match="FalconMamba"):
+        get_peft_model(model, ["additional_scan"])
