@@ -1,0 +1,229 @@
+"""HybridPEFT: the paper's two-step search (Algorithm 1) on Optuna, resumable and shared by many workers.
+
+Step 1 switches each method of the space on or off at its smallest setting (TPE over booleans) and keeps the
+best combination. Step 2 searches, on that combination only, each kept method's hyperparameters plus the
+choice "remove one method, or none"; its first trial is the step-1 setting itself (Algorithm 1, line 20).
+Scores are validation scores; test scores are the objective's business for the final best only.
+
+Both steps are Optuna studies in one storage (a URL; default a SQLite file in the run folder), named
+`<name>-step1` and `<name>-step2`. Any number of worker processes, on one machine or many, may run `run_search`
+on the same storage at once. Each running trial sends a heartbeat; a trial whose worker died (killed, machine
+lost) is marked failed once its heartbeat is older than the grace period and is retried with the same
+parameters, so a restarted search loses no finished trial and leaves none stuck as running.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from ..config.spec import MethodSpec
+from ..errors import ConfigError
+from .space import SearchSpace
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+NONE = "none"
+
+
+class Objective(Protocol):
+    """Trains one configuration and returns its mean validation score (higher is better).
+
+    `report(step, score)` passes intermediate validation scores on, for pruning; it raises
+    optuna.TrialPruned when the trial should stop. The returned dict has at least "score" and "trainable".
+    """
+
+    def __call__(self, specs: list[MethodSpec], report: Callable[[int, float], None]) -> dict: ...
+
+
+@dataclass
+class SearchSettings:
+    study_name: str = "hybridpeft"
+    storage: str = "sqlite:///search.db"
+    seed: int | None = 0
+    prune: bool = True
+    heartbeat_interval: int = 30          # seconds between heartbeats of a running trial
+    grace_period: int = 120               # a running trial silent this long belongs to a dead worker
+    poll_interval: float = 2.0            # how often a worker with nothing to do looks again
+
+
+def _retry_callback():
+    """Optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback; older releases RetryFailedTrialCallback."""
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return retry(max_retry=3)
+
+
+def open_storage(settings: SearchSettings) -> RDBStorage:
+    engine = {"connect_args": {"timeout": 60}} if settings.storage.startswith("sqlite") else None
+    return RDBStorage(settings.storage, engine_kwargs=engine, heartbeat_interval=settings.heartbeat_interval,
+                      grace_period=settings.grace_period,
+                      heartbeat_stale_trial_callback=_retry_callback())
+
+
+def open_study(settings: SearchSettings, storage, step: int) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, constant_liar=True, multivariate=step == 2)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if settings.prune else optuna.pruners.NopPruner()
+    return optuna.create_study(study_name=f"{settings.study_name}-step{step}", storage=storage, sampler=sampler,
+                               pruner=pruner, direction="maximize", load_if_exists=True)
+
+
+def _count(study: optuna.Study, states) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def run_step(study: optuna.Study, trial_fn, n_trials: int, settings: SearchSettings, progress=None) -> None:
+    """Runs trials until the study has `n_trials` finished ones, waiting on other workers' running trials."""
+    while True:
+        optuna.storages.fail_stale_trials(study)          # dead workers' trials: failed, then retried
+        done = _count(study, FINISHED)
+        if progress is not None:
+            progress(done, n_trials)
+        if done >= n_trials:
+            return
+        waiting = _count(study, (TrialState.WAITING,))
+        running = _count(study, (TrialState.RUNNING,))
+        if done + running >= n_trials and not waiting:
+            time.sleep(settings.poll_interval)             # others are finishing the last trials
+            continue
+        study.optimize(trial_fn, n_trials=1, catch=(), gc_after_trial=True)
+
+
+def _reporter(trial: optuna.Trial, prune: bool):
+    def report(step: int, score: float) -> None:
+        if not math.isfinite(score):
+            raise optuna.TrialPruned(f"validation score {score} at step {step}")
+        trial.report(score, step)
+        if prune and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} with validation score {score:.4f}")
+    return report
+
+
+def _evaluate(trial: optuna.Trial, specs: list[MethodSpec], objective: Objective, settings: SearchSettings) -> float:
+    trial.set_user_attr("config", [spec.to_dict() for spec in specs])
+    trial.set_user_attr("methods", [spec.method for spec in specs])
+    result = objective(specs, _reporter(trial, settings.prune))
+    for key, value in result.items():
+        if key != "score":
+            trial.set_user_attr(key, value)
+    return float(result["score"])
+
+
+# ------------------------------------------------------------------ step 1
+
+
+def step1_trial(space: SearchSpace, objective: Objective, settings: SearchSettings):
+    def trial_fn(trial: optuna.Trial) -> float:
+        on = [m for m in space.step1 if trial.suggest_categorical(f"use:{m}", [False, True])]
+        if not on:
+            trial.set_user_attr("methods", [])
+            raise optuna.TrialPruned("no method switched on")
+        return _evaluate(trial, [space.step1_spec(m) for m in on], objective, settings)
+    return trial_fn
+
+
+def best_combination(study1: optuna.Study) -> list[str]:
+    completed = study1.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not completed:
+        raise ConfigError("step 1 finished no trial (all were pruned or failed); nothing to build step 2 on")
+    best = max(completed, key=lambda t: (t.value, -t.number))
+    return list(best.user_attrs["methods"])
+
+
+# ------------------------------------------------------------------ step 2
+
+
+def _suggest(trial: optuna.Trial, name: str, value):
+    if not isinstance(value, dict):
+        return value
+    kind, bounds = next(iter(value.items()))
+    if kind == "int":
+        return trial.suggest_int(name, int(bounds[0]), int(bounds[1]))
+    if kind == "float":
+        return trial.suggest_float(name, bounds[0], bounds[1])
+    if kind == "log":
+        return trial.suggest_float(name, bounds[0], bounds[1], log=True)
+    return trial.suggest_categorical(name, bounds)
+
+
+def _default_params(space: SearchSpace, combination: list[str]) -> dict:
+    """Algorithm 1's first step-2 trial: the step-1 settings, clipped into the step-2 ranges, no removal."""
+    params = {"remove": NONE} if space.remove_one and len(combination) > 1 else {}
+    for method in combination:
+        fixed = space.step1_spec(method).config
+        for option, value in space.step2.get(method, {}).items():
+            if not isinstance(value, dict):
+                continue
+            kind, bounds = next(iter(value.items()))
+            current = getattr(fixed, option)
+            if kind == "choice":
+                params[f"{method}.{option}"] = current if current in bounds else bounds[0]
+            elif current is None:                          # lr / weight_decay left to the run: the range's middle
+                lo, hi = bounds
+                params[f"{method}.{option}"] = math.sqrt(lo * hi) if kind == "log" else (lo + hi) / 2
+            else:
+                params[f"{method}.{option}"] = min(max(current, bounds[0]), bounds[1])
+            if kind == "int":
+                params[f"{method}.{option}"] = int(round(params[f"{method}.{option}"]))
+    return params
+
+
+def step2_trial(space: SearchSpace, combination: list[str], objective: Objective, settings: SearchSettings):
+    def trial_fn(trial: optuna.Trial) -> float:
+        remove = NONE
+        if space.remove_one and len(combination) > 1:
+            remove = trial.suggest_categorical("remove", [NONE, *combination])
+        trial.set_user_attr("removed", remove)
+        specs = []
+        for method in combination:
+            options = dict(space.step1[method])
+            for option, value in space.step2.get(method, {}).items():
+                options[option] = _suggest(trial, f"{method}.{option}", value)
+            if method != remove:
+                specs.append(MethodSpec.build(method, options))
+        return _evaluate(trial, specs, objective, settings)
+    return trial_fn
+
+
+# ------------------------------------------------------------------ both
+
+
+@dataclass
+class SearchResult:
+    combination: list[str]                 # step 1's best
+    best_config: list[dict]                # step 2's best (or step 1's if step 2 has no trials)
+    best_score: float
+    best_trial: int
+    step: int
+
+
+def run_search(space: SearchSpace, objective: Objective, settings: SearchSettings, progress=None) -> SearchResult:
+    """Runs (or joins, or resumes) the two-step search; every worker calling this with the same storage helps."""
+    storage = open_storage(settings)
+    study1 = open_study(settings, storage, 1)
+    run_step(study1, step1_trial(space, objective, settings), space.step1_trials, settings,
+             progress and (lambda done, total: progress(1, done, total)))
+    combination = best_combination(study1)
+
+    study2 = open_study(settings, storage, 2)
+    stored = study2.user_attrs.get("combination")
+    if stored is None:
+        study2.set_user_attr("combination", combination)
+        if space.step2_trials:
+            study2.enqueue_trial(_default_params(space, combination), skip_if_exists=True)
+    elif stored != combination:
+        raise ConfigError(f"the storage's step 2 was built on {stored}, but step 1's best is now {combination}; "
+                          f"use a new study name to search again")
+    if space.step2_trials:
+        run_step(study2, step2_trial(space, combination, objective, settings), space.step2_trials, settings,
+                 progress and (lambda done, total: progress(2, done, total)))
+        best, step = study2.best_trial, 2
+    else:
+        best, step = max(study1.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.value, -t.number)), 1
+    return SearchResult(combination, best.user_attrs["config"], best.value, best.number, step)

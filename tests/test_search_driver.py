@@ -1,0 +1,93 @@
+"""The two-step driver on a cheap, deterministic scoring function (the real training objective is tested in
+test_search.py): step 2 builds on step 1's best, never switches on what step 1 switched off, and removes."""
+
+import optuna
+import pytest
+
+from mambapeft.search.hybrid import NONE, SearchSettings, open_storage, open_study, run_search, step2_trial
+from mambapeft.search.space import SearchSpace
+
+GOOD = {"lora_p_x": 1.0, "partial_a": 0.5}
+BAD = {"lora_out_proj": -1.0, "partial_d": -0.7}
+
+
+def scored(calls):
+    def objective(specs, report):
+        calls.append([s.to_dict() for s in specs])
+        score = sum({**GOOD, **BAD}[s.method] for s in specs)
+        for spec in specs:
+            if spec.method == "lora_p_x":
+                score += 0.01 * spec.config.r           # step 2 can improve on step 1
+        report(1, score)
+        return {"score": score, "trainable": 100 * len(specs)}
+    return objective
+
+
+def space(step2_trials=8):
+    return SearchSpace.from_dict({
+        "step1": {"trials": 16, "methods": {"lora_p_x": {"r": 8, "s": 0.1}, "partial_a": {"weight_decay": 1e-3},
+                                             "lora_out_proj": {"r": 8}, "partial_d": {}}},
+        "step2": {"trials": step2_trials, "methods": {
+            "lora_p_x": {"r": {"int": [4, 16]}, "s": {"log": [0.01, 1.0]}, "lr": {"log": [1e-4, 5e-3]}},
+            "partial_a": {"weight_decay": {"log": [1e-5, 1e-2]}}, "lora_out_proj": {"r": {"int": [4, 16]}}}},
+    })
+
+
+def settings(tmp_path, **kw):
+    return SearchSettings(storage=f"sqlite:///{tmp_path}/search.db", seed=0, prune=False, **kw)
+
+
+def test_step2_builds_on_step1_best_and_removes(tmp_path):
+    calls = []
+    s = settings(tmp_path)
+    result = run_search(space(), scored(calls), s)
+    storage = open_storage(s)
+    step1 = open_study(s, storage, 1).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert result.combination == max(step1, key=lambda t: t.value).user_attrs["methods"]
+    assert "lora_p_x" in result.combination and "lora_out_proj" not in result.combination
+    combination = set(result.combination)
+    step2 = open_study(s, storage, 2).get_trials()
+    assert len(step2) == 8
+    first = step2[0]
+    assert first.user_attrs["removed"] == NONE                      # Algorithm 1, line 20: defaults first
+    assert first.user_attrs["config"][0]["r"] == 8 and first.user_attrs["config"][0]["s"] == pytest.approx(0.1)
+    removed_some = False
+    for t in step2:
+        methods = set(t.user_attrs["methods"])
+        assert methods <= combination                               # never a method step 1 switched off
+        if t.user_attrs["removed"] != NONE:
+            removed_some = True
+            assert t.user_attrs["removed"] not in methods and len(methods) == len(combination) - 1
+        else:
+            assert methods == combination
+    assert removed_some or len(combination) == 1
+    best = max((t for t in step2 if t.value is not None), key=lambda t: t.value)
+    assert result.best_config == best.user_attrs["config"] and result.best_score == best.value
+    assert result.best_score >= first.value
+
+
+def test_empty_combination_is_not_scored(tmp_path):
+    calls = []
+    run_search(space(step2_trials=0), scored(calls), settings(tmp_path))
+    assert all(calls)                                               # the objective never saw an empty config
+
+
+def test_a_second_run_resumes_and_adds_nothing(tmp_path):
+    calls = []
+    s = settings(tmp_path)
+    first = run_search(space(), scored(calls), s)
+    n = len(calls)
+    again = run_search(space(), scored(calls), s)
+    assert len(calls) == n and again.combination == first.combination
+    storage = open_storage(s)
+    assert len(open_study(s, storage, 1).get_trials(states=(optuna.trial.TrialState.COMPLETE,
+                                                            optuna.trial.TrialState.PRUNED))) == 16
+
+
+def test_the_removed_method_is_left_out():
+    calls = []
+    trial = optuna.trial.FixedTrial({"remove": "partial_a", "lora_p_x.r": 12, "lora_p_x.s": 0.5,
+                                     "lora_p_x.lr": 1e-3, "partial_a.weight_decay": 1e-4})
+    score = step2_trial(space(), ["lora_p_x", "partial_a"], scored(calls), SearchSettings(prune=False))(trial)
+    assert calls == [[{"method": "lora_p_x", "r": 12, "s": 0.5, "dropout": 0.1, "lr": 1e-3, "weight_decay": None}]]
+    assert score == pytest.approx(1.0 + 0.12)
