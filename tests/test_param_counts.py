@@ -14,7 +14,7 @@ from mambapeft.cli.main import main
 PAPER = [
     ("mamba-130m", ["additional_scan:n=6"], 663_552, 0.51),
     ("mamba-130m", ["affix:n=3,projection=false"], 221_184, 0.17),
-    ("mamba-130m", ["affix:n=3,projection=true"], 236_089_344, 64.64),
+    ("mamba-130m", ["affix:n=3,projection=true"], 236_015_616, 64.64),
     ("mamba-130m", ["lora_p_x:r=64"], 3_538_944, 2.67),
     ("mamba-130m", ["lora_in_proj:r=32"], 2_949_120, 2.23),
     ("mamba-130m", ["sll_lora:r=8"], 1_898_304, 1.45),

@@ -100,6 +100,22 @@ class PeftModel(nn.Module):
     def device(self):
         return self.base_model.device
 
+    # ------------------------------------------------------------ training phases
+
+    def check_training(self, total_steps: int) -> None:
+        """Raises ConfigError if a method cannot work in a run of `total_steps` optimiser steps."""
+        for method in self.methods:
+            method.check_training(total_steps)
+
+    def on_step_end(self, step: int) -> None:
+        """The trainer's word after optimiser step `step` (1-based), for methods with phases (SDT)."""
+        for method in self.methods:
+            method.on_step_end(self.base_model, step)
+
+    def phase(self) -> str:
+        """What the methods are doing now, for progress bars ("" when nothing is phased)."""
+        return ", ".join(filter(None, (method.phase_name() for method in self.methods)))
+
     # ------------------------------------------------------------ reports
 
     def parameter_counts(self) -> dict:
@@ -161,6 +177,8 @@ class PeftModel(nn.Module):
             raise CheckpointError(f"the adapter in {folder} was made for another base model: " + "; ".join(diffs))
         peft = cls(model, PeftConfig.from_dict(config["methods"]))
         peft.load_adapter_weights(folder / ADAPTER_WEIGHTS)
+        for method in peft.methods:
+            method.after_load()
         return peft
 
     @torch.no_grad()

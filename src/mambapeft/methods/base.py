@@ -103,6 +103,19 @@ class Method:
         """Folds the method into the base weights and removes its parts; only called if `mergeable`."""
         raise NotImplementedError(f"{self.name} cannot be merged")
 
+    # Methods with training phases (SDT) override these; the defaults do nothing.
+    def check_training(self, total_steps: int) -> None:
+        """Raises ConfigError if the method cannot work in a run of `total_steps` optimiser steps."""
+
+    def on_step_end(self, model, step: int) -> None:
+        """Called after optimiser step `step` (1-based)."""
+
+    def phase_name(self) -> str:
+        return ""
+
+    def after_load(self) -> None:
+        """Called after the adapter's tensors were loaded."""
+
     def param_groups(self, params: dict[str, torch.Tensor], lr: float, weight_decay: float) -> list[dict]:
         """Optimiser groups for this method's tensors; the config's lr and weight_decay override the run's."""
         lr = self.config.lr if self.config.lr is not None else lr

@@ -1,0 +1,178 @@
+"""Sparse Dimension Tuning (SDT; Galim et al., the second reference paper), as one method in one run.
+
+    warm-up (warmup_steps optimiser steps):   A_log + dense          dense (E, N) trains
+    selection, per layer and direction:       channels: the top channel_fraction of E by sum_n dense[e, n]^2
+                                              states:   in each of them, the top state_fraction of N by dense^2
+    then:                                     A_log[c, s] + a       a (k_c, k_s), the selected entries only
+                                              x_proj B, C rows [:, c] + b    b (2N, k_c), the selected channels' columns
+
+The warm-up change is thrown away at selection (the authors' choice) unless `keep_warmup`, and the sparse
+update trains from the pretrained weights. The selected indices are buffers of the adapter, so they are
+saved and loaded with it; an adapter saved during the warm-up carries its dense delta and phase and picks
+up where it was. The trainer tells the method where training stands through `on_step_end`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ..errors import ConfigError
+from .base import Method, MethodConfig, direction_layers, option, register
+
+WARMUP, SPARSE = 0, 1
+
+
+@dataclass
+class SDTConfig(MethodConfig):
+    warmup_steps: int = option(200, "optimiser steps of the dense A_log warm-up before the selection", minimum=1)
+    channel_fraction: float = option(0.01, "fraction of the E channels selected per layer and direction (0, 1]",
+                                     exclusive_minimum=0, maximum=1)
+    state_fraction: float = option(0.25, "fraction of the N states selected inside each selected channel (0, 1]",
+                                   exclusive_minimum=0, maximum=1)
+    keep_warmup: bool = option(False, "keep the warm-up change of A_log instead of discarding it at selection")
+
+
+def selected_sizes(E: int, N: int, config: SDTConfig) -> tuple[int, int]:
+    """(channels, states per channel) kept: the fractions rounded down, at least one of each."""
+    return max(1, int(config.channel_fraction * E)), max(1, int(config.state_fraction * N))
+
+
+def select(dense: torch.Tensor, k_channels: int, k_states: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top channels by summed squared change, then top states inside each; ties go to the lower index."""
+    score = dense.detach().double().pow(2)                                            # (E, N)
+    channels = torch.sort(score.sum(1), descending=True, stable=True).indices[:k_channels]
+    states = torch.sort(score[channels], dim=1, descending=True, stable=True).indices[:, :k_states]
+    return channels, states                                                           # (k_c,), (k_c, k_s)
+
+
+class SparseA(nn.Module):
+    """Parametrization of A_log: a dense delta in the warm-up, the selected entries afterwards."""
+
+    def __init__(self, A_log: torch.Tensor, k_channels: int, k_states: int, keep_warmup: bool):
+        super().__init__()
+        factory = {"device": A_log.device, "dtype": A_log.dtype}
+        self.keep_warmup = keep_warmup
+        self.dense = nn.Parameter(torch.zeros_like(A_log))                                # (E, N)
+        self.values = nn.Parameter(torch.zeros(k_channels, k_states, **factory))          # (k_c, k_s)
+        self.register_buffer("phase", torch.tensor(WARMUP, device=A_log.device))
+        self.register_buffer("channels", torch.zeros(k_channels, dtype=torch.long, device=A_log.device))
+        self.register_buffer("states", torch.zeros(k_channels, k_states, dtype=torch.long, device=A_log.device))
+
+    def forward(self, A_log):
+        if int(self.phase) == WARMUP:
+            return A_log + self.dense
+        out = A_log + self.dense if self.keep_warmup else A_log
+        rows = self.channels[:, None].expand_as(self.states)
+        return out.index_put((rows, self.states), self.values, accumulate=True)
+
+
+class SparseBC(nn.Module):
+    """Parametrization of x_proj's weight: after selection, the B and C rows' columns of the chosen channels."""
+
+    def __init__(self, weight: torch.Tensor, sparse_a: SparseA, dt_rank: int, d_state: int):
+        super().__init__()
+        self.rows = slice(dt_rank, dt_rank + 2 * d_state)
+        self.values = nn.Parameter(torch.zeros(2 * d_state, sparse_a.channels.numel(),
+                                               device=weight.device, dtype=weight.dtype))  # (2N, k_c)
+        self._a = [sparse_a]                       # the channels live in A's part; a list: not a submodule
+
+    def forward(self, weight):
+        sparse_a = self._a[0]
+        if int(sparse_a.phase) == WARMUP:
+            return weight
+        rows = torch.arange(self.rows.start, self.rows.stop, device=weight.device)[:, None]
+        return weight.index_put((rows.expand_as(self.values), sparse_a.channels[None].expand_as(self.values)),
+                                self.values, accumulate=True)
+
+
+def _parts(model):
+    """(A owner, x_proj base layer, mixer) per mixer and direction."""
+    for (mixer, a_name), (_, x_name) in zip(direction_layers(model, "A_log"), direction_layers(model, "x_proj")):
+        x_proj = getattr(mixer, x_name)
+        yield mixer, a_name, getattr(x_proj, "base", x_proj)
+
+
+@register
+class SparseDimensionTuning(Method):
+    name = "sdt"
+    family = "sparse dimension tuning"
+    description = ("SDT: dense A_log warm-up, then only the selected channels x states of A_log and those "
+                   "channels' B, C columns of x_proj train")
+    Config = SDTConfig
+    targets = frozenset({("A_log", None)})
+    exclusive = True                           # A_log can carry one delta: not with partial_a
+    merge_order = -1                           # its x_proj delta is a parametrization: fold it before LoRA merges
+
+    def attach(self, model):
+        self.parts = []
+        params = []
+        for mixer, a_name, x_proj in _parts(model):
+            k_c, k_s = selected_sizes(mixer.d_inner, mixer.d_state, self.config)
+            sparse_a = SparseA(getattr(mixer, a_name), k_c, k_s, self.config.keep_warmup)
+            parametrize.register_parametrization(mixer, a_name, sparse_a)
+            sparse_bc = SparseBC(x_proj.weight, sparse_a, mixer.dt_rank, mixer.d_state)
+            parametrize.register_parametrization(x_proj, "weight", sparse_bc)
+            self.parts.append((sparse_a, sparse_bc))
+            params += [sparse_a.dense, sparse_a.values, sparse_bc.values]
+        return params
+
+    # ----------------------------------------------------------- phases
+
+    @property
+    def phase(self) -> int:
+        return int(self.parts[0][0].phase) if self.parts else SPARSE
+
+    def phase_name(self) -> str:
+        return "sdt warm-up" if self.phase == WARMUP else "sdt sparse"
+
+    def on_step_end(self, model, step: int) -> None:
+        """Called by the trainer after optimiser step `step` (1-based): selects when the warm-up is over."""
+        if self.phase == WARMUP and step >= self.config.warmup_steps:
+            self.select_now()
+
+    @torch.no_grad()
+    def select_now(self) -> None:
+        for sparse_a, sparse_bc in self.parts:
+            channels, states = select(sparse_a.dense, *sparse_a.values.shape)
+            sparse_a.channels.copy_(channels)
+            sparse_a.states.copy_(states)
+            if not self.config.keep_warmup:
+                sparse_a.dense.zero_()
+            sparse_a.dense.requires_grad_(False)          # no gradient: the optimiser leaves it alone from here
+            sparse_a.dense.grad = None
+            sparse_a.phase.fill_(SPARSE)
+
+    def after_load(self) -> None:
+        """A loaded adapter past its warm-up trains only the sparse parts."""
+        if self.phase == SPARSE:
+            for sparse_a, _ in self.parts:
+                sparse_a.dense.requires_grad_(False)
+
+    def check_training(self, total_steps: int) -> None:
+        if self.phase == WARMUP and self.config.warmup_steps >= total_steps:
+            raise ConfigError(f"sdt: warmup_steps={self.config.warmup_steps} is not shorter than the run "
+                              f"({total_steps} optimiser steps); nothing would be left for the sparse phase")
+
+    # ----------------------------------------------------------- counting
+
+    def trainable_after_setup(self) -> int:
+        return sum(a.values.numel() + bc.values.numel() for a, bc in self.parts)
+
+    def explain_count(self) -> str:
+        mixer_counts = {}
+        for a, bc in self.parts:
+            k_c, k_s = a.values.shape
+            mixer_counts[(k_c, k_s, bc.values.shape[0])] = mixer_counts.get((k_c, k_s, bc.values.shape[0]), 0) + 1
+        parts = [f"{n} x ({k_c} channels x {k_s} states of A_log + {two_n} B/C rows x {k_c} channels = "
+                 f"{k_c * k_s + two_n * k_c})" for (k_c, k_s, two_n), n in mixer_counts.items()]
+        return (f"after the {self.config.warmup_steps}-step warm-up (a dense A_log delta, not counted): "
+                + " + ".join(parts) + f" = {self.trainable_after_setup():,}")
+
+    def merge(self, model):
+        for mixer, a_name, x_proj in _parts(model):
+            parametrize.remove_parametrizations(mixer, a_name, leave_parametrized=True)
+            parametrize.remove_parametrizations(x_proj, "weight", leave_parametrized=True)
