@@ -119,10 +119,10 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------ reports
 
     def parameter_counts(self) -> dict:
-        """trainable, total (base + added) and percent = trainable / total, as the paper's tables count."""
+        """trainable, total (base + added trainable tensors) and percent = trainable / total, as the paper counts."""
         params = list(self.base_model.parameters())
         trainable = count_unique(p for p in params if p.requires_grad)
-        added = count_unique(p for p in params if id(p) not in self._base_ids)
+        added = count_unique(p for p in params if id(p) not in self._base_ids and p.requires_grad)
         total = self.base_parameter_count + added
         return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..config import PeftConfig
@@ -39,10 +40,13 @@ def shapes_model(name: str):
 def count(model_name: str, specs: list) -> dict:
     arch = model_name.lower()
     peft = get_peft_model(shapes_model(model_name), PeftConfig.parse(specs, arch=arch), arch=arch)
+    notes = {str(spec): method.explain_count() for spec, method in zip(peft.peft_config.methods, peft.methods)
+             if hasattr(method, "explain_count")}
+    peft.on_step_end(sys.maxsize)          # as after every warm-up phase (SDT): count what trains from then on
     counts = peft.parameter_counts()
     per_method = {str(spec): count_unique(t for t in peft._owned[method.name] if t.requires_grad)
                   for spec, method in zip(peft.peft_config.methods, peft.methods)}
-    return {"model": model_name, "config": str(peft.peft_config), "per_method": per_method,
+    return {"model": model_name, "config": str(peft.peft_config), "per_method": per_method, "notes": notes,
             "base": peft.base_parameter_count, **counts}
 
 
@@ -64,6 +68,8 @@ def run(args) -> int:
     print(f"{model} + {result['config']}")
     for spec, n in result["per_method"].items():
         print(f"  {spec:<40} {n:>14,}")
+        if spec in result["notes"]:
+            print(f"      {result['notes'][spec]}")
     print(f"trainable {result['trainable']:,} of {result['total']:,} ({result['percent']:.2f}%); "
           f"base model {result['base']:,}")
     return 0

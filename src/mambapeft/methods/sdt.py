@@ -58,12 +58,13 @@ class SparseA(nn.Module):
         self.keep_warmup = keep_warmup
         self.dense = nn.Parameter(torch.zeros_like(A_log))                                # (E, N)
         self.values = nn.Parameter(torch.zeros(k_channels, k_states, **factory))          # (k_c, k_s)
-        self.register_buffer("phase", torch.tensor(WARMUP, device=A_log.device))
+        self.register_buffer("phase", torch.tensor(WARMUP, device=A_log.device))   # saved with the adapter
+        self.current = WARMUP                      # what forward reads (a buffer would sync a GPU every call)
         self.register_buffer("channels", torch.zeros(k_channels, dtype=torch.long, device=A_log.device))
         self.register_buffer("states", torch.zeros(k_channels, k_states, dtype=torch.long, device=A_log.device))
 
     def forward(self, A_log):
-        if int(self.phase) == WARMUP:
+        if self.current == WARMUP:
             return A_log + self.dense
         out = A_log + self.dense if self.keep_warmup else A_log
         rows = self.channels[:, None].expand_as(self.states)
@@ -82,7 +83,7 @@ class SparseBC(nn.Module):
 
     def forward(self, weight):
         sparse_a = self._a[0]
-        if int(sparse_a.phase) == WARMUP:
+        if sparse_a.current == WARMUP:
             return weight
         rows = torch.arange(self.rows.start, self.rows.stop, device=weight.device)[:, None]
         return weight.index_put((rows.expand_as(self.values), sparse_a.channels[None].expand_as(self.values)),
@@ -124,7 +125,7 @@ class SparseDimensionTuning(Method):
 
     @property
     def phase(self) -> int:
-        return int(self.parts[0][0].phase) if self.parts else SPARSE
+        return self.parts[0][0].current if self.parts else SPARSE
 
     def phase_name(self) -> str:
         return "sdt warm-up" if self.phase == WARMUP else "sdt sparse"
@@ -145,11 +146,13 @@ class SparseDimensionTuning(Method):
             sparse_a.dense.requires_grad_(False)          # no gradient: the optimiser leaves it alone from here
             sparse_a.dense.grad = None
             sparse_a.phase.fill_(SPARSE)
+            sparse_a.current = SPARSE
 
     def after_load(self) -> None:
-        """A loaded adapter past its warm-up trains only the sparse parts."""
-        if self.phase == SPARSE:
-            for sparse_a, _ in self.parts:
+        """Takes the phase from the loaded buffers; past its warm-up an adapter trains only the sparse parts."""
+        for sparse_a, _ in self.parts:
+            sparse_a.current = int(sparse_a.phase)
+            if sparse_a.current == SPARSE:
                 sparse_a.dense.requires_grad_(False)
 
     def check_training(self, total_steps: int) -> None:
