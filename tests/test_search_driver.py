@@ -12,7 +12,7 @@ BAD = {"lora_out_proj": -1.0, "partial_d": -0.7}
 
 
 def scored(calls):
-    def objective(specs, report):
+    def objective(specs, report, tag):
         calls.append([s.to_dict() for s in specs])
         score = sum({**GOOD, **BAD}[s.method] for s in specs)
         for spec in specs:

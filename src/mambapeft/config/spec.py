@@ -101,7 +101,9 @@ class MethodSpec:
 
     def __str__(self) -> str:
         defaults = asdict(type(self.config)())
-        changed = [f"{k}={v}" for k, v in asdict(self.config).items() if v != defaults[k]]
+        values = asdict(self.config)
+        order = [k for k in values if k not in ("lr", "weight_decay")] + ["lr", "weight_decay"]   # optimiser last
+        changed = [f"{k}={values[k]}" for k in order if values[k] != defaults[k]]
         return self.method + (":" + ",".join(changed) if changed else "")
 
 

@@ -15,6 +15,8 @@ parameters, so a restarted search loses no finished trial and leaves none stuck 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ class Objective(Protocol):
     optuna.TrialPruned when the trial should stop. The returned dict has at least "score" and "trainable".
     """
 
-    def __call__(self, specs: list[MethodSpec], report: Callable[[int, float], None]) -> dict: ...
+    def __call__(self, specs: list[MethodSpec], report: Callable[[int, float], None], tag: str) -> dict: ...
 
 
 @dataclass
@@ -105,10 +107,12 @@ def _reporter(trial: optuna.Trial, prune: bool):
     return report
 
 
-def _evaluate(trial: optuna.Trial, specs: list[MethodSpec], objective: Objective, settings: SearchSettings) -> float:
+def _evaluate(trial: optuna.Trial, specs: list[MethodSpec], objective: Objective, settings: SearchSettings,
+              tag: str) -> float:
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("config", [spec.to_dict() for spec in specs])
     trial.set_user_attr("methods", [spec.method for spec in specs])
-    result = objective(specs, _reporter(trial, settings.prune))
+    result = objective(specs, _reporter(trial, settings.prune), tag=f"{tag}-trial{trial.number}")
     for key, value in result.items():
         if key != "score":
             trial.set_user_attr(key, value)
@@ -124,7 +128,7 @@ def step1_trial(space: SearchSpace, objective: Objective, settings: SearchSettin
         if not on:
             trial.set_user_attr("methods", [])
             raise optuna.TrialPruned("no method switched on")
-        return _evaluate(trial, [space.step1_spec(m) for m in on], objective, settings)
+        return _evaluate(trial, [space.step1_spec(m) for m in on], objective, settings, "step1")
     return trial_fn
 
 
@@ -187,7 +191,7 @@ def step2_trial(space: SearchSpace, combination: list[str], objective: Objective
                 options[option] = _suggest(trial, f"{method}.{option}", value)
             if method != remove:
                 specs.append(MethodSpec.build(method, options))
-        return _evaluate(trial, specs, objective, settings)
+        return _evaluate(trial, specs, objective, settings, "step2")
     return trial_fn
 
 
@@ -200,7 +204,7 @@ class SearchResult:
     best_config: list[dict]                # step 2's best (or step 1's if step 2 has no trials)
     best_score: float
     best_trial: int
-    step: int
+    best_step: int
 
 
 def run_search(space: SearchSpace, objective: Objective, settings: SearchSettings, progress=None) -> SearchResult:

@@ -1,0 +1,80 @@
+"""The search's objective: fine-tune a configuration on every task and average the validation scores.
+
+Each trial is an ordinary `fine_tune` run (the same Trainer, data and evaluation as `mambapeft train`) with the
+trial's methods, in its own folder; the score of a task is its best validation accuracy (validation loss,
+negated, where the validation set has no choices to score). Test sets are left out of the trials: only the
+final best configuration is scored on them (`final_run`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from transformers import TrainerCallback
+
+from ..config.spec import MethodSpec
+from ..train.config import TrainConfig
+
+
+class _ReportEvaluations(TrainerCallback):
+    """Passes each validation score to the search (for pruning) as it is measured."""
+
+    def __init__(self, report: Callable[[int, float], None], offset: int):
+        self.report, self.offset = report, offset
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics:
+            self.report(self.offset + state.global_step, score_of(metrics))
+
+
+def score_of(metrics: dict) -> float:
+    if "eval_acc" in metrics:
+        return float(metrics["eval_acc"])
+    return -float(metrics["eval_loss"])
+
+
+class TrainingObjective:
+    """Scores method specs by training `base` (a TrainConfig) on each task; tasks override data fields."""
+
+    def __init__(self, base: TrainConfig, tasks: list[dict], folder, log=print):
+        self.base, self.tasks, self.folder, self.log = base, tasks or [{}], Path(folder), log
+
+    def task_config(self, specs: list[MethodSpec], task: dict, output_dir: Path, with_test: bool) -> TrainConfig:
+        values = {**self.base.to_dict(), **task, "method": [spec_text(s) for s in specs], "output_dir": str(output_dir)}
+        if not with_test:
+            values["test_data"] = None
+        return TrainConfig.from_dict(values, where="a search trial")
+
+    def __call__(self, specs: list[MethodSpec], report, tag: str = "trial") -> dict:
+        from ..train.run import fine_tune
+
+        scores, trainable = [], None
+        for i, task in enumerate(self.tasks):
+            out = self.folder / "trials" / tag / f"task{i}"
+            config = self.task_config(specs, task, out, with_test=False)
+            steps_per_task = 10**6
+            result = fine_tune(config, callbacks=[_ReportEvaluations(report, i * steps_per_task)],
+                               log=lambda *_: None)
+            for checkpoint in out.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)      # the trial's adapter/ stays; its checkpoints go
+            best = result.get("best_validation")
+            if best is None:
+                raise RuntimeError(f"trial {tag}: the run on task {i} has no validation score; give validation data")
+            scores.append(best if result.get("metric", "eval_acc") == "eval_acc" else -best)
+            trainable = result["parameters"]["trainable"]
+        return {"score": sum(scores) / len(scores), "task_scores": scores, "trainable": trainable}
+
+
+def spec_text(spec: MethodSpec) -> str:
+    """`id:key=value,...` with every option written out, so a spec survives any change of defaults."""
+    options = ",".join(f"{k}={v}" for k, v in spec.to_dict().items() if k != "method" and v is not None)
+    return spec.method + (":" + options if options else "")
+
+
+def final_config(objective: TrainingObjective, config: list[dict], task: dict, output_dir) -> TrainConfig:
+    """The run config of the best configuration on one task, with its test set: what `train --config` takes."""
+    specs = [MethodSpec.from_dict(c) for c in config]
+    return objective.task_config(specs, task, Path(output_dir), with_test=True)
+

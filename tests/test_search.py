@@ -1,0 +1,133 @@
+"""`mambapeft search` end to end with real (very short) training on the packaged tiny model: the best config
+reproduces its trial, a killed search resumes, two workers share a study, and the report appears."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from mambapeft.assets import builtin_split
+from mambapeft.cli.main import main
+from mambapeft.search.hybrid import SearchSettings, open_storage, open_study
+
+SPACE = {
+    "step1": {"trials": 3, "methods": {"lora_p_x": {"r": 2}, "partial_d": {}, "lora_out_proj": {"r": 2}}},
+    "step2": {"trials": 2, "methods": {"lora_p_x": {"r": {"int": [1, 4]}, "lr": {"log": [1e-3, 1e-2]}}}},
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("search_data")
+    train = json.loads(builtin_split("train").read_text())[:16]
+    val = json.loads(builtin_split("validation").read_text())[:6]
+    test = json.loads(builtin_split("test").read_text())[:6]
+    for name, data in (("train", train), ("val", val), ("test", test)):
+        (folder / f"{name}.json").write_text(json.dumps(data))
+    run = {"model": "builtin", "data": str(folder / "train.json"), "val_data": str(folder / "val.json"),
+           "test_data": str(folder / "test.json"), "max_steps": 2, "eval_steps": 1, "warmup_steps": 0,
+           "batch_size": 2, "micro_batch_size": 2, "max_length": 48, "logging_steps": 1, "save_total_limit": 1,
+           "eval_batch_size": 8, "lr": 5e-3}
+    (folder / "run.json").write_text(json.dumps(run))
+    (folder / "space.json").write_text(json.dumps(SPACE))
+    return folder
+
+
+def states(out, step):
+    settings = SearchSettings(storage=f"sqlite:///{out}/search.db")
+    trials = open_study(settings, open_storage(settings), step).get_trials()
+    return [t.state for t in trials], trials
+
+
+def test_search_reports_and_its_best_config_reproduces(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["search", "--config", str(setup / "run.json"), "--space", str(setup / "space.json"),
+                 "--output-dir", str(out), "--no-prune"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "best configuration:" in printed
+    for name in ("trials.md", "trials.csv", "importances.json", "history.png", "pareto.png"):
+        assert (out / "report" / name).stat().st_size > 0
+    _, step1 = states(out, 1)
+    kept = set(max((t for t in step1 if t.value is not None), key=lambda t: t.value).user_attrs["methods"])
+    _, step2 = states(out, 2)
+    assert all(set(t.user_attrs["methods"]) <= kept for t in step2)
+    best = max((t for t in step2 if t.value is not None), key=lambda t: t.value)
+    # the final run is the best config, retrained with the same seed: the same validation score
+    results = json.loads((out / "final" / "results.json").read_text())
+    assert results["best_validation"] == pytest.approx(best.value, abs=1e-6)
+    config = json.loads((out / "best_config.json").read_text())
+    assert config["test_data"] == str(setup / "test.json") and "fine_tuned" in results
+    trial_configs = [c["method"] for c in best.user_attrs["config"]]
+    assert [spec.split(":")[0] for spec in config["method"]] == trial_configs
+
+
+def command(setup, out, *extra):
+    return [sys.executable, "-m", "mambapeft", "search", "--config", str(setup / "run.json"), "--space",
+            str(setup / "space.json"), "--output-dir", str(out), "--step2-trials", "0", "--no-final",
+            "--heartbeat", "1", "--grace", "3", *extra]
+
+
+def test_killed_search_resumes_without_loss_or_duplicates(setup, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command(setup, out, "--step1-trials", "4"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:                     # kill it in its second trial, after one finished
+        time.sleep(0.5)
+        if (out / "search.db").exists():
+            with sqlite3.connect(out / "search.db") as db:
+                try:
+                    rows = db.execute("select state from trials").fetchall()
+                except sqlite3.OperationalError:
+                    continue
+            done = sum(r[0] in ("COMPLETE", "PRUNED") for r in rows)
+            if done >= 1 and any(r[0] == "RUNNING" for r in rows):
+                break
+    else:
+        proc.kill()
+        pytest.fail("the search never reached its second trial")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted, _ = states(out, 1)
+    assert optuna.trial.TrialState.RUNNING in interrupted
+    finished_before = interrupted.count(optuna.trial.TrialState.COMPLETE)
+
+    again = subprocess.run(command(setup, out, "--step1-trials", "4"), env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    final, trials = states(out, 1)
+    assert final.count(optuna.trial.TrialState.COMPLETE) + final.count(optuna.trial.TrialState.PRUNED) == 4
+    assert optuna.trial.TrialState.RUNNING not in final and optuna.trial.TrialState.WAITING not in final
+    assert final.count(optuna.trial.TrialState.FAIL) == 1                     # the killed one, retried
+    failed = next(t for t in trials if t.state == optuna.trial.TrialState.FAIL)
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert len(retried) == 1 and retried[0].params == failed.params
+    assert final.count(optuna.trial.TrialState.COMPLETE) >= finished_before
+
+
+def test_two_workers_complete_one_study(setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command(setup, out, "--step1-trials", "4"), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    time.sleep(2)
+    second = subprocess.Popen(command(setup, out, "--step1-trials", "4", "--worker"), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for proc in (first, second):
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-2000:]
+    final, trials = states(out, 1)
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert 4 <= len(finished) <= 5                    # one study; at most one trial over when both start the last
+    assert optuna.trial.TrialState.RUNNING not in final
+    workers = {t.user_attrs.get("worker") for t in finished if "worker" in t.user_attrs}
+    assert len(workers) == 2                          # both processes ran trials of the same study
