@@ -8,9 +8,12 @@ from .model import (
     MambaState,
     MixerState,
     PeftHook,
+    VisionMamba,
     from_config,
     from_pretrained,
+    load_vim,
     save_pretrained,
+    save_vim,
 )
 from .scan import selective_scan, selective_scan_reference
 
@@ -20,6 +23,7 @@ __all__ = [
     "ARCHITECTURES", "MambaLM", "MambaMixer", "MambaState", "MixerState", "PeftHook", "from_config",
     "from_pretrained", "save_pretrained", "selective_scan", "selective_scan_reference",
     "CheckpointError", "ConfigError", "MambaPeftError", "__version__",
+    "VisionMamba", "load_vim", "save_vim",
 ]
 
 from .config import MethodSpec, PeftConfig  # noqa: E402

@@ -7,9 +7,9 @@ import sys
 
 from .. import __version__
 from ..errors import MambaPeftError
-from . import info, methods, params
+from . import eval, info, methods, params, search, train
 
-COMMANDS = (info, methods, params)
+COMMANDS = (info, methods, params, train, eval, search)
 
 
 def build_parser() -> argparse.ArgumentParser:

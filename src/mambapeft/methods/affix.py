@@ -18,7 +18,7 @@ patch); dual=false shares one set. Tokens before in_proj are inserted once and s
 
 The optional projection is ONE MLP shared by all layers, P-tuning v2 style:
 Embedding(n, w) -> Linear(w, hidden) + bias -> tanh -> Linear(hidden, layers * directions * w) + bias, w = 2E
-(or d before in_proj), hidden = w by default. For Mamba-130m with 3 tokens that is 236,089,344 parameters
+(or d before in_proj), hidden = w by default. For Mamba-130m with 3 tokens that is 236,015,616 parameters
 (the paper's 64.64%). It runs once per forward (in `begin_forward`, a model-level hook) and hands each mixer
 its slice; `merge_and_unload` collapses it into plain per-layer tokens for inference.
 """

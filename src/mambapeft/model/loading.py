@@ -44,6 +44,10 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if str(name_or_path) == "builtin":                  # the packaged tiny Mamba (mambapeft/assets/tiny-mamba)
+        from ..assets import BUILTIN_MODEL
+
+        return BUILTIN_MODEL
     name = str(name_or_path)
     if path.exists():
         raise CheckpointError(f"{name} is a file; pass the folder that holds config.json and the weights")

@@ -1,0 +1,67 @@
+"""`mambapeft eval MODEL [--adapter DIR] --tasks ...`: multiple-choice accuracy, built in or through the harness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(commands):
+    parser = commands.add_parser(
+        "eval",
+        help="evaluate a model (and adapter) on multiple-choice tasks",
+        description="Evaluate a Mamba model, optionally with a PEFT adapter. A task is 'builtin' (the built-in task's "
+        "test split), a local multiple-choice file (.jsonl of question/choices/gold, or commonsense .json), both "
+        "scored here by log-likelihood (acc, acc_norm as lm-evaluation-harness defines them), or an "
+        "lm-evaluation-harness task name (boolq, piqa, social_iqa, hellaswag, winogrande, arc_easy, arc_challenge, "
+        "openbookqa, ... or a task defined by a YAML file under --include-path; needs the lm-eval extra).",
+    )
+    parser.add_argument("model", nargs="?", default="builtin", help="'builtin', a folder or a hub id (default: builtin)")
+    parser.add_argument("--adapter", help="a PEFT adapter folder (from `mambapeft train`: OUTPUT_DIR/adapter)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the model's)")
+    parser.add_argument("--tasks", default="builtin", help="comma-separated tasks (default: builtin)")
+    parser.add_argument("--include-path", help="folder of lm-evaluation-harness task YAML files")
+    parser.add_argument("--limit", type=int, help="score only the first N items of each task")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--max-length", type=int, default=2048, help="longest sequence scored (cut on the left)")
+    parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.set_defaults(run=run)
+
+
+def load_model(model: str, adapter: str | None):
+    from .. import from_pretrained
+    from ..peft import PeftModel
+
+    base = from_pretrained(model)
+    return PeftModel.from_pretrained(base, adapter).eval() if adapter else base
+
+
+def run(args) -> int:
+    from ..assets import BUILTIN_NAME, builtin_split
+    from ..data.multiple_choice import load_mc_items
+    from ..evaluation.multiple_choice import score_items
+    from ..train.run import load_tokenizer
+
+    model = load_model(args.model, args.adapter)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    local = [t for t in tasks if t == BUILTIN_NAME or Path(t).suffix in (".json", ".jsonl")]
+    harness = [t for t in tasks if t not in local]
+    results = {}
+    for task in local:
+        items = load_mc_items(builtin_split("test") if task == BUILTIN_NAME else task)[: args.limit]
+        scores = score_items(model, tokenizer, items, batch_size=args.batch_size, max_length=args.max_length)
+        results[task] = {"acc": scores["acc"], "acc_norm": scores["acc_norm"], "n": scores["n"]}
+    if harness:
+        from ..evaluation.harness import MambaPeftLM, run_harness
+
+        lm = MambaPeftLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+        out = run_harness(lm, harness, include_path=args.include_path, limit=args.limit)
+        for task, metrics in out["results"].items():
+            results[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for task, metrics in results.items():
+        shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"{task}: {shown}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    return 0

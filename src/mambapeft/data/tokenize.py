@@ -1,0 +1,82 @@
+"""Tokenisation of examples for causal-LM training, and the padding collator.
+
+Padding and Mamba: the scan has no attention mask. The model zeroes padded positions before in_proj and
+after the conv (README, "Padding"), and a causal model's output at a position depends only on earlier
+positions. We pad on the right, so every real token precedes every pad token: the real tokens' outputs are
+exactly those of the unpadded sequence, and pad positions get label -100, so they add nothing to the loss.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .instructions import Example
+
+IGNORE = -100
+
+
+@dataclass
+class TokenizedSet:
+    """Token ids and labels of a set of examples, plus how many were cut at max_length."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+
+
+def tokenize_examples(tokenizer, examples: list[Example], *, max_length: int, train_on_prompt: bool = True,
+                      what: str = "training") -> TokenizedSet:
+    """prompt + response + eos -> ids; labels are the ids (or -100 on the prompt when not train_on_prompt).
+
+    Prompt and response are tokenised apart, so the prompt/response boundary is exact. Sequences longer than
+    max_length are cut at the end (as LLM-Adapters does); their number is counted and warned about.
+    """
+    eos = tokenizer.eos_token_id
+    out = TokenizedSet([], [])
+    for ex in examples:
+        prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids = prompt + response
+        labels = list(ids) if train_on_prompt else [IGNORE] * len(prompt) + response
+        if len(ids) > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+            out.truncated += 1
+        out.input_ids.append(ids)
+        out.labels.append(labels)
+    if out.truncated:
+        warnings.warn(f"{out.truncated} of {len(examples)} {what} examples are longer than max_length "
+                      f"{max_length} tokens and were truncated (raise max_length to keep them whole)", stacklevel=2)
+    return out
+
+
+def pad_batch(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding: input_ids (b, L) padded with pad_id, labels with -100, attention_mask 1 on real tokens."""
+    length = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(features), length), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class Collator:
+    """For transformers' Trainer: pads each batch on the right (see the module docstring)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_batch(features, self.pad_id)

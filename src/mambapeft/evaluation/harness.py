@@ -1,0 +1,84 @@
+"""Bridge to lm-evaluation-harness (optional extra `lm-eval`): our model, with or without an adapter, as an `LM`.
+
+    lm = MambaPeftLM(model, tokenizer)                      # model: MambaLM or PeftModel
+    results = run_harness(lm, ["boolq", "piqa"])            # or tasks defined by YAML files under include_path
+
+The harness sends three kinds of requests: loglikelihood (context, continuation) -> (log p, is greedy), the
+multiple-choice tasks' path (acc, acc_norm); loglikelihood_rolling (text) -> log p of the whole text, in
+windows of max_length tokens; generate_until (context, {until, max_gen_toks, ...}) -> greedy text cut at the
+first stop string.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .multiple_choice import loglikelihoods
+
+try:
+    from lm_eval.api.model import LM
+except ImportError:                                   # the extra is not installed: fail when used, not on import
+    LM = object
+
+
+def _require():
+    if LM is object:
+        raise ConfigError("lm-evaluation-harness is not installed: pip install 'mambapeft[lm-eval]' (or lm-eval)")
+
+
+class MambaPeftLM(LM):
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int = 2048):
+        _require()
+        super().__init__()
+        self.model, self.tok = model.eval(), tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        return loglikelihoods(self.model, self.tok, [r.args for r in requests], batch_size=self.batch_size,
+                              max_length=self.max_length)
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        out = []
+        for request in requests:
+            ids = self.tok(request.args[0], add_special_tokens=False)["input_ids"]
+            ids = [self.tok.eos_token_id] + ids                      # the first token is predicted from eos
+            total = 0.0
+            for start in range(0, len(ids) - 1, self.max_length - 1):
+                window = torch.tensor([ids[start:start + self.max_length]], device=self.model.device)
+                with torch.no_grad():
+                    logp = torch.log_softmax(self.model(window).logits.float(), -1)    # (1, w, vocab)
+                total += logp[0, :-1].gather(-1, window[0, 1:, None]).sum().item()
+            out.append(total)
+        return out
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        out = []
+        for request in requests:
+            context, kwargs = request.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            ids = self.tok(context, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            ids = ids[:, -self.max_length:].to(self.model.device)
+            tokens = self.model.generate(ids, max_new_tokens=int(kwargs.get("max_gen_toks", 256)))
+            text = self.tok.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
+
+
+def run_harness(lm: MambaPeftLM, tasks: list[str], *, include_path=None, limit=None, num_fewshot=None) -> dict:
+    """lm_eval.simple_evaluate on our LM; tasks may be defined by YAML files under include_path."""
+    _require()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"lm-evaluation-harness knows no task {', '.join(unknown)}"
+                          + ("" if include_path else "; define local ones in YAML files and pass --include-path"))
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                   log_samples=False)

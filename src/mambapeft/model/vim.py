@@ -1,0 +1,256 @@
+"""Vision Mamba (Vim, Zhu et al. 2024) on our one mixer, with the module names of the released checkpoints.
+
+    pixel_values (b, 3, H, W) --patch_embed.proj (conv, kernel patch, stride s)--> M patch tokens (b, M, d)
+    class token inserted in the middle (index M // 2)  -> (b, M + 1, d)
+    + pos_embed (1, M + 1, d)
+    [model hooks may insert soft prompt tokens here: stage "embeddings"]
+    for each layer:  h = h + mixer(norm(h))          bidirectional "v2" mixer; residual in float32
+    norm_f --> [soft prompt positions dropped] --> the class token (b, d) --> head --> logits (b, classes)
+
+The released models (hustvl/Vim-{tiny,small,base}-midclstok; models_mamba.py, "bimambav2 ... midclstok_div2")
+fuse the residual add into the next norm ("Add -> Norm -> Mixer", residual kept in fp32); that is the same
+function as the pre-norm block above, which `MambaBlock` of the language model computes. The mixer averages the
+two directions, (y_fwd + flip(y_bwd)) / 2, before out_proj ("div2"). Drop-path and dropout are off, as at
+evaluation and in the paper's VTAB fine-tuning of the released weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+from ..errors import ConfigError
+from .lm import MambaBlock, RMSNorm
+from .mixer import MambaMixer, drop_inserted, insert_from_hooks
+
+
+@dataclass
+class VimConfig:
+    """The sizes of a Vision Mamba; everything an adapter or a checkpoint depends on."""
+
+    d_model: int = 192
+    depth: int = 24
+    img_size: int = 224
+    patch_size: int = 16
+    stride: int = 16                   # 16: the plain models; 8: the "stride8" ones (overlapping patches)
+    in_chans: int = 3
+    num_classes: int = 1000
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None         # None: ceil(d_model / 16)
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    model_type: str = "vim"
+
+    def __post_init__(self):
+        if self.model_type != "vim":
+            raise ConfigError(f"a VimConfig has model_type 'vim', not {self.model_type!r}")
+        for name in ("d_model", "depth", "img_size", "patch_size", "stride", "in_chans", "num_classes", "d_state",
+                     "d_conv", "expand"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"Vim config: {name}={getattr(self, name)!r} must be a positive integer")
+        if self.img_size < self.patch_size:
+            raise ConfigError(f"Vim config: img_size {self.img_size} is smaller than one patch ({self.patch_size})")
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(self.d_model / 16)
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side: (img - patch) // stride + 1 (14 for 224 px, patch 16; 27 for stride 8)."""
+        return (self.img_size - self.patch_size) // self.stride + 1
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def cls_position(self) -> int:
+        """Index of the class token in the sequence of M + 1 tokens: the middle, M // 2."""
+        return self.num_patches // 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VimConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Vim config: unknown keys {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+# Named architectures: the released sizes (depth 24, patch 16, 224 px) and their stride-8 variants, plus
+# "vim-micro", a tiny model for tests and quick demos.
+VIM_ARCHITECTURES: dict[str, dict] = {
+    "vim-tiny": dict(d_model=192),
+    "vim-small": dict(d_model=384),
+    "vim-base": dict(d_model=768),
+    "vim-tiny-stride8": dict(d_model=192, stride=8),
+    "vim-small-stride8": dict(d_model=384, stride=8),
+    "vim-base-stride8": dict(d_model=768, stride=8),
+    "vim-micro": dict(d_model=32, depth=2, img_size=32, patch_size=8, stride=8, num_classes=10),
+}
+
+
+def vim_config(name: str, **overrides) -> VimConfig:
+    """The VimConfig of a named architecture ("vim-small", ...), with any field overridden."""
+    key = name.lower()
+    if key not in VIM_ARCHITECTURES:
+        import difflib
+
+        close = difflib.get_close_matches(key, VIM_ARCHITECTURES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown Vision Mamba architecture {name!r}{hint}; known: {', '.join(VIM_ARCHITECTURES)}")
+    return VimConfig(**{**VIM_ARCHITECTURES[key], **overrides})
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping (or, with stride < patch, overlapping) patches to tokens; `proj` as in the released code."""
+
+    def __init__(self, config: VimConfig, device=None, dtype=None):
+        super().__init__()
+        self.img_size = config.img_size
+        self.proj = nn.Conv2d(config.in_chans, config.d_model, config.patch_size, stride=config.stride,
+                              device=device, dtype=dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(
+                f"expected images (batch, channels, {self.img_size}, {self.img_size}), got {tuple(pixel_values.shape)}; "
+                f"resize them, or load the model with img_size={pixel_values.shape[-1]} (resizes the position embedding)"
+            )
+        return self.proj(pixel_values).flatten(2).mT                 # (b, d, g, g) -> (b, M, d)
+
+
+@dataclass
+class VimOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None       # (b, num_classes)
+    features: torch.Tensor | None = None     # (b, d): the class token after norm_f
+
+
+class VisionMamba(nn.Module):
+    """Vim with a middle class token; the PEFT interface is that of `MambaLM` (see methods/base.py)."""
+
+    is_causal = False                      # bidirectional: a soft token anywhere reaches every output
+    embedding_path = "patch_embed.proj"
+    head_path = "head"
+
+    def __init__(self, config: VimConfig, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.config = config
+        d = config.d_model
+        self.patch_embed = PatchEmbed(config, **factory)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d, **factory))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, d, **factory))
+        self.layers = nn.ModuleList(
+            MambaBlock(
+                MambaMixer(d, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
+                           dt_rank=config.dt_rank, bidirectional=True, **factory),
+                config.norm_eps, config.residual_in_fp32, **factory,
+            )
+            for _ in range(config.depth)
+        )
+        self.norm_f = RMSNorm(d, config.norm_eps, **factory)
+        self.head = nn.Linear(d, config.num_classes, **factory)
+        self.hooks = nn.ModuleList()       # model-level PeftHooks: soft prompt tokens at stage "embeddings"
+        if self.head.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None):
+        """Random initialisation in the style of the released code (loading overwrites it)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        fan_in = self.patch_embed.proj.weight[0].numel()
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=fan_in**-0.5)    # LeCun normal
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for block in self.layers:
+            mixer = block.mixer
+            for linear in (mixer.in_proj, mixer.x_proj, mixer.x_proj_b, mixer.out_proj):
+                linear.reset_parameters()
+            mixer.conv1d.reset_parameters()
+            mixer.conv1d_b.reset_parameters()
+            mixer.reset_ssm_parameters()
+            mixer.out_proj.weight /= len(self.layers) ** 0.5      # GPT-2 style scaling of the residual branch
+            block.norm.weight.fill_(1.0)
+        self.norm_f.weight.fill_(1.0)
+        self.reset_head()
+
+    @torch.no_grad()
+    def reset_head(self, num_classes: int | None = None) -> None:
+        """A fresh head (truncated normal 0.02, bias 0), for `num_classes` classes if given."""
+        if num_classes is not None and num_classes != self.head.out_features:
+            if num_classes < 1:
+                raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+            w = self.head.weight
+            self.head = nn.Linear(self.config.d_model, num_classes, device=w.device, dtype=w.dtype)
+            self.config = VimConfig(**{**self.config.to_dict(), "num_classes": num_classes})
+        if self.head.weight.device.type != "meta":
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    def peft_mixers(self) -> list[MambaMixer]:
+        return [layer.mixer for layer in self.layers]
+
+    def peft_fingerprint(self) -> dict:
+        """The architecture an adapter depends on."""
+        c = self.config.to_dict()
+        c.pop("norm_eps")
+        c.pop("residual_in_fp32")
+        return c
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (b, C, H, W) -> the class token after the final norm (b, d)."""
+        h = self.patch_embed(pixel_values.to(self.dtype))                     # (b, M, d)
+        batch, m, _ = h.shape
+        c = m // 2
+        cls = self.cls_token.expand(batch, -1, -1)                            # (b, 1, d)
+        h = torch.cat([h[:, :c], cls, h[:, c:]], dim=1) + self.pos_embed      # (b, M+1, d)
+        for hook in self.hooks:
+            hook.begin_forward(0)
+        h, _, kept = insert_from_hooks(self.hooks, "embeddings", 0, h, None, 0)    # soft prompt in
+        for layer in self.layers:
+            h = layer(h)
+        h = drop_inserted(self.norm_f(h), kept)                                # soft prompt out: (b, M+1, d)
+        return h[:, c]
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **unused) -> VimOutput:
+        """pixel_values (b, C, H, W) -> logits (b, num_classes); cross-entropy loss when labels (b,) are given."""
+        features = self.forward_features(pixel_values)
+        logits = self.head(features.to(self.head.weight.dtype)).float()
+        loss = F.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
+        return VimOutput(loss=loss, logits=logits, features=features)
+
+
+def build_vim(config: str | VimConfig, *, device=None, dtype=None, seed: int | None = None, **overrides) -> VisionMamba:
+    """A randomly initialised Vim from a name ("vim-small", ...) or a VimConfig; device="meta": shapes only."""
+    if isinstance(config, str):
+        config = vim_config(config, **overrides)
+    elif overrides:
+        config = VimConfig(**{**config.to_dict(), **overrides})
+    if seed is not None and str(device) != "meta":
+        torch.manual_seed(seed)
+    return VisionMamba(config, device=device, dtype=dtype)

@@ -1,0 +1,353 @@
+"""Loading Vision Mamba checkpoints, safely and strictly; saving our own Vim format.
+
+Formats read:
+  * the released ones (hustvl/Vim-{tiny,small,base}-midclstok): a `.pth` pickle of a dict whose "model" is the
+    state dict and whose "args" is the training script's argparse.Namespace (plus optimizer state and the like);
+  * ours: a folder with config.json (a VimConfig) and model.safetensors (`save_vim`).
+A pickle is read with torch.load(weights_only=True) and only argparse.Namespace allow-listed: torch's restricted
+unpickler builds tensors, containers and plain values, nothing else, so no code in the file can run. Before
+that, the globals the pickle asks for are listed without loading it, and anything outside the allow-list is
+refused by name. Every key and shape is checked against the architecture read from the weights.
+
+Other sizes: `num_classes` gives a fresh head; `img_size` resizes the position embedding, taking the class token
+out of the middle, interpolating the patch grid bicubically and putting the class token back in the new middle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, ConfigError
+from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba
+
+# short name -> (hub id, file in it)
+HUB_CHECKPOINTS = {
+    "vim-tiny": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
+    "vim-small": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
+    "vim-base": ("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth"),
+}
+HUB_FILES = dict(HUB_CHECKPOINTS.values())
+# built into the package (scripts/pretrain_tiny_vim.py writes it): the vision default
+BUILTIN = {"tiny-vim": Path(__file__).resolve().parents[1] / "assets" / "tiny-vim"}
+ALLOWED_GLOBALS = (argparse.Namespace,)       # what a released checkpoint pickles besides tensors and plain data
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "mambapeft-vim"
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def _global_name(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# ---------------------------------------------------------------- reading the released pickles
+
+
+def read_vim_pickle(file: Path) -> tuple[dict, argparse.Namespace | None]:
+    """(state dict, training args or None) from a released-style .pth, without running anything in it."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint file {file}")
+    allowed = {_global_name(cls) for cls in ALLOWED_GLOBALS}
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise CheckpointError(f"reading {file} safely (weights only, argparse.Namespace allow-listed) needs "
+                              f"torch >= 2.5; this is torch {torch.__version__}")
+    try:
+        asked = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file)))
+    except Exception:
+        asked = set()       # not a zip checkpoint (legacy format): the restricted load below still guards it
+    refused = sorted(asked - allowed)
+    if refused:
+        raise CheckpointError(
+            f"{file} asks to unpickle {', '.join(refused)}, which a Vim checkpoint does not need; refusing to load it "
+            f"(only tensors, plain data and {', '.join(sorted(allowed))} are allowed). If you trust the file, convert "
+            f"it to a plain state dict or safetensors first."
+        )
+    try:
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+            obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{file} cannot be read as a Vim checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:300]}); it is "
+            f"corrupt, truncated, or pickles objects other than tensors, plain data and {', '.join(sorted(allowed))}"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state, args = obj["model"], obj.get("args")
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, args = obj, None             # a bare state dict
+    else:
+        raise CheckpointError(f"{file} holds no Vim state dict: expected a dict with a 'model' state dict "
+                              f"(the released layout) or a plain state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):      # saved from a DistributedDataParallel wrapper
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{file}: the state dict holds non-tensors under {bad[:3]}")
+    return state, args if isinstance(args, argparse.Namespace) else None
+
+
+def config_from_state(state: dict, args: argparse.Namespace | None, source: str) -> VimConfig:
+    """The architecture of a Vim state dict (the training args settle the stride and image size)."""
+    needed = ("patch_embed.proj.weight", "pos_embed", "cls_token", "layers.0.mixer.A_log", "layers.0.mixer.in_proj.weight",
+              "layers.0.mixer.dt_proj.weight", "head.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise CheckpointError(f"{source} is not a Vim checkpoint with a class token: it lacks {', '.join(missing)}")
+    if "layers.0.mixer.A_b_log" not in state:
+        raise CheckpointError(f"{source} has no backward-direction weights (A_b_log): only bidirectional "
+                              f"'bimamba v2' Vim checkpoints are supported")
+    model_name = str(getattr(args, "model", "") or "")
+    if model_name and "midclstok" not in model_name and "middle_cls_token" not in model_name:
+        raise CheckpointError(f"{source} was trained as {model_name!r}; only Vim models with the class token in the "
+                              f"middle ('midclstok') are supported")
+    if "rope" in model_name:
+        raise CheckpointError(f"{source} was trained as {model_name!r} (rotary positions), which is not supported")
+    proj = state["patch_embed.proj.weight"]                                   # (d, C, p, p)
+    d_model, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k)))
+    E2, _ = state["layers.0.mixer.in_proj.weight"].shape                       # (2E, d)
+    E, N = state["layers.0.mixer.A_log"].shape                                # (E, N)
+    if E2 != 2 * E or E % d_model:
+        raise CheckpointError(f"{source}: in_proj has {E2} outputs and A_log {E} rows; expected 2E and E = expand * d")
+    tokens = state["pos_embed"].shape[1]
+    grid = math.isqrt(tokens - 1)
+    if grid * grid != tokens - 1:
+        raise CheckpointError(f"{source}: pos_embed has {tokens} rows, not a square grid plus one class token")
+    stride = int(m.group(1)) if (m := re.search(r"stride(\d+)", model_name)) else patch
+    img_size = (grid - 1) * stride + patch
+    trained = getattr(args, "input_size", None)
+    if isinstance(trained, int) and (trained - patch) // stride + 1 == grid:
+        img_size = trained                       # the training resolution, when it gives this grid
+    conv_k = state["layers.0.mixer.conv1d.weight"].shape[-1] if "layers.0.mixer.conv1d.weight" in state else 4
+    try:
+        return VimConfig(
+            d_model=d_model, depth=depth, img_size=img_size, patch_size=patch, stride=stride, in_chans=in_chans,
+            num_classes=state["head.weight"].shape[0], d_state=N, d_conv=conv_k, expand=E // d_model,
+            dt_rank=state["layers.0.mixer.dt_proj.weight"].shape[1],
+        )
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: the weights describe no valid Vim ({err})") from None
+
+
+def load_state_dict_strict(model: VisionMamba, state: dict, source: str) -> None:
+    """Copies `state` into `model` after checking every key and shape."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (first: {', '.join(missing[:4])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (first: {', '.join(unexpected[:4])})")
+        raise CheckpointError(f"{source} does not match the Vim architecture it describes: " + "; ".join(parts))
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(shape)}")
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+# ---------------------------------------------------------------- other sizes
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """(1, g*g + 1, d) with the class token at g*g // 2 -> (1, G*G + 1, d) with it at G*G // 2 (bicubic)."""
+    _, tokens, d = pos_embed.shape
+    grid = math.isqrt(tokens - 1)
+    if grid * grid != tokens - 1:
+        raise ConfigError(f"pos_embed has {tokens} rows, not a square grid plus one class token")
+    if new_grid == grid:
+        return pos_embed
+    c, new_c = grid * grid // 2, new_grid * new_grid // 2
+    cls = pos_embed[:, c : c + 1]                                                    # (1, 1, d)
+    patches = torch.cat([pos_embed[:, :c], pos_embed[:, c + 1 :]], dim=1)             # (1, g*g, d) row-major
+    patches = patches.reshape(1, grid, grid, d).permute(0, 3, 1, 2).float()           # (1, d, g, g)
+    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d).to(pos_embed.dtype)
+    return torch.cat([patches[:, :new_c], cls, patches[:, new_c:]], dim=1)
+
+
+# ---------------------------------------------------------------- where the files are
+
+
+def _hub_download(repo: str, filename: str | None, *, revision, cache_dir, local_files_only) -> Path:
+    """The checkpoint file of a hub repo (its known .pth, `filename`, or our config.json + model.safetensors)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    filename = filename or HUB_FILES.get(repo)
+    options = dict(revision=revision, cache_dir=cache_dir, local_files_only=bool(local_files_only))
+    try:
+        if filename:
+            return Path(hf_hub_download(repo, filename, **options))
+        return Path(snapshot_download(repo, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "*.pth"], **options))
+    except HFValidationError:
+        raise CheckpointError(f"{repo!r} is neither a local path nor a valid Hugging Face hub id") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"cannot fetch {repo!r} from the Hugging Face hub: it needs the network (none reachable, or "
+            f"HF_HUB_OFFLINE is set) and it is not in the local cache. Download it where there is a network "
+            f"(`hf download {repo}{' ' + filename if filename else ''}`) and pass the local .pth path."
+        ) from None
+    except GatedRepoError:
+        raise CheckpointError(f"{repo!r} is gated on the hub: accept its terms and log in (`hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo!r} has no revision {revision!r} on the hub") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"no repository {repo!r} on the Hugging Face hub (and no local file of that name)") from None
+    except EntryNotFoundError:
+        raise CheckpointError(f"{repo!r} has no file {filename!r}; pass filename= with the checkpoint's name") from None
+
+
+def resolve_checkpoint(name_or_path, *, filename=None, revision=None, cache_dir=None, local_files_only=None) -> Path:
+    """A local .pth file or folder as is; "tiny-vim" (built in); a short name ("vim-small") or hub id fetched from
+    the hub (or its cache)."""
+    if str(name_or_path).lower() in BUILTIN:
+        folder = BUILTIN[str(name_or_path).lower()]
+        if not (folder / CONFIG_FILE).is_file():
+            raise CheckpointError(f"the built-in {name_or_path} is missing from this install ({folder}); "
+                                  f"build it with scripts/pretrain_tiny_vim.py")
+        return folder
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / CONFIG_FILE).is_file():
+            return path
+        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if filename:
+            pickles = [p for p in pickles if p.name == filename]
+        if len(pickles) != 1:
+            found = ", ".join(p.name for p in pickles) or "none"
+            raise CheckpointError(f"{path} must hold {CONFIG_FILE} + {WEIGHTS_FILE} (our format) or exactly one .pth "
+                                  f"checkpoint (found: {found}); pass the file itself")
+        return pickles[0]
+    name = str(name_or_path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(PICKLE_SUFFIXES)
+    if looks_local:
+        raise CheckpointError(f"no file or folder {name}: pass an existing Vim checkpoint or a hub id")
+    key = name.lower()
+    if key in HUB_CHECKPOINTS:
+        name, filename = HUB_CHECKPOINTS[key][0], filename or HUB_CHECKPOINTS[key][1]
+    elif "/" not in name:
+        raise CheckpointError(
+            f"{name!r} is not a file, a folder, a released Vim ({', '.join(HUB_CHECKPOINTS)}) or a hub id of the form "
+            f"owner/name" + (f"; {name!r} is an architecture: build it with from_config({name!r})" if key in VIM_ARCHITECTURES else "")
+        )
+    found = _hub_download(name, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    return resolve_checkpoint(found, filename=filename) if found.is_dir() else found
+
+
+# ---------------------------------------------------------------- the public loader and saver
+
+
+def load_vim(name_or_path, *, num_classes: int | None = None, img_size: int | None = None, filename: str | None = None,
+             dtype: torch.dtype | None = torch.float32, device=None, revision: str | None = None, cache_dir=None,
+             local_files_only: bool | None = None) -> VisionMamba:
+    """A pretrained Vim: a released .pth (local, or from the hub: "vim-small", "hustvl/Vim-small-midclstok"), one of
+    our folders (`save_vim`), or "tiny-vim", the built-in one pretrained on digits (scripts/pretrain_tiny_vim.py).
+
+    num_classes: replace the head by a fresh one for that many classes. img_size: another input resolution (the
+    position embedding is resized). dtype: float32 by default; None keeps the checkpoint's.
+    """
+    file = resolve_checkpoint(name_or_path, filename=filename, revision=revision, cache_dir=cache_dir,
+                              local_files_only=local_files_only)
+    source = str(file)
+    if file.is_dir():
+        config, state = _read_folder(file)
+    else:
+        state, args = read_vim_pickle(file)
+        config = config_from_state(state, args, source)
+    with torch.device("meta"):
+        model = VisionMamba(config)
+    load_state_dict_strict(model, state, source)
+    if img_size is not None and img_size != config.img_size:
+        model = with_image_size(model, img_size)
+    if num_classes is not None and num_classes != model.config.num_classes:
+        model.reset_head(num_classes)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if device is not None:
+        model.to(device)
+    model.name_or_path = str(name_or_path)
+    return model.eval()
+
+
+@torch.no_grad()
+def with_image_size(model: VisionMamba, img_size: int) -> VisionMamba:
+    """The same weights for images of `img_size` pixels: the position embedding resized to the new grid."""
+    config = VimConfig(**{**model.config.to_dict(), "img_size": img_size})
+    state = dict(model.state_dict())
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], config.grid_size)
+    with torch.device("meta"):
+        resized = VisionMamba(config)
+    load_state_dict_strict(resized, state, f"the model resized to {img_size} px")
+    return resized
+
+
+def _read_folder(folder: Path) -> tuple[VimConfig, dict]:
+    file = folder / CONFIG_FILE
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
+        raise CheckpointError(f"{file} is not a mambapeft Vim config (format {FORMAT!r}); "
+                              f"language models load with mambapeft.from_pretrained")
+    try:
+        config = VimConfig.from_dict(raw)
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{file}: {err}") from None
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"no {WEIGHTS_FILE} in {folder}")
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as err:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} is corrupt or truncated ({err})") from None
+    return config, state
+
+
+def save_vim(model: VisionMamba, folder) -> None:
+    """config.json + model.safetensors, which `load_vim` reads back (PEFT parts must be merged or saved apart)."""
+    with torch.device("meta"):
+        plain = set(VisionMamba(model.config).state_dict())
+    state = model.state_dict()
+    if set(state) != plain:
+        extra = sorted(set(state) - plain)[:4]
+        raise CheckpointError(f"the model carries PEFT adapters ({', '.join(extra)}, ...); save them with the adapter "
+                              f"API or merge them into the weights first")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **model.config.to_dict()}, indent=2) + "\n")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+
+
+def looks_like_vim(name_or_path) -> bool:
+    """Whether a path or name is a Vim checkpoint (for front ends that take language and vision models)."""
+    key = str(name_or_path).lower()
+    if key in HUB_CHECKPOINTS or key in BUILTIN or key.startswith("hustvl/vim"):
+        return True
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_file():
+        return path.suffix in PICKLE_SUFFIXES
+    try:
+        return path.is_dir() and json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -1,0 +1,179 @@
+"""One fine-tuning run from a TrainConfig: load, score zero-shot, train, keep the best adapter, score again.
+
+Outputs in config.output_dir: run_config.json (the resolved config, written first), checkpoint-N/ (adapter,
+optimiser, scheduler, RNG and trainer state), metrics.jsonl, adapter/ (the best adapter, or the last when
+there is no validation set) and results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..assets import BUILTIN_NAME, builtin_split
+from ..errors import ConfigError
+from .config import TrainConfig
+
+
+def load_tokenizer(name_or_path: str):
+    """The transformers tokenizer of a model folder or hub id ('builtin' = the packaged model's)."""
+    from transformers import AutoTokenizer
+
+    from ..model.loading import resolve_folder
+
+    folder = resolve_folder(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:
+        raise ConfigError(f"no usable tokenizer in {folder} ({type(err).__name__}: {err}); pass --tokenizer with a "
+                          f"folder or hub id that has one") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _data_file(name: str | None, split: str) -> str | None:
+    return str(builtin_split(split)) if name == BUILTIN_NAME else name
+
+
+def prepare_data(config: TrainConfig, tokenizer):
+    """(train set, validation set or None, validation MC items, test MC items), tokenised."""
+    from ..data.instructions import load_examples, split_validation
+    from ..data.multiple_choice import items_from_examples, load_mc_items
+    from ..data.tokenize import tokenize_examples
+
+    train = load_examples(_data_file(config.data, "train"))
+    if config.val_data or config.data == BUILTIN_NAME:
+        val = load_examples(_data_file(config.val_data or BUILTIN_NAME, "validation"))
+    else:
+        size = min(config.val_size, len(train) // 5) if config.val_size > 0 else 0
+        if size < config.val_size:
+            print(f"note: {len(train)} examples: holding out {size} for validation instead of {config.val_size}")
+        train, val = split_validation(train, size, seed=config.seed)
+    val_items = items_from_examples(val) if val and all(e.answer and e.choices for e in val) else []
+    test_items = load_mc_items(_data_file(config.test_data, "test")) if config.test_data else []
+    kwargs = dict(max_length=config.max_length, train_on_prompt=config.train_on_prompt)
+    train_set = tokenize_examples(tokenizer, train, what="training", **kwargs)
+    val_set = tokenize_examples(tokenizer, val, what="validation", **kwargs) if val else None
+    return train_set, val_set, val_items, test_items
+
+
+def training_arguments(config: TrainConfig, has_validation: bool, metric: str):
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    try:
+        import tensorboard  # noqa: F401
+
+        report_to = ["tensorboard"]
+    except ImportError:
+        report_to = "none"
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.micro_batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.batch_size // config.micro_batch_size,
+        learning_rate=config.lr or 1e-3,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.scheduler if config.scheduler != "constant" else "constant_with_warmup",
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm or None,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model=metric,
+        greater_is_better=metric != "eval_loss",
+        seed=config.seed,
+        bf16=cuda if config.bf16 is None else config.bf16,
+        use_cpu=not cuda,
+        report_to=report_to,
+        label_names=["labels"],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def fine_tune(config: TrainConfig, *, resume: bool = False, callbacks=(), log=print) -> dict:
+    """Runs `config`; returns the results (also written to results.json)."""
+    from .. import from_pretrained, get_peft_model
+    from ..data.tokenize import Collator
+    from ..evaluation.multiple_choice import score_items
+    from .trainer import JsonlMetrics, PeftTrainer, complete_checkpoints
+
+    start = time.time()
+    out = Path(config.output_dir)
+    checkpoints = complete_checkpoints(out)
+    if resume and not checkpoints:
+        raise ConfigError(f"--resume: no complete checkpoint in {out} to resume from")
+    if not resume:
+        for old in out.glob("checkpoint-*"):
+            shutil.rmtree(old)                    # a fresh run must not mix with an earlier one's checkpoints
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    model = from_pretrained(config.model)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocabulary only "
+                          f"{model.config.vocab_size}: pass the model's own tokenizer")
+    train_set, val_set, val_items, test_items = prepare_data(config, tokenizer)
+    log(f"data: {len(train_set)} training examples ({train_set.truncated} truncated at {config.max_length} tokens), "
+        f"{len(val_set) if val_set else 0} validation, {len(test_items)} test items")
+
+    results = {"model": config.model, "method": config.method}
+    if test_items and not resume:
+        before = score_items(model, tokenizer, test_items, batch_size=config.eval_batch_size)
+        results["zero_shot"] = {"acc": before["acc"], "acc_norm": before["acc_norm"], "n": before["n"]}
+        log(f"zero-shot test accuracy: {before['acc']:.1%} (acc_norm {before['acc_norm']:.1%}, {before['n']} items)")
+
+    peft = get_peft_model(model, config.method, seed=config.seed)
+    counts = peft.parameter_counts()
+    results["parameters"] = counts
+    log(f"methods: {', '.join(str(s) for s in peft.peft_config.methods)}; trainable parameters "
+        f"{counts['trainable']:,} of {counts['total']:,} ({counts['percent']:.2f}%)")
+
+    metric = "eval_acc" if val_items else "eval_loss"
+    trainer = PeftTrainer(
+        model=peft,
+        args=training_arguments(config, val_set is not None, metric),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[JsonlMetrics(out / "metrics.jsonl"), *callbacks],
+        mc_items=val_items,
+        tokenizer=tokenizer,
+    )
+    resume_from = str(checkpoints[-1]) if resume else None
+    if resume_from:
+        log(f"resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=resume_from)
+    peft.save_pretrained(out / "adapter")
+    results["best_checkpoint"] = trainer.state.best_model_checkpoint
+    results["best_validation"] = trainer.state.best_metric
+    results["metric"] = metric
+    results["steps"] = trainer.state.global_step
+
+    if test_items:
+        after = score_items(peft, tokenizer, test_items, batch_size=config.eval_batch_size)
+        results["fine_tuned"] = {"acc": after["acc"], "acc_norm": after["acc_norm"], "n": after["n"]}
+        if "zero_shot" in results:
+            log(f"test accuracy: zero-shot {results['zero_shot']['acc']:.1%} -> fine-tuned {after['acc']:.1%} "
+                f"(acc_norm {results['zero_shot']['acc_norm']:.1%} -> {after['acc_norm']:.1%})")
+        else:
+            log(f"fine-tuned test accuracy: {after['acc']:.1%} (acc_norm {after['acc_norm']:.1%})")
+    results["wall_seconds"] = round(time.time() - start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log(f"adapter saved to {out / 'adapter'} ({results['wall_seconds']:.0f} s)")
+    return results

@@ -1,0 +1,116 @@
+"""Fine-tuning on transformers' Trainer: what a PEFT model needs changed, and nothing else.
+
+The Trainer keeps the loop (AdamW steps, warm-up and decay, gradient accumulation, clipping, bf16 autocast on
+GPU, periodic checkpoints with optimiser, scheduler and RNG states, resuming, the progress bar, TensorBoard,
+best-checkpoint tracking, and multi-GPU through `accelerate launch` / `torchrun`). `PeftTrainer` changes:
+  * the optimiser: AdamW over `PeftModel.parameter_groups` (per-method learning rate and weight decay);
+  * checkpoints hold the adapter only (PeftModel.save_pretrained), and resuming / loading the best reads it back;
+  * a loss that is not finite stops the run before the optimiser step, leaving the last checkpoint intact;
+  * evaluation adds multiple-choice accuracy on the validation items, when they have choices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..errors import MambaPeftError
+from ..peft import ADAPTER_WEIGHTS
+
+
+class TrainingDiverged(MambaPeftError):
+    """The loss became NaN or infinite; the run stopped."""
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    """checkpoint-N folders whose trainer state was written (the Trainer writes it last), by step."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        state = path / "trainer_state.json"
+        if path.is_dir() and path.name.split("-")[-1].isdigit() and state.is_file() and (path / ADAPTER_WEIGHTS).is_file():
+            try:
+                json.loads(state.read_text())
+            except json.JSONDecodeError:
+                continue                       # killed while writing it
+            found.append(path)
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+class PeftTrainer(Trainer):
+    def __init__(self, *args, mc_items=None, tokenizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mc_items = mc_items or []
+        self.mc_tokenizer = tokenizer
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = self.model.parameter_groups(self.args.learning_rate, self.args.weight_decay)
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1,
+                                               self.args.adam_beta2), eps=self.args.adam_epsilon)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if model.training and not torch.isfinite(loss.detach()).all():
+            last = complete_checkpoints(self.args.output_dir)
+            kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint had been saved yet"
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; the run stopped "
+                f"before that update, and {kept}. Lower the learning rate (or raise warmup_steps) and run again, "
+                f"or resume from that checkpoint with --resume."
+            )
+        return result
+
+    # ---------------------------------------------------------------- adapter-only checkpoints
+
+    def _save(self, output_dir=None, state_dict=None):
+        self.model.save_pretrained(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.model.load_adapter_weights(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
+
+    def _load_best_model(self):
+        self.model.load_adapter_weights(Path(self.state.best_model_checkpoint) / ADAPTER_WEIGHTS)
+
+    # ---------------------------------------------------------------- validation accuracy
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.mc_items:
+            from ..evaluation.multiple_choice import score_items
+
+            scores = score_items(self.model, self.mc_tokenizer, self.mc_items,
+                                 batch_size=self.args.per_device_eval_batch_size)
+            extra = {f"{metric_key_prefix}_acc": scores["acc"], f"{metric_key_prefix}_acc_norm": scores["acc_norm"]}
+            self.log(extra)
+            metrics.update(extra)
+        return metrics
+
+
+class JsonlMetrics(TrainerCallback):
+    """Appends every log (training loss, learning rate, validation metrics) to metrics.jsonl, one object a line.
+
+    On resume, lines logged after the checkpoint being resumed are dropped, so the file reads as one run.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.path.is_file():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch}
+        record.update({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in (logs or {}).items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
