@@ -4,12 +4,12 @@
 
 "Which topic of the Python documentation is this passage from?" — four choices, chance 25%. Passages are
 25-word spans of the documentation topics held out from the built-in model's pretraining
-(mambapeft.data.pydoc_text.TASK_TOPICS: 8 topics, each with a readable label). Each label contributes the
-same number of passages (evenly spaced through its topic), split per label into train / validation / test,
-so no passage appears in two splits. A record is in LLM-Adapters' commonsense format: the instruction ends
-with "Answer format: a/b/c/d" (the four candidate labels, gold among them at a random position), the output
-is "the correct answer is <label>", the answer is the label. Train passages appear twice, with different
-distractors.
+(mambapeft.data.pydoc_text.TASK_TOPICS: 8 topics, each with a readable label). Per label, 44 passages evenly
+spaced through the topic give 8 validation and 14 test examples; up to 48 of the remaining passages give the
+training examples; no passage appears in two splits. A record is in LLM-Adapters' commonsense format: the
+instruction names the four candidate labels in an "Answer format: a/b/c/d" line (gold at a random position)
+and ends with the passage (closest to the answer, which a small recurrent model needs), the output is
+"the correct answer is <label>", the answer is the label.
 """
 
 from __future__ import annotations

@@ -141,8 +141,9 @@ def main(argv=None) -> None:
     config = VimConfig(d_model=64, depth=4, img_size=SIZE, patch_size=8, stride=8, num_classes=10)
     model = VisionMamba(config)
     model.reset_parameters(seed=args.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    rest_params = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    decays = {n: p.dim() >= 2 and n not in ("pos_embed", "cls_token") for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    rest_params = [p for n, p in model.named_parameters() if not decays[n]]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest_params, "weight_decay": 0.0}],
                             lr=args.lr)
     warmup = min(100, args.steps // 10 + 1)

@@ -114,6 +114,10 @@ def test_harness_bridge_runs_a_local_task_with_an_adapter(tmp_path, tokenizer, p
     harness = out["results"]["local_mc"]
     assert harness["acc,none"] == pytest.approx(ours["acc"]) and harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     assert "exact_match,none" in out["results"]["local_gen"]
+    from mambapeft import ConfigError
+
+    with pytest.raises(ConfigError, match="knows no task no_such_task"):
+        run_harness(lm, ["no_such_task"], include_path=tasks)
 
 
 def test_eval_cli_scores_the_builtin_task_with_an_adapter(tmp_path, peft, capsys):
@@ -127,15 +131,6 @@ def test_eval_cli_scores_the_builtin_task_with_an_adapter(tmp_path, peft, capsys
     assert result["n"] == 8 and 0 <= result["acc"] <= 1
     assert "builtin: acc" in capsys.readouterr().out
     assert main(["eval", "builtin", "--adapter", str(tmp_path / "nope")]) == 2
-
-
-def test_missing_harness_task_is_a_clear_error(tokenizer, peft):
-    pytest.importorskip("lm_eval")
-    from mambapeft import ConfigError
-    from mambapeft.evaluation.harness import MambaPeftLM, run_harness
-
-    with pytest.raises(ConfigError, match="knows no task no_such_task"):
-        run_harness(MambaPeftLM(peft, tokenizer), ["no_such_task"])
 
 
 assert os.environ.get("HF_HUB_OFFLINE") == "1"      # conftest: nothing here may reach the network

@@ -164,3 +164,33 @@ def test_params_reports_the_count_after_selection(capsys):
     assert result["per_method"] == {"sdt": sdt, "lora_out_proj": lora}
     assert result["trainable"] == sdt + lora
     assert "15 channels x 4 states" in result["notes"]["sdt"] and "warm-up" in result["notes"]["sdt"]
+
+
+def test_warmup_selection_and_sparse_training_in_one_train_run(tmp_path):
+    from mambapeft.assets import builtin_split
+    from mambapeft.train.config import TrainConfig
+    from mambapeft.train.run import fine_tune
+
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(json.loads(builtin_split("train").read_text())[:12]))
+    config = TrainConfig.from_dict({
+        "model": "builtin", "data": str(data), "val_size": 0, "method": ["sdt:warmup_steps=2", "lora_out_proj:r=2"],
+        "output_dir": str(tmp_path / "run"), "max_steps": 5, "batch_size": 2, "micro_batch_size": 2,
+        "max_length": 48, "warmup_steps": 0, "eval_steps": 5, "logging_steps": 1, "lr": 1e-2})
+    lines = []
+    fine_tune(config, log=lines.append)
+    assert "phase at step 0: sdt warm-up" in lines and "phase from step 2: sdt sparse" in lines
+    base = mambapeft.from_pretrained("builtin")
+    before = {n: p.detach().clone() for n, p in base.state_dict().items()}
+    peft = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
+    assert peft.methods[0].phase_name() == "sdt sparse"
+    after = peft.merge_and_unload().state_dict()
+    for layer, (a, _) in enumerate(peft.methods[0].parts):
+        changed = after[f"backbone.layers.{layer}.mixer.A_log"] != before[f"backbone.layers.{layer}.mixer.A_log"]
+        expected = torch.zeros_like(changed)
+        expected[a.channels[:, None], a.states] = True
+        assert torch.equal(changed, expected)
+
+    config.max_steps = 2
+    with pytest.raises(mambapeft.ConfigError, match="warmup_steps=2 is not shorter than the run"):
+        fine_tune(config, log=lines.append)

@@ -40,7 +40,8 @@ def tiny(tmp_path_factory):
 def tiny_config(tiny, out, **changes):
     values = dict(model=str(tiny / "model"), data=str(tiny / "train.json"), val_data=str(tiny / "validation.json"),
                   test_data=str(tiny / "test.json"), output_dir=str(out), max_length=160, epochs=1.0, batch_size=4,
-                  micro_batch_size=2, lr=1e-2, warmup_steps=2, eval_steps=3, logging_steps=1, seed=1)
+                  micro_batch_size=2, lr=5e-2, warmup_steps=2, eval_steps=3, logging_steps=1, seed=1,
+                  method=["lora_p_x:r=8,s=1"])
     values.update(changes)
     return TrainConfig.from_dict(values)
 
@@ -176,3 +177,13 @@ def test_cli_errors_are_clear(tiny, tmp_path, capsys):
     assert "no data file" in capsys.readouterr().err
     assert main(["train", "--resume", "--output-dir", str(tmp_path / "empty")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_paper_learning_rates_apply_by_model_size_unless_lr_is_given():
+    from mambapeft.train.run import method_config
+
+    base = from_config("mamba-130m", device="meta")
+    recipe = TrainConfig.from_dict({"model": "x", "data": "d.json", "method": ["additional_scan", "lora_p_x:r=8"]})
+    assert [s.config.lr for s in method_config(recipe, base).methods] == [5e-3, 1e-3]          # paper Table 7
+    assert [s.config.lr for s in method_config(TrainConfig.from_dict({**recipe.to_dict(), "lr": 2e-4}), base).methods] == [None, None]
+    assert [s.config.lr for s in method_config(recipe, from_config("tiny", device="meta")).methods] == [None, None]

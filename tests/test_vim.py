@@ -76,7 +76,8 @@ def reference_vim(model: VisionMamba, images: torch.Tensor) -> torch.Tensor:
         tokens = tokens[:middle] + [sd["cls_token"][0, 0]] + tokens[middle:]
         h = torch.stack(tokens) + sd["pos_embed"][0]                               # (M + 1, d)
         for layer in range(c.depth):
-            p = {k.removeprefix(f"layers.{layer}.mixer."): v for k, v in sd.items() if k.startswith(f"layers.{layer}.mixer.")}
+            prefix = f"layers.{layer}.mixer."
+            p = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
             xz = ref_rms(h, sd[f"layers.{layer}.norm.weight"], c.norm_eps) @ p["in_proj.weight"].T
             y_f = ref_direction(p, "", xz, E, R, N, K)
             y_b = ref_direction(p, "_b", xz.flip(0), E, R, N, K).flip(0)
@@ -335,5 +336,6 @@ def test_looks_like_vim_tells_vision_checkpoints_from_language_ones(tmp_path):
     model = jittered(vim_config("vim-micro"))
     save_vim(model, tmp_path / "vim")
     save_released_layout(model, tmp_path / "v.pth")
-    assert all(map(looks_like_vim, ["vim-small", "tiny-vim", "hustvl/Vim-base-midclstok", tmp_path / "vim", tmp_path / "v.pth"]))
+    vision = ["vim-small", "tiny-vim", "hustvl/Vim-base-midclstok", tmp_path / "vim", tmp_path / "v.pth"]
+    assert all(map(looks_like_vim, vision))
     assert not any(map(looks_like_vim, ["state-spaces/mamba-130m-hf", "tiny", tmp_path]))

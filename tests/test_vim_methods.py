@@ -151,3 +151,22 @@ def test_vision_partial_decay_defaults_to_the_base_strength():
     peft = get_peft_model(base_model(), ["partial_pos_embed", "partial_a"])
     decay = {g["method"]: g["weight_decay"] for g in peft.parameter_groups(lr=1e-3, weight_decay=0.0)}
     assert decay == {"partial_pos_embed": 1e-4, "partial_a": 1e-3}
+
+
+@pytest.mark.parametrize("position", ["prefix", "suffix", "prefix+suffix"])
+def test_prompt_tokens_go_after_the_position_embedding_and_the_head_reads_the_class_token(position):
+    """The model with prompts equals the blocks run by hand on [prompts | cls-in-the-middle + pos | prompts]."""
+    base = base_model()
+    peft = get_peft_model(base, [f"prompt:n=2,position={position}"]).eval()
+    perturb(peft)
+    tokens = peft.base_model.hooks[0].weight.detach()                             # (2, d)
+    with torch.no_grad():
+        h = base.patch_embed(IMAGES)                                              # (b, 16, d)
+        h = torch.cat([h[:, :8], base.cls_token.expand(3, 1, 32), h[:, 8:]], 1) + base.pos_embed
+        t = tokens[None].expand(3, -1, -1)
+        front, back = {"prefix": (t, t[:, :0]), "suffix": (t[:, :0], t), "prefix+suffix": (t[:, :1], t[:, 1:])}[position]
+        h = torch.cat([front, h, back], 1)
+        for layer in base.layers:
+            h = layer(h)
+        expected = base.head(base.norm_f(h)[:, front.shape[1] + 8])
+        assert_rel_close(peft(IMAGES).logits, expected, tol=1e-6, what=position)

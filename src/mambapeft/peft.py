@@ -143,7 +143,9 @@ class PeftModel(nn.Module):
         names = {id(t): n for n, t in self.base_model.named_parameters()}
         groups = []
         for method in self.methods:
-            owned = {names[id(t)]: t for t in self._owned[method.name] if t.requires_grad}
+            # every tensor the method owns, trained now or not: the groups stay the same across phases (SDT's warm-up
+            # delta freezes after selection), so an optimiser saved in one phase loads in the other
+            owned = {names[id(t)]: t for t in self._owned[method.name]}
             if owned:
                 groups += [g for g in method.param_groups(owned, lr, weight_decay) if g["params"]]
         return groups
@@ -177,8 +179,6 @@ class PeftModel(nn.Module):
             raise CheckpointError(f"the adapter in {folder} was made for another base model: " + "; ".join(diffs))
         peft = cls(model, PeftConfig.from_dict(config["methods"]))
         peft.load_adapter_weights(folder / ADAPTER_WEIGHTS)
-        for method in peft.methods:
-            method.after_load()
         return peft
 
     @torch.no_grad()
@@ -197,6 +197,8 @@ class PeftModel(nn.Module):
             if saved[name].shape != t.shape:
                 raise CheckpointError(f"{file}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(t.shape)}")
             t.copy_(saved[name])
+        for method in self.methods:
+            method.after_load()
 
     # ------------------------------------------------------------ merge
 

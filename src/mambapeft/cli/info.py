@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
-from ..model.architectures import ARCHITECTURES, from_config
+from ..model.architectures import ALL_ARCHITECTURES, from_config
 from ..model.lm import MambaLM
 from ..model.loading import read_config, resolve_folder
-from ..model.summary import MIXER_PARTS, architecture_summary
+from ..model.summary import MIXER_PARTS, architecture_summary, count_unique
+from ..model.vim import VimConfig, VisionMamba
+from ..model.vim_loading import looks_like_vim
 
 
 def add_parser(commands):
@@ -17,7 +20,7 @@ def add_parser(commands):
         "info",
         help="show a model's architecture and parameter counts",
         description="Show the architecture and parameter counts of a named architecture "
-        f"({', '.join(ARCHITECTURES)}), a local checkpoint folder or a Hugging Face hub id. Reads only the config.",
+        f"({', '.join(ALL_ARCHITECTURES)}), a local checkpoint folder or a Hugging Face hub id. Reads only the config.",
     )
     parser.add_argument("model", nargs="?", default="tiny", help="architecture name, folder or hub id (default: tiny)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -26,8 +29,12 @@ def add_parser(commands):
 
 def load_shapes(name: str):
     """A meta-device model (shapes only) for an architecture name, folder or hub id, and where it came from."""
-    if name.lower() in ARCHITECTURES:
+    if name.lower() in ALL_ARCHITECTURES:
         return from_config(name, device="meta"), "architecture (random weights)"
+    if looks_like_vim(name) and Path(name).is_dir():
+        config = VimConfig.from_dict({k: v for k, v in json.loads((Path(name) / "config.json").read_text()).items()
+                                      if k != "format"})
+        return from_config(config, device="meta"), f"Vision Mamba checkpoint, {name}"
     folder = resolve_folder(name)
     config, fmt = read_config(folder)
     with torch.device("meta"):
@@ -35,8 +42,39 @@ def load_shapes(name: str):
     return model, f"checkpoint, {'Hugging Face' if fmt == 'hf' else 'mamba_ssm'} format, {folder}"
 
 
+def vim_summary(model: VisionMamba) -> dict:
+    c = model.config
+    mixer = model.layers[0].mixer
+    per_layer = count_unique(model.layers[0].parameters())
+    return {
+        "model_type": "vim", "d_model": c.d_model, "depth": c.depth, "img_size": c.img_size,
+        "patch_size": c.patch_size, "stride": c.stride, "tokens": c.num_patches + 1, "num_classes": c.num_classes,
+        "d_inner": mixer.d_inner, "d_state": mixer.d_state, "dt_rank": mixer.dt_rank, "d_conv": mixer.d_conv,
+        "parameters": {
+            "total": count_unique(model.parameters()),
+            "patch_embed": count_unique(model.patch_embed.parameters()),
+            "cls_token": model.cls_token.numel(), "pos_embed": model.pos_embed.numel(),
+            "per_layer": per_layer, "layers": per_layer * c.depth,
+            "norm_f": model.norm_f.weight.numel(), "head": count_unique(model.head.parameters()),
+        },
+    }
+
+
 def run(args) -> int:
     model, source = load_shapes(args.model)
+    if isinstance(model, VisionMamba):
+        summary = {"model": args.model, "source": source, **vim_summary(model)}
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return 0
+        print(f"{args.model}: {source}")
+        print("  " + "   ".join(f"{k} {summary[k]}" for k in ("d_model", "depth", "img_size", "patch_size", "stride",
+                                                             "tokens", "num_classes")))
+        print("  " + "   ".join(f"{k} {summary[k]}" for k in ("d_inner", "d_state", "dt_rank", "d_conv"))
+              + "   bidirectional (v2), class token in the middle")
+        for key, value in summary["parameters"].items():
+            print(f"  {key:<12} {value:,}")
+        return 0
     summary = {"model": args.model, "source": source, **architecture_summary(model)}
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -8,10 +8,6 @@ from dataclasses import fields
 
 from ..train.config import BUILTIN_DEFAULTS, TrainConfig, resolve_config
 
-# options that get a short flag of their own besides --name
-_TYPES = {int: int, float: float, str: str}
-
-
 def add_parser(commands):
     parser = commands.add_parser(
         "train",
@@ -22,7 +18,6 @@ def add_parser(commands):
         "A --config file (JSON or YAML, the same keys as the options) can hold everything; options given here "
         "override it. The resolved config is written to OUTPUT_DIR/run_config.json. "
         "Multi-GPU: `accelerate launch -m mambapeft train ...` or `torchrun --nproc-per-node N -m mambapeft train ...`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="JSON or YAML file with any of the options below")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
@@ -32,7 +27,8 @@ def add_parser(commands):
         if f.name in BUILTIN_DEFAULTS:
             help_text += f" [built-in data: {BUILTIN_DEFAULTS[f.name]}]"
         default = f.default if f.name != "method" else ["lora_p_x"]
-        help_text += f" (default: {default})"
+        if "(default" not in help_text:
+            help_text += f" (default: {default})"
         if f.name == "method":
             parser.add_argument(flag, nargs="+", default=None, metavar="SPEC", help=help_text)
         elif f.name in ("train_on_prompt", "bf16"):

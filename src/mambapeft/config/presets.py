@@ -44,6 +44,9 @@ PRESETS: dict[str, list[str]] = {
     "partial_conv1d": ["partial_conv1d:weight_decay=1e-3"],
     "partial_bias": ["partial_bias:weight_decay=1e-2"],
     "sll_lora": ["sll_lora:s=1"],
+    # Sparse Dimension Tuning (the second reference paper): alone, and with LoRA r 8 on out_proj as its authors run it
+    "sdt": ["sdt"],
+    "sdt_lora": ["sdt", "lora_out_proj:r=8"],
     "full": ["full"],
     "linear_probe": ["linear_probe"],
     # hybrids (Table 1 / Table 8)

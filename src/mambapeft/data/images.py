@@ -69,7 +69,8 @@ class ImageDataset(Dataset):
             raise ConfigError(f"{name}: no images")
         for s in samples:
             if not 0 <= s.label < num_classes:
-                raise ConfigError(f"{s.where}: label {s.label} is out of range for {num_classes} classes (0..{num_classes - 1})")
+                raise ConfigError(f"{s.where}: label {s.label} is out of range for {num_classes} classes "
+                                  f"(0..{num_classes - 1})")
         self.samples, self.num_classes, self.image_size = samples, num_classes, image_size
         self.mean, self.std, self.name = mean, std, name
         self._cache: dict[int, np.ndarray] | None = {} if cache else None

@@ -11,6 +11,8 @@ first stop string.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import ConfigError
@@ -69,13 +71,20 @@ class MambaPeftLM(LM):
         return out
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    """Indexing the harness's task YAMLs takes seconds: once per include path and process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def run_harness(lm: MambaPeftLM, tasks: list[str], *, include_path=None, limit=None, num_fewshot=None) -> dict:
     """lm_eval.simple_evaluate on our LM; tasks may be defined by YAML files under include_path."""
     _require()
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = _task_manager(str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"lm-evaluation-harness knows no task {', '.join(unknown)}"

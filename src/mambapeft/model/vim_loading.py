@@ -246,10 +246,9 @@ def resolve_checkpoint(name_or_path, *, filename=None, revision=None, cache_dir=
     if key in HUB_CHECKPOINTS:
         name, filename = HUB_CHECKPOINTS[key][0], filename or HUB_CHECKPOINTS[key][1]
     elif "/" not in name:
-        raise CheckpointError(
-            f"{name!r} is not a file, a folder, a released Vim ({', '.join(HUB_CHECKPOINTS)}) or a hub id of the form "
-            f"owner/name" + (f"; {name!r} is an architecture: build it with from_config({name!r})" if key in VIM_ARCHITECTURES else "")
-        )
+        hint = f"; {name!r} is an architecture: build it with from_config({name!r})" if key in VIM_ARCHITECTURES else ""
+        raise CheckpointError(f"{name!r} is not a file, a folder, a released Vim ({', '.join(HUB_CHECKPOINTS)}) or a "
+                              f"hub id of the form owner/name{hint}")
     found = _hub_download(name, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     return resolve_checkpoint(found, filename=filename) if found.is_dir() else found
 

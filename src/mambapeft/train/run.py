@@ -62,6 +62,22 @@ def prepare_data(config: TrainConfig, tokenizer):
     return train_set, val_set, val_items, test_items
 
 
+def method_config(config: TrainConfig, model):
+    """The PEFT config; without --lr, each method with a paper rate for this model size (Table 7) gets it."""
+    from ..config import PeftConfig
+    from ..config.presets import LANGUAGE_LR
+    from ..peft import guess_arch
+
+    arch = guess_arch(model)
+    methods = PeftConfig.parse(config.method, arch=arch)
+    if config.lr is None:
+        for spec in methods.methods:
+            rate = LANGUAGE_LR.get(spec.method, {}).get(arch)
+            if rate is not None and spec.config.lr is None:
+                spec.config.lr = rate
+    return methods
+
+
 def training_arguments(config: TrainConfig, has_validation: bool, metric: str):
     from transformers import TrainingArguments
 
@@ -109,7 +125,7 @@ def fine_tune(config: TrainConfig, *, resume: bool = False, callbacks=(), log=pr
     from .. import from_pretrained, get_peft_model
     from ..data.tokenize import Collator
     from ..evaluation.multiple_choice import score_items
-    from .trainer import JsonlMetrics, PeftTrainer, complete_checkpoints
+    from .trainer import JsonlMetrics, MethodPhases, PeftTrainer, complete_checkpoints
 
     start = time.time()
     out = Path(config.output_dir)
@@ -132,13 +148,13 @@ def fine_tune(config: TrainConfig, *, resume: bool = False, callbacks=(), log=pr
     log(f"data: {len(train_set)} training examples ({train_set.truncated} truncated at {config.max_length} tokens), "
         f"{len(val_set) if val_set else 0} validation, {len(test_items)} test items")
 
-    results = {"model": config.model, "method": config.method}
+    results = {"model": config.model, "methods": method_config(config, model).to_dict()["methods"]}
     if test_items and not resume:
         before = score_items(model, tokenizer, test_items, batch_size=config.eval_batch_size)
         results["zero_shot"] = {"acc": before["acc"], "acc_norm": before["acc_norm"], "n": before["n"]}
         log(f"zero-shot test accuracy: {before['acc']:.1%} (acc_norm {before['acc_norm']:.1%}, {before['n']} items)")
 
-    peft = get_peft_model(model, config.method, seed=config.seed)
+    peft = get_peft_model(model, method_config(config, model), seed=config.seed)
     counts = peft.parameter_counts()
     results["parameters"] = counts
     log(f"methods: {', '.join(str(s) for s in peft.peft_config.methods)}; trainable parameters "
@@ -151,7 +167,7 @@ def fine_tune(config: TrainConfig, *, resume: bool = False, callbacks=(), log=pr
         train_dataset=train_set,
         eval_dataset=val_set,
         data_collator=Collator(tokenizer.pad_token_id),
-        callbacks=[JsonlMetrics(out / "metrics.jsonl"), *callbacks],
+        callbacks=[JsonlMetrics(out / "metrics.jsonl"), MethodPhases(log), *callbacks],
         mc_items=val_items,
         tokenizer=tokenizer,
     )

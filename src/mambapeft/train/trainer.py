@@ -92,6 +92,28 @@ class PeftTrainer(Trainer):
         return metrics
 
 
+class MethodPhases(TrainerCallback):
+    """Tells methods with phases (SDT's warm-up, then its sparse phase) where training stands, and says so.
+
+    The run's length is checked against them before the first step (a warm-up as long as the run is an error).
+    """
+
+    def __init__(self, log=print):
+        self.log, self.phase = log, ""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.check_training(state.max_steps)
+        self.phase = model.phase()
+        if self.phase:
+            self.log(f"phase at step {state.global_step}: {self.phase}")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        model.on_step_end(state.global_step)
+        if model.phase() != self.phase:
+            self.phase = model.phase()
+            self.log(f"phase from step {state.global_step}: {self.phase}")
+
+
 class JsonlMetrics(TrainerCallback):
     """Appends every log (training loss, learning rate, validation metrics) to metrics.jsonl, one object a line.
 
