@@ -10,7 +10,8 @@ from mambapeft.search.space import SearchSpace, paper_space
 
 def test_paper_space_is_table_9():
     space = paper_space()
-    assert len(space.step1) == 20                              # the 20 switches of Table 9, step 1
+    assert len(space.step1) == 21                              # the 20 switches of Table 9, step 1, and sdt
+    assert space.step1["sdt"] == {"warmup_steps": 10}
     assert space.step1["lora_dt_proj"] == {"r": 4, "s": 0.1} and space.step1["affix"] == {"n": 1}
     assert space.step2["lora_p_b"]["r"] == {"int": [4, 12]} and space.step2["lora_p_x"]["r"] == {"int": [4, 16]}
     assert space.step2["affix"]["n"] == {"int": [1, 3]}

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 # The built-in demo: a handful of trials of a short training each, well under 10 minutes on two CPU cores.
 BUILTIN_RUN = dict(max_steps=30, eval_steps=15, warmup_steps=5, logging_steps=15, save_total_limit=1)
 BUILTIN_METHODS = ("lora_p_x", "lora_in_proj", "lora_out_proj", "lora_p_b", "partial_a", "partial_conv1d",
-                   "additional_scan", "affix")
+                   "additional_scan", "affix", "sdt")
 
 
 def add_parser(commands):

@@ -57,6 +57,8 @@ PAPER_STEP1 = {
     "lora_p_c": {"r": 4, "s": 0.1},
     "lora_p_x": {"r": 8, "s": 0.1},
     "lora_p_z": {"r": 8, "s": 0.1},
+    # beyond Table 9: Sparse Dimension Tuning (the second reference paper), its warm-up short enough for short trials
+    "sdt": {"warmup_steps": 10},
 }
 _LR = {"log": [1e-4, 5e-3]}
 _LORA = {"r": {"int": [4, 16]}, "s": {"log": [1e-2, 1.0]}, "lr": _LR, "weight_decay": {"log": [1e-6, 1e-3]}}
@@ -71,6 +73,7 @@ PAPER_STEP2 = {
     "additional_scan": {"n": {"int": [1, 6]}, "lr": _LR, "weight_decay": {"log": [1e-6, 1e-3]}},
     "parallel_adapter": {"dim": {"int": [4, 16]}, "s": {"log": [1e-2, 1.0]}, "lr": _LR,
                          "weight_decay": {"log": [1e-6, 1e-3]}},
+    "sdt": {"channel_fraction": {"log": [0.005, 0.1]}, "state_fraction": {"float": [0.1, 0.5]}, "lr": _LR},
 }
 VISION_ONLY = ("partial_cls_token", "partial_pos_embed")
 
@@ -171,7 +174,7 @@ class SearchSpace:
 
 
 def paper_space(vision: bool = True, step1_trials: int = 100, step2_trials: int = 100) -> SearchSpace:
-    """Table 9's space; for language models without the vision-only methods."""
+    """Table 9's space plus sdt; for language models without the vision-only methods."""
     step1 = {m: dict(v) for m, v in PAPER_STEP1.items() if vision or m not in VISION_ONLY}
     step2 = {m: copy.deepcopy(v) for m, v in PAPER_STEP2.items() if m in step1}
     return SearchSpace(step1, step2, step1_trials, step2_trials, True)
