@@ -72,3 +72,11 @@ def test_info_vision_mamba_small(capsys):
     assert p["total"] == p["patch_embed"] + 384 + p["pos_embed"] + p["layers"] + 384 + p["head"]
     code, out, _ = run_cli(capsys, "info", "vim-tiny")
     assert code == 0 and "class token in the middle" in out
+
+
+def test_train_task_vision_runs_the_builtin_vision_fine_tune(capsys, tmp_path):
+    code = main(["train", "--task", "vision", "--epochs", "1", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "adding linear_probe" in out and "fine-tuned" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["parameters"]["trainable"] == 6_404 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -299,3 +299,15 @@ def test_additional_scan_is_refused_on_falcon_mamba():
     model = mambapeft.from_config(FalconMambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=50))
     with pytest.raises(mambapeft.ConfigError, match="FalconMamba"):
         get_peft_model(model, ["additional_scan"])
+
+
+def test_adapter_for_another_architecture_is_refused(tmp_path):
+    vim = mambapeft.from_config("vim-micro", seed=0)
+    get_peft_model(vim, ["lora_p_x:r=2"]).save_pretrained(tmp_path)
+    with pytest.raises(mambapeft.CheckpointError, match="made for another base model: .*model_type 'vim'"):
+        PeftModel.from_pretrained(base_model(), tmp_path)
+
+
+def test_vision_only_target_on_a_language_model_is_refused():
+    with pytest.raises(mambapeft.ConfigError, match="partial_pos_embed needs a Vision Mamba model"):
+        get_peft_model(base_model(), ["partial_pos_embed"])

@@ -91,3 +91,20 @@ def test_the_removed_method_is_left_out():
     score = step2_trial(space(), ["lora_p_x", "partial_a"], scored(calls), SearchSettings(prune=False))(trial)
     assert calls == [[{"method": "lora_p_x", "r": 12, "s": 0.5, "dropout": 0.1, "lr": 1e-3, "weight_decay": None}]]
     assert score == pytest.approx(1.0 + 0.12)
+
+
+def test_clashing_combinations_are_skipped_not_trained(tmp_path):
+    calls = []
+    clashing = SearchSpace.from_dict({"step1": {"trials": 12, "methods": {"sdt": {"warmup_steps": 1},
+                                                                         "partial_a": {}, "lora_p_x": {}}},
+                                      "step2": {"trials": 0}})
+
+    def objective(specs, report, tag):
+        calls.append({s.method for s in specs})
+        return {"score": float(len(specs)), "trainable": 1}
+
+    run_search(clashing, objective, settings(tmp_path))
+    assert calls and not any({"sdt", "partial_a"} <= c for c in calls)
+    storage = open_storage(settings(tmp_path))
+    skipped = [t for t in open_study(settings(tmp_path), storage, 1).get_trials() if "skipped" in t.user_attrs]
+    assert all(t.state == optuna.trial.TrialState.PRUNED and "clash" in t.user_attrs["skipped"] for t in skipped)

@@ -46,7 +46,8 @@ def fingerprint(model) -> dict:
     return model.peft_fingerprint()
 
 
-def _check_combination(methods: list[Method]) -> None:
+def check_combination(methods: list[Method]) -> None:
+    """Raises ConfigError when a method appears twice or two methods clash."""
     seen = set()
     for method in methods:
         if method.name in seen:
@@ -67,7 +68,7 @@ class PeftModel(nn.Module):
         if not isinstance(config, PeftConfig):
             config = PeftConfig.parse(config, arch=arch or guess_arch(model))
         methods = [REGISTRY[spec.method](spec.config) for spec in config.methods]
-        _check_combination(methods)
+        check_combination(methods)
         for method in methods:
             method.check(model)
         self.base_model = model

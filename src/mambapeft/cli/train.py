@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 from ..train.config import BUILTIN_DEFAULTS, TrainConfig, resolve_config
+from ..train.vision import add_vision_arguments, vision_config_from_args
 
 def add_parser(commands):
     parser = commands.add_parser(
@@ -19,6 +20,9 @@ def add_parser(commands):
         "override it. The resolved config is written to OUTPUT_DIR/run_config.json. "
         "Multi-GPU: `accelerate launch -m mambapeft train ...` or `torchrun --nproc-per-node N -m mambapeft train ...`.",
     )
+    parser.add_argument("--task", choices=("language", "vision"), default="language",
+                        help="language: a Mamba LM on instruction data; vision: a Vision Mamba on a VTAB-1k task "
+                        "(without other arguments: the built-in tiny Vim on the built-in rotation task)")
     parser.add_argument("--config", help="JSON or YAML file with any of the options below")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     for f in fields(TrainConfig):
@@ -37,6 +41,8 @@ def add_parser(commands):
             kind = float if f.name in ("lr", "epochs", "weight_decay", "max_grad_norm") else (
                 int if isinstance(f.default, int) else str)
             parser.add_argument(flag, default=None, type=kind, choices=f.metadata.get("choices"), help=help_text)
+    vision = parser.add_argument_group("vision (--task vision)")
+    add_vision_arguments(vision)
     parser.set_defaults(run=run)
 
 
@@ -50,6 +56,14 @@ def _bool(text: str) -> bool:
 
 def run(args) -> int:
     from ..train.run import fine_tune
+
+    if args.task == "vision":
+        from ..train.vision import fine_tune_vision
+
+        config = vision_config_from_args(args)
+        print("config: " + json.dumps({k: v for k, v in asdict(config).items() if v is not None}))
+        fine_tune_vision(config, resume=args.resume)
+        return 0
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = resolve_config(args.config, overrides)

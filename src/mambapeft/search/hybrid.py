@@ -28,6 +28,8 @@ from optuna.trial import TrialState
 
 from ..config.spec import MethodSpec
 from ..errors import ConfigError
+from ..methods import REGISTRY
+from ..peft import check_combination
 from .space import SearchSpace
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -125,10 +127,16 @@ def _evaluate(trial: optuna.Trial, specs: list[MethodSpec], objective: Objective
 def step1_trial(space: SearchSpace, objective: Objective, settings: SearchSettings):
     def trial_fn(trial: optuna.Trial) -> float:
         on = [m for m in space.step1 if trial.suggest_categorical(f"use:{m}", [False, True])]
+        trial.set_user_attr("methods", on)
         if not on:
-            trial.set_user_attr("methods", [])
             raise optuna.TrialPruned("no method switched on")
-        return _evaluate(trial, [space.step1_spec(m) for m in on], objective, settings, "step1")
+        specs = [space.step1_spec(m) for m in on]
+        try:
+            check_combination([REGISTRY[s.method](s.config) for s in specs])
+        except ConfigError as err:                 # e.g. sdt with partial_a: not a combination that exists
+            trial.set_user_attr("skipped", str(err))
+            raise optuna.TrialPruned(str(err)) from None
+        return _evaluate(trial, specs, objective, settings, "step1")
     return trial_fn
 
 

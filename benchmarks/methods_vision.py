@@ -1,0 +1,89 @@
+"""Every PEFT method on the built-in vision task (tiny-vim, digits_rotation) with one budget.
+
+Each run is `fine_tune_vision` with the built-in defaults (head always trained), split "search" (train800,
+best checkpoint on val200, then test). Prints a table (method, trainable params, percent, val/test accuracy,
+seconds per step) and writes results.json + accuracy_vs_params.png to --out.
+
+    .venv/bin/python benchmarks/methods_vision.py --threads 1 --epochs 20            # all (long on 2 CPU cores)
+    .venv/bin/python benchmarks/methods_vision.py --only linear_probe 'lora_p_x:r=8 partial_d'   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mambapeft.train.vision import fine_tune_vision
+
+METHODS = [
+    "linear_probe", "full", "lora_in_proj:r=8", "lora_x_proj:r=8", "lora_dt_proj:r=4", "lora_out_proj:r=8",
+    "lora_p_x:r=8", "lora_p_z:r=8", "lora_p_dt:r=4", "lora_p_b:r=8", "lora_p_c:r=8", "lora_embed:r=8",
+    "sll_lora:r=4", "dora_p_x:r=8", "partial_a", "partial_d", "partial_conv1d", "partial_bias",
+    "partial_cls_token", "partial_pos_embed", "parallel_adapter:dim=8", "additional_scan:n=4",
+    "prompt:n=4,position=prefix", "affix:n=2", "sdt",
+    "lora_p_x:r=8 lora_in_proj:r=8 lora_out_proj:r=8 partial_d additional_scan:n=4 affix:n=2",   # all at once
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+",
+                        help="method specs to run (default: all of METHODS); a quoted 'a b' is a hybrid")
+    parser.add_argument("--epochs", type=float, default=20.0, help="epochs per method (the same budget for all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--out", default="runs/methods_vision", help="folder for runs, results.json and the plot")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    rows = []
+    for spec in args.only or METHODS:
+        name = spec.replace(":", "_").replace(",", "_").replace("=", "").replace(" ", "__")[:80]
+        try:
+            r = fine_tune_vision({"method": spec.split(), "split": "search", "epochs": args.epochs,
+                                  "threads": args.threads, "output_dir": str(out / name)}, log=lambda _: None)
+        except Exception as err:              # one method's failure is a row of the table, not the end of it
+            rows.append(dict(method=spec, error=f"{type(err).__name__}: {err}"))
+            print(f"{spec}: {rows[-1]['error']}")
+            continue
+        rows.append(dict(method=spec, trainable=r["parameters"]["trainable"], percent=r["parameters"]["percent"],
+                         val_acc=r["best_validation"], test_acc=r["fine_tuned"]["acc"],
+                         s_per_step=r["seconds_per_step"]))
+        row = rows[-1]
+        print(f"{spec:40s} {row['trainable']:>9,} {row['percent']:7.2f}% val {row['val_acc']:.1%} "
+              f"test {row['test_acc']:.1%} {row['s_per_step']:.3f} s/step", flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print("\n| method | trainable | % | val acc | test acc | s/step |\n|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['method']} | failed: {row['error'][:60]} | | | | |")
+        else:
+            print(f"| {row['method']} | {row['trainable']:,} | {row['percent']:.2f} | {row['val_acc']:.1%} | "
+                  f"{row['test_acc']:.1%} | {row['s_per_step']:.3f} |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    done = [r for r in rows if "error" not in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.scatter([r["trainable"] for r in done], [100 * r["test_acc"] for r in done])
+    for r in done:
+        label = r["method"].split(":")[0] if " " not in r["method"] else "all"
+        ax.annotate(label, (r["trainable"], 100 * r["test_acc"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"tiny-vim on digits_rotation, {args.epochs:g} epochs")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_params.png", dpi=120)
+    print(f"plot: {out / 'accuracy_vs_params.png'}")
+
+
+if __name__ == "__main__":
+    main()

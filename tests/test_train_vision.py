@@ -1,0 +1,151 @@
+"""Vision fine-tuning on the PeftTrainer: a real short run on a generated VTAB folder, its outputs and adapter
+round trip, the always-trained head, resume equivalence and the errors a user meets."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from mambapeft import ConfigError
+from mambapeft.model.vim_loading import load_vim
+from mambapeft.peft import PeftModel
+from mambapeft.train.vision import (VisionTrainConfig, add_vision_arguments, fine_tune_vision, resolve_vision_config,
+                                    vision_config_from_args, with_head)
+
+
+@pytest.fixture(scope="module")
+def vtab(tmp_path_factory):
+    """A 2-class VTAB-1k-style task (bright left half vs bright right half), 32 px, all four list files."""
+    root = tmp_path_factory.mktemp("vtab")
+    task = root / "halves"
+    (task / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(40):
+        label = i % 2
+        pixels = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+        pixels[:, 16 * label:16 * label + 16] += 150
+        Image.fromarray(pixels).save(task / "images" / f"{i:06d}.png")
+        lines.append(f"images/{i:06d}.png {label}")
+    for name, part in (("train800", lines[:24]), ("val200", lines[24:32]), ("train800val200", lines[:32]),
+                       ("test", lines[32:])):
+        (task / f"{name}.txt").write_text("\n".join(part) + "\n")
+    return root
+
+
+class KeepModel(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step` (its checkpoint saved), as a kill right after a save would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def config(vtab, out, **changes):
+    values = dict(data_root=str(vtab), task="halves", method=["lora_p_x:r=2"], output_dir=str(out), epochs=2.0,
+                  warmup_epochs=0.5, batch_size=8, micro_batch_size=8, eval_batch_size=16, logging_steps=2,
+                  eval_epochs=1.0, lr=5e-3, seed=3)
+    values.update(changes)
+    return VisionTrainConfig.from_dict(values)
+
+
+def test_run_writes_outputs_and_the_adapter_reloads(vtab, tmp_path):
+    logs, keep = [], KeepModel()
+    results = fine_tune_vision(config(vtab, tmp_path), callbacks=[keep], log=logs.append)
+    assert any("adding linear_probe" in line for line in logs)
+    for name in ("results.json", "run_config.json", "metrics.jsonl", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "run_config.json").read_text())["task"] == "halves"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["steps"] == 8 == results["steps"]            # 2 epochs x ceil(32 / 8)
+    assert [m["method"] for m in saved["methods"]] == ["lora_p_x", "linear_probe"]
+    # trainable = LoRA on x's rows of in_proj + the 2-class head, counted by hand from the model's sizes
+    base = load_vim("tiny-vim", num_classes=2)
+    c = base.config
+    d_inner = c.expand * c.d_model
+    head = c.d_model * 2 + 2
+    assert results["parameters"]["trainable"] == c.depth * 2 * (c.d_model + d_inner) + head   # A (2, d) + B (E, 2)
+
+    # the head moved away from the fresh one, and the adapter on a fresh base gives the trained model's outputs
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    head_keys = [k for k in tensors if "head" in k]
+    assert head_keys
+    fresh = load_vim("tiny-vim")
+    torch.manual_seed(3)
+    fresh.reset_head(2)                                        # as fine_tune_vision makes its fresh head
+    assert not torch.equal(tensors[[k for k in head_keys if k.endswith("weight")][0]], fresh.head.weight)
+    reloaded = PeftModel.from_pretrained(load_vim("tiny-vim", num_classes=2), tmp_path / "adapter").eval()
+    trained = keep.model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=x).logits, trained(pixel_values=x).logits, rtol=0, atol=0)
+    from mambapeft.train.vision import accuracy, prepare_vision_data
+
+    _, _, test, _ = prepare_vision_data(config(vtab, tmp_path), 32)
+    assert accuracy(reloaded, test) == pytest.approx(results["fine_tuned"]["acc"])
+    assert results["fine_tuned"]["acc"] > 0.75                 # the task is trivial: training must solve it
+
+
+def test_search_split_selects_on_validation_and_resume_matches(vtab, tmp_path):
+    quiet = dict(log=lambda _: None)
+    whole = fine_tune_vision(config(vtab, tmp_path / "whole", split="search", save_total_limit=5), **quiet)
+    assert whole["metric"] == "eval_acc" and whole["best_validation"] is not None
+    assert whole["steps"] == 6                                 # 2 epochs x 24 / 8
+    # stop right after the first epoch's checkpoint, then resume: the same adapter as the uninterrupted run
+    part = tmp_path / "part"
+    fine_tune_vision(config(vtab, part, split="search", save_total_limit=5), callbacks=[StopAt(3)], **quiet)
+    assert not (part / "checkpoint-6").exists()
+    resumed = fine_tune_vision(config(vtab, part, split="search", save_total_limit=5), resume=True, **quiet)
+    assert resumed["steps"] == 6 and "zero_shot" not in resumed
+    a = load_file(str(tmp_path / "whole" / "checkpoint-6" / "adapter_model.safetensors"))
+    b = load_file(str(part / "checkpoint-6" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_head_methods_and_errors(vtab, tmp_path):
+    assert with_head(["full"], log=lambda _: None) == ["full"]
+    assert with_head(["lora_p_x", "linear_probe:lr=1e-2"], log=lambda _: None) == ["lora_p_x", "linear_probe:lr=1e-2"]
+    with pytest.raises(ConfigError, match="no VTAB task folder .*halves"):
+        fine_tune_vision(config(vtab, tmp_path, task="nope"), log=lambda _: None)
+    broken = tmp_path / "root" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "test.txt").write_text("images/missing.png 0\n")
+    with pytest.raises(ConfigError, match="missing image"):
+        fine_tune_vision(config(vtab, tmp_path / "o", data_root=str(tmp_path / "root"), task="broken"), log=print)
+    with pytest.raises(ConfigError, match="split='all' is not one of final, search"):
+        config(vtab, tmp_path, split="all")
+    with pytest.raises(ConfigError, match="unknown vision keys 'epoch'"):
+        VisionTrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        fine_tune_vision(config(vtab, tmp_path / "empty"), resume=True, log=lambda _: None)
+    builtin = resolve_vision_config({})                        # the built-in task gets the short schedule
+    assert (builtin.epochs, builtin.lr) == (20.0, 5e-3)
+    paper = resolve_vision_config({"data_root": "x"})
+    assert (paper.epochs, paper.warmup_epochs, paper.lr, paper.weight_decay, paper.batch_size, paper.max_grad_norm,
+            paper.scheduler) == (100.0, 10.0, 1e-3, 1e-4, 32, 5.0, "cosine")
+
+
+def test_command_line_flags(vtab):
+    parser = argparse.ArgumentParser()
+    add_vision_arguments(parser)
+    parser.add_argument("--model", default="builtin")          # shared with the language run
+    parser.add_argument("--epochs", type=float)
+    args = parser.parse_args(["--vtab-task", "halves", "--data-root", str(vtab), "--epochs", "3", "--split", "search"])
+    c = vision_config_from_args(args)
+    assert (c.model, c.task, c.data_root, c.epochs, c.split, c.lr) == ("tiny-vim", "halves", str(vtab), 3.0, "search",
+                                                                       1e-3)
