@@ -54,19 +54,24 @@ class MethodConfig:
 
     def validate(self, method: str) -> None:
         """Checks every field against its limits; the message names the method and the option."""
-        for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if value is None:
-                continue
-            where = f"{method}: {f.name}={value!r}"
-            if "choices" in meta and value not in meta["choices"]:
-                raise ConfigError(f"{where} is not one of {', '.join(map(str, meta['choices']))}")
-            if "minimum" in meta and value < meta["minimum"]:
-                raise ConfigError(f"{where} must be >= {meta['minimum']}")
-            if "exclusive_minimum" in meta and not value > meta["exclusive_minimum"]:
-                raise ConfigError(f"{where} must be > {meta['exclusive_minimum']}")
-            if "maximum" in meta and value > meta["maximum"]:
-                raise ConfigError(f"{where} must be <= {meta['maximum']}")
+        check_options(self, method)
+
+
+def check_options(config, where: str) -> None:
+    """Checks every field of a dataclass made with `option` against its limits (choices, minimum, maximum)."""
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None:
+            continue
+        text = f"{where}: {f.name}={value!r}"
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{text} is not one of {', '.join(map(str, meta['choices']))}")
+        if "minimum" in meta and value < meta["minimum"]:
+            raise ConfigError(f"{text} must be >= {meta['minimum']}")
+        if "exclusive_minimum" in meta and not value > meta["exclusive_minimum"]:
+            raise ConfigError(f"{text} must be > {meta['exclusive_minimum']}")
+        if "maximum" in meta and value > meta["maximum"]:
+            raise ConfigError(f"{text} must be <= {meta['maximum']}")
 
 
 class Method:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..methods.base import option
+from ..methods.base import check_options, option
 
 SPLIT_MODES = {"final": ("train800val200", None), "search": ("train800", "val200")}   # mode -> (train, validation)
 HEAD_METHODS = ("full", "linear_probe")
@@ -74,17 +74,7 @@ class VisionTrainConfig:
         return config
 
     def validate(self, where: str = "the config") -> None:
-        for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if value is None:
-                continue
-            text = f"{where}: {f.name}={value!r}"
-            if "choices" in meta and value not in meta["choices"]:
-                raise ConfigError(f"{text} is not one of {', '.join(meta['choices'])}")
-            if "minimum" in meta and value < meta["minimum"]:
-                raise ConfigError(f"{text} must be >= {meta['minimum']}")
-            if "exclusive_minimum" in meta and not value > meta["exclusive_minimum"]:
-                raise ConfigError(f"{text} must be > {meta['exclusive_minimum']}")
+        check_options(self, where)
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"{where}: batch_size {self.batch_size} is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size}")
