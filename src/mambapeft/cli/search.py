@@ -66,7 +66,7 @@ def default_space(base, vision: bool):
     space = paper_space(vision=vision)
     if base.data == "builtin" and base.model == "builtin":
         space = space.restricted_to(BUILTIN_METHODS)
-        space.step1_trials, space.step2_trials = 6, 4
+        space.step1_trials, space.step2_trials = 5, 3
     return space
 
 
