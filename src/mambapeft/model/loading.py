@@ -226,14 +226,9 @@ def _normalise_keys(state: dict) -> dict:
     return {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}
 
 
-def load_state_dict_strict(model: MambaLM, state: dict, source: str) -> None:
-    """Copies `state` into `model` after checking every key and shape; ties the head again if tied."""
-    state = _normalise_keys(state)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tied = model.config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight", None)
-        state.pop("lm_head.weight", None)       # a tied head is the embedding; transformers ignores it too
+def check_tensors(expected: dict, state: dict, source: str, *, against: str = "its config",
+                  implied: str = "the config implies") -> None:
+    """CheckpointError naming missing, unexpected or misshapen tensors of `state` against `expected` shapes."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -242,12 +237,21 @@ def load_state_dict_strict(model: MambaLM, state: dict, source: str) -> None:
             parts.append(f"missing {len(missing)} tensors (first: {', '.join(missing[:4])})")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensors (first: {', '.join(unexpected[:4])})")
-        raise CheckpointError(f"{source} does not match its config: " + "; ".join(parts))
+        raise CheckpointError(f"{source} does not match {against}: " + "; ".join(parts))
     for key, shape in expected.items():
         if state[key].shape != shape:
-            raise CheckpointError(
-                f"{source}: tensor {key} has shape {tuple(state[key].shape)}, the config implies {tuple(shape)}"
-            )
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, {implied} {tuple(shape)}")
+
+
+def load_state_dict_strict(model: MambaLM, state: dict, source: str) -> None:
+    """Copies `state` into `model` after checking every key and shape; ties the head again if tied."""
+    state = _normalise_keys(state)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)       # a tied head is the embedding; transformers ignores it too
+    check_tensors(expected, state, source)
     if tied:
         state["lm_head.weight"] = state["backbone.embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
 from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba
+from .loading import check_tensors
 
 # short name -> (hub id, file in it)
 HUB_CHECKPOINTS = {
@@ -141,18 +142,7 @@ def config_from_state(state: dict, args: argparse.Namespace | None, source: str)
 def load_state_dict_strict(model: VisionMamba, state: dict, source: str) -> None:
     """Copies `state` into `model` after checking every key and shape."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors (first: {', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors (first: {', '.join(unexpected[:4])})")
-        raise CheckpointError(f"{source} does not match the Vim architecture it describes: " + "; ".join(parts))
-    for key, shape in expected.items():
-        if state[key].shape != shape:
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(shape)}")
+    check_tensors(expected, state, source, against="the Vim architecture it describes", implied="expected")
     model.load_state_dict(state, strict=True, assign=True)
 
 
