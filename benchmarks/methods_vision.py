@@ -21,7 +21,7 @@ METHODS = [
     "lora_p_x:r=8", "lora_p_z:r=8", "lora_p_dt:r=4", "lora_p_b:r=8", "lora_p_c:r=8", "lora_embed:r=8",
     "sll_lora:r=4", "dora_p_x:r=8", "partial_a", "partial_d", "partial_conv1d", "partial_bias",
     "partial_cls_token", "partial_pos_embed", "parallel_adapter:dim=8", "additional_scan:n=4",
-    "prompt:n=4,position=prefix", "affix:n=2", "sdt",
+    "prompt:n=4,position=prefix", "affix:n=2", "sdt", "sdt lora_out_proj:r=8",
     "lora_p_x:r=8 lora_in_proj:r=8 lora_out_proj:r=8 partial_d additional_scan:n=4 affix:n=2",   # all at once
 ]
 
@@ -36,8 +36,14 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.json"
+    done_before = {r["method"]: r for r in json.loads(results.read_text())} if results.exists() else {}
     rows = []
     for spec in args.only or METHODS:
+        if spec in done_before and "error" not in done_before[spec]:   # resume: a finished row is kept
+            rows.append(done_before[spec])
+            continue
         name = spec.replace(":", "_").replace(",", "_").replace("=", "").replace(" ", "__")[:80]
         try:
             r = fine_tune_vision({"method": spec.split(), "split": "search", "epochs": args.epochs,
@@ -52,9 +58,9 @@ def main() -> None:
         row = rows[-1]
         print(f"{spec:40s} {row['trainable']:>9,} {row['percent']:7.2f}% val {row['val_acc']:.1%} "
               f"test {row['test_acc']:.1%} {row['s_per_step']:.3f} s/step", flush=True)
+        results.write_text(json.dumps(rows, indent=2) + "\n")     # after every row: an interrupted run resumes
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    results.write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| method | trainable | % | val acc | test acc | s/step |\n|---|---:|---:|---:|---:|---:|")
     for row in rows:
         if "error" in row:
@@ -74,7 +80,8 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.scatter([r["trainable"] for r in done], [100 * r["test_acc"] for r in done])
     for r in done:
-        label = r["method"].split(":")[0] if " " not in r["method"] else "all"
+        label = r["method"].split(":")[0] if " " not in r["method"] else (
+            "sdt+lora" if r["method"].startswith("sdt ") else "all")
         ax.annotate(label, (r["trainable"], 100 * r["test_acc"]), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")

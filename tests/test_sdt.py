@@ -166,7 +166,7 @@ def test_params_reports_the_count_after_selection(capsys):
     assert "15 channels x 4 states" in result["notes"]["sdt"] and "warm-up" in result["notes"]["sdt"]
 
 
-def test_warmup_selection_and_sparse_training_in_one_train_run(tmp_path):
+def test_warmup_selection_and_sparse_training_in_one_train_run(tmp_path, capfd):
     from mambapeft.assets import builtin_split
     from mambapeft.train.config import TrainConfig
     from mambapeft.train.run import fine_tune
@@ -180,6 +180,8 @@ def test_warmup_selection_and_sparse_training_in_one_train_run(tmp_path):
     lines = []
     fine_tune(config, log=lines.append)
     assert "phase at step 0: sdt warm-up" in lines and "phase from step 2: sdt sparse" in lines
+    bar = capfd.readouterr().err
+    assert "sdt warm-up:" in bar and "sdt sparse:" in bar and "5/5" in bar     # the progress bar names the phase
     base = mambapeft.from_pretrained("builtin")
     before = {n: p.detach().clone() for n, p in base.state_dict().items()}
     peft = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")

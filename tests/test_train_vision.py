@@ -1,5 +1,6 @@
 """Vision fine-tuning on the PeftTrainer: a real short run on a generated VTAB folder, its outputs and adapter
-round trip, the always-trained head, resume equivalence and the errors a user meets."""
+round trip, the always-trained head, resume equivalence, config files, the search on vision tasks and the errors
+a user meets."""
 
 import argparse
 import json
@@ -55,7 +56,7 @@ class StopAt(TrainerCallback):
 
 
 def config(vtab, out, **changes):
-    values = dict(data_root=str(vtab), task="halves", method=["lora_p_x:r=2"], output_dir=str(out), epochs=2.0,
+    values = dict(data_root=str(vtab), vtab_task="halves", method=["lora_p_x:r=2"], output_dir=str(out), epochs=2.0,
                   warmup_epochs=0.5, batch_size=8, micro_batch_size=8, eval_batch_size=16, logging_steps=2,
                   eval_epochs=1.0, lr=5e-3, seed=3)
     values.update(changes)
@@ -68,7 +69,7 @@ def test_run_writes_outputs_and_the_adapter_reloads(vtab, tmp_path):
     assert any("adding linear_probe" in line for line in logs)
     for name in ("results.json", "run_config.json", "metrics.jsonl", "adapter/adapter_model.safetensors"):
         assert (tmp_path / name).is_file(), name
-    assert json.loads((tmp_path / "run_config.json").read_text())["task"] == "halves"
+    assert json.loads((tmp_path / "run_config.json").read_text())["vtab_task"] == "halves"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["steps"] == 8 == results["steps"]            # 2 epochs x ceil(32 / 8)
     assert [m["method"] for m in saved["methods"]] == ["lora_p_x", "linear_probe"]
@@ -121,12 +122,12 @@ def test_head_methods_and_errors(vtab, tmp_path):
     assert with_head(["full"], log=lambda _: None) == ["full"]
     assert with_head(["lora_p_x", "linear_probe:lr=1e-2"], log=lambda _: None) == ["lora_p_x", "linear_probe:lr=1e-2"]
     with pytest.raises(ConfigError, match="no VTAB task folder .*halves"):
-        fine_tune_vision(config(vtab, tmp_path, task="nope"), log=lambda _: None)
+        fine_tune_vision(config(vtab, tmp_path, vtab_task="nope"), log=lambda _: None)
     broken = tmp_path / "root" / "broken"
     broken.mkdir(parents=True)
     (broken / "test.txt").write_text("images/missing.png 0\n")
     with pytest.raises(ConfigError, match="missing image"):
-        fine_tune_vision(config(vtab, tmp_path / "o", data_root=str(tmp_path / "root"), task="broken"), log=print)
+        fine_tune_vision(config(vtab, tmp_path / "o", data_root=str(tmp_path / "root"), vtab_task="broken"), log=print)
     with pytest.raises(ConfigError, match="split='all' is not one of final, search"):
         config(vtab, tmp_path, split="all")
     with pytest.raises(ConfigError, match="unknown vision keys 'epoch'"):
@@ -147,5 +148,60 @@ def test_command_line_flags(vtab):
     parser.add_argument("--epochs", type=float)
     args = parser.parse_args(["--vtab-task", "halves", "--data-root", str(vtab), "--epochs", "3", "--split", "search"])
     c = vision_config_from_args(args)
-    assert (c.model, c.task, c.data_root, c.epochs, c.split, c.lr) == ("tiny-vim", "halves", str(vtab), 3.0, "search",
+    assert (c.model, c.vtab_task, c.data_root, c.epochs, c.split, c.lr) == ("tiny-vim", "halves", str(vtab), 3.0, "search",
                                                                        1e-3)
+
+
+def _run_file(vtab, tmp_path, out, **changes):
+    import yaml
+
+    values = dict(task="vision", data_root=str(vtab), vtab_task="halves", method=["lora_p_x:r=2"], epochs=1.0,
+                  warmup_epochs=0.5, batch_size=8, micro_batch_size=8, eval_batch_size=16, lr=5e-3, seed=3,
+                  output_dir=str(out), **changes)
+    file = tmp_path / "run.yaml"
+    file.write_text(yaml.safe_dump(values))
+    return file
+
+
+def test_config_file_runs_vision_and_its_run_config_reproduces_the_run(vtab, tmp_path, capsys):
+    from mambapeft.cli.main import main
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--config", str(_run_file(vtab, tmp_path, first))]) == 0
+    saved = json.loads((first / "run_config.json").read_text())
+    assert saved["task"] == "vision" and saved["vtab_task"] == "halves" and saved["epochs"] == 1.0
+    # the written run config is itself a config file: the same run again, elsewhere, gives the same adapter
+    assert main(["train", "--config", str(first / "run_config.json"), "--output-dir", str(second)]) == 0
+    a, b = (load_file(str(d / "adapter/adapter_model.safetensors")) for d in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((second / "results.json").read_text())["fine_tuned"] == \
+        json.loads((first / "results.json").read_text())["fine_tuned"]
+    capsys.readouterr()
+    assert main(["train", "--config", str(first / "run_config.json"), "--task", "language"]) == 2
+    assert "vision run config but --task language" in capsys.readouterr().err
+    assert main(["train", "--config", str(_run_file(vtab, tmp_path, first, max_seq=3))]) == 2
+    assert "unknown vision keys 'max_seq'" in capsys.readouterr().err
+
+
+def test_search_on_a_vision_task(vtab, tmp_path, capsys):
+    """Trials train on train800 and are scored on val200; the best config's final run trains on train800val200."""
+    import yaml
+
+    from mambapeft.cli.main import main
+
+    run = _run_file(vtab, tmp_path, tmp_path / "unused", eval_epochs=0.5)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "step1": {"trials": 3, "methods": {"lora_p_x": {"r": 2}, "partial_cls_token": {}, "partial_d": {}}},
+        "step2": {"trials": 1, "methods": {"partial_d": {"lr": {"log": [1e-3, 1e-2]}}}}}))
+    out = tmp_path / "search"
+    assert main(["search", "--config", str(run), "--space", str(space), "--output-dir", str(out), "--no-prune"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    trials = [json.loads(p.read_text()) for p in out.glob("trials/*/task0/run_config.json")]
+    assert len(trials) >= 3 and all(t["task"] == "vision" and t["split"] == "search" for t in trials)
+    for result in out.glob("trials/*/task0/results.json"):              # a trial's score is its val200 accuracy
+        assert 0.0 <= json.loads(result.read_text())["best_validation"] <= 1.0
+    best = json.loads((out / "best_config.json").read_text())
+    assert best["task"] == "vision" and best["split"] == "final"
+    final = json.loads((out / "final" / "results.json").read_text())
+    assert final["split"] == "final" and 0.0 <= final["fine_tuned"]["acc"] <= 1.0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, fields
+from dataclasses import fields
 
-from ..train.config import BUILTIN_DEFAULTS, TrainConfig, resolve_config
+from ..train.config import BUILTIN_DEFAULTS, TrainConfig, config_kind, resolve_config
 from ..train.vision import add_vision_arguments, vision_config_from_args
 
 def add_parser(commands):
@@ -20,10 +20,11 @@ def add_parser(commands):
         "override it. The resolved config is written to OUTPUT_DIR/run_config.json. "
         "Multi-GPU: `accelerate launch -m mambapeft train ...` or `torchrun --nproc-per-node N -m mambapeft train ...`.",
     )
-    parser.add_argument("--task", choices=("language", "vision"), default="language",
-                        help="language: a Mamba LM on instruction data; vision: a Vision Mamba on a VTAB-1k task "
-                        "(without other arguments: the built-in tiny Vim on the built-in rotation task)")
-    parser.add_argument("--config", help="JSON or YAML file with any of the options below")
+    parser.add_argument("--task", choices=("language", "vision"), default=None,
+                        help="language (default): a Mamba LM on instruction data; vision: a Vision Mamba on a VTAB-1k "
+                        "task (without other arguments: the built-in tiny Vim on the built-in rotation task)")
+    parser.add_argument("--config", help="JSON or YAML file with any of the options below (a run_config.json or "
+                        "best_config.json too; its \"task\" key says language or vision)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -57,11 +58,13 @@ def _bool(text: str) -> bool:
 def run(args) -> int:
     from ..train.run import fine_tune
 
-    if args.task == "vision":
+    file_values = TrainConfig.from_file(args.config) if args.config else {}
+    where = args.config or "the command line"
+    if config_kind(file_values, args.task, where) == "vision":
         from ..train.vision import fine_tune_vision
 
-        config = vision_config_from_args(args)
-        print("config: " + json.dumps({k: v for k, v in asdict(config).items() if v is not None}))
+        config = vision_config_from_args(args, file_values, where)
+        print("config: " + json.dumps({k: v for k, v in config.to_dict().items() if v is not None}))
         fine_tune_vision(config, resume=args.resume)
         return 0
 

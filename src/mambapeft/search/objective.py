@@ -1,9 +1,10 @@
 """The search's objective: fine-tune a configuration on every task and average the validation scores.
 
-Each trial is an ordinary `fine_tune` run (the same Trainer, data and evaluation as `mambapeft train`) with the
-trial's methods, in its own folder; the score of a task is its best validation accuracy (validation loss,
-negated, where the validation set has no choices to score). Test sets are left out of the trials: only the
-final best configuration is scored on them (`final_run`).
+Each trial is an ordinary `mambapeft train` run (`fine_tune`, or `fine_tune_vision` for a vision base config: the
+same Trainer, data and evaluation) with the trial's methods, in its own folder; the score of a task is its best
+validation accuracy (validation loss, negated, where the validation set has no choices to score). Test sets are
+left out of the trials: only the final best configuration is scored on them (`final_config`). Vision trials use
+the VTAB "search" split (train800, validation val200) as the paper does; the final run trains on train800val200.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable
 from transformers import TrainerCallback
 
 from ..config.spec import MethodSpec
-from ..train.config import TrainConfig
+from ..train.config import RunConfig
 
 
 class _ReportEvaluations(TrainerCallback):
@@ -36,19 +37,26 @@ def score_of(metrics: dict) -> float:
 
 
 class TrainingObjective:
-    """Scores method specs by training `base` (a TrainConfig) on each task; tasks override data fields."""
+    """Scores method specs by training `base` (a TrainConfig or VisionTrainConfig) on each task; tasks override
+    its data fields ({data, val_data, test_data} or, for vision, {vtab_task, data_root})."""
 
-    def __init__(self, base: TrainConfig, tasks: list[dict], folder, log=print):
+    def __init__(self, base: RunConfig, tasks: list[dict], folder, log=print):
         self.base, self.tasks, self.folder, self.log = base, tasks or [{}], Path(folder), log
+        self.vision = base.kind == "vision"
 
-    def task_config(self, specs: list[MethodSpec], task: dict, output_dir: Path, with_test: bool) -> TrainConfig:
+    def task_config(self, specs: list[MethodSpec], task: dict, output_dir: Path, with_test: bool) -> RunConfig:
         values = {**self.base.to_dict(), **task, "method": [spec_text(s) for s in specs], "output_dir": str(output_dir)}
-        if not with_test:
+        if self.vision:
+            values["split"] = "final" if with_test else "search"
+        elif not with_test:
             values["test_data"] = None
-        return TrainConfig.from_dict(values, where="a search trial")
+        return type(self.base).from_dict(values, where="a search trial")
 
     def __call__(self, specs: list[MethodSpec], report, tag: str = "trial") -> dict:
-        from ..train.run import fine_tune
+        if self.vision:
+            from ..train.vision import fine_tune_vision as fine_tune
+        else:
+            from ..train.run import fine_tune
 
         scores, trainable = [], None
         for i, task in enumerate(self.tasks):
@@ -73,7 +81,7 @@ def spec_text(spec: MethodSpec) -> str:
     return spec.method + (":" + options if options else "")
 
 
-def final_config(objective: TrainingObjective, config: list[dict], task: dict, output_dir) -> TrainConfig:
+def final_config(objective: TrainingObjective, config: list[dict], task: dict, output_dir) -> RunConfig:
     """The run config of the best configuration on one task, with its test set: what `train --config` takes."""
     specs = [MethodSpec.from_dict(c) for c in config]
     return objective.task_config(specs, task, Path(output_dir), with_test=True)

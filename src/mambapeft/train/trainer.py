@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import ProgressCallback, Trainer, TrainerCallback
 
 from ..errors import MambaPeftError
 from ..peft import ADAPTER_WEIGHTS
@@ -45,6 +45,11 @@ class PeftTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.mc_items = mc_items or []
         self.mc_tokenizer = tokenizer
+        callbacks = self.callback_handler.callbacks
+        progress = next((c for c in callbacks if isinstance(c, ProgressCallback)), None)
+        for callback in callbacks:
+            if isinstance(callback, MethodPhases):
+                callback.progress = progress
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -93,13 +98,19 @@ class PeftTrainer(Trainer):
 
 
 class MethodPhases(TrainerCallback):
-    """Tells methods with phases (SDT's warm-up, then its sparse phase) where training stands, and says so.
+    """Tells methods with phases (SDT's warm-up, then its sparse phase) where training stands, and says so: a log
+    line when the phase changes, and the phase as the progress bar's description (PeftTrainer hands us the bar).
 
     The run's length is checked against them before the first step (a warm-up as long as the run is an error).
     """
 
     def __init__(self, log=print):
-        self.log, self.phase = log, ""
+        self.log, self.phase, self.progress = log, "", None
+
+    def _show(self) -> None:
+        bar = getattr(self.progress, "training_bar", None)
+        if bar is not None and self.phase and bar.desc != self.phase:
+            bar.set_description(self.phase)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model.check_training(state.max_steps)
@@ -112,6 +123,7 @@ class MethodPhases(TrainerCallback):
         if model.phase() != self.phase:
             self.phase = model.phase()
             self.log(f"phase from step {state.global_step}: {self.phase}")
+        self._show()
 
 
 class JsonlMetrics(TrainerCallback):

@@ -18,23 +18,26 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
-from ..methods.base import check_options, option
+from ..methods.base import option
+from .config import RunConfig
 
 SPLIT_MODES = {"final": ("train800val200", None), "search": ("train800", "val200")}   # mode -> (train, validation)
 HEAD_METHODS = ("full", "linear_probe")
 
 
 @dataclass
-class VisionTrainConfig:
+class VisionTrainConfig(RunConfig):
+    kind = "vision"
+
     model: str = option("tiny-vim", "pretrained Vim: 'tiny-vim' (built in), a save_vim folder, a .pth or a hub id")
     data_root: str | None = option(None, "VTAB-1k root holding <task>/ folders (default: the built-in tiny root)")
-    task: str = option("digits_rotation", "task folder under data_root with train800/val200/train800val200/test.txt")
+    vtab_task: str = option("digits_rotation", "task folder under data_root with train800/val200/train800val200/test.txt")
     split: str = option("final", "final: train on train800val200, report test; search: train on train800, "
                         "pick the best checkpoint on val200, report test", choices=tuple(SPLIT_MODES))
     method: list[str] = field(default_factory=lambda: ["lora_p_x:r=8"], metadata={
@@ -58,31 +61,6 @@ class VisionTrainConfig:
     seed: int = option(42, "seed of the head and adapter initialisation and the data order")
     threads: int = option(0, "torch CPU threads (0: torch's default)", minimum=0)
     bf16: bool | None = option(None, "bfloat16 autocast (default: on for CUDA, off on CPU)")
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "the config") -> "VisionTrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{where} has unknown vision keys {', '.join(map(repr, unknown))}; known: "
-                              f"{', '.join(sorted(known))}")
-        values = dict(data)
-        if isinstance(values.get("method"), str):
-            values["method"] = [values["method"]]
-        config = cls(**values)
-        config.validate(where)
-        return config
-
-    def validate(self, where: str = "the config") -> None:
-        check_options(self, where)
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"{where}: batch_size {self.batch_size} is not a multiple of micro_batch_size "
-                              f"{self.micro_batch_size}")
-        if not self.method:
-            raise ConfigError(f"{where}: name at least one PEFT method (e.g. lora_p_x)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # The built-in demo: tiny-vim on digits_rotation; 20 epochs with 2 warm-up epochs (~640 steps) instead of 100/10,
@@ -143,12 +121,12 @@ def prepare_vision_data(config: VisionTrainConfig, image_size: int):
     from ..data.vtab import BUILTIN_ROOT, task_classes, vtab_split
 
     root = config.data_root or BUILTIN_ROOT
-    classes = task_classes(root, config.task)
+    classes = task_classes(root, config.vtab_task)
     train_name, val_name = SPLIT_MODES[config.split]
     kwargs = dict(image_size=image_size, num_classes=classes, cache=True)
-    train = vtab_split(root, config.task, train_name, **kwargs)
-    val = vtab_split(root, config.task, val_name, **kwargs) if val_name else None
-    test = vtab_split(root, config.task, "test", **kwargs)
+    train = vtab_split(root, config.vtab_task, train_name, **kwargs)
+    val = vtab_split(root, config.vtab_task, val_name, **kwargs) if val_name else None
+    test = vtab_split(root, config.vtab_task, "test", **kwargs)
     return train, val, test, classes
 
 
@@ -185,7 +163,7 @@ def vision_training_arguments(config: VisionTrainConfig, steps_per_epoch: int, h
         label_names=["labels"],
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=False,
     )
 
 
@@ -211,17 +189,17 @@ def fine_tune_vision(config: VisionTrainConfig | dict, *, resume: bool = False, 
             shutil.rmtree(old)                    # a fresh run must not mix with an earlier one's checkpoints
         (out / "metrics.jsonl").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps({"task": "vision", **config.to_dict()}, indent=2) + "\n")
+    (out / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     model = load_vim(config.model, img_size=config.image_size)
     train_set, val_set, test_set, classes = prepare_vision_data(config, model.config.img_size)
     torch.manual_seed(config.seed)
     model.reset_head(classes)                     # always a fresh head for the task, even with the same class count
-    log(f"data: {config.task}, {len(train_set)} training images, {len(val_set) if val_set else 0} validation, "
+    log(f"data: {config.vtab_task}, {len(train_set)} training images, {len(val_set) if val_set else 0} validation, "
         f"{len(test_set)} test; {classes} classes, {model.config.img_size} px")
 
     methods = PeftConfig.parse(with_head(config.method, log), arch=guess_arch(model))
-    results = {"model": config.model, "task": config.task, "split": config.split, "classes": classes,
+    results = {"model": config.model, "vtab_task": config.vtab_task, "split": config.split, "classes": classes,
                "methods": methods.to_dict()["methods"]}
     if not resume:
         results["zero_shot"] = {"acc": accuracy(model, test_set, config.eval_batch_size)}
@@ -266,24 +244,29 @@ def fine_tune_vision(config: VisionTrainConfig | dict, *, resume: bool = False, 
 
 # ---------------------------------------------------------------------- command line (for the lead to wire)
 
-VISION_ONLY = ("data_root", "task", "split", "image_size", "warmup_epochs", "eval_epochs", "threads")
+VISION_ONLY = ("data_root", "vtab_task", "split", "image_size", "warmup_epochs", "eval_epochs", "threads")
 
 
 def add_vision_arguments(parser) -> None:
     """The vision-only flags (the others -- --model, --method, --epochs, --lr, ... -- are the language run's,
-    shared by name); `--vtab-task` is the task field. Defaults are None (= not given)."""
+    shared by name). Defaults are None (= not given)."""
     for f in fields(VisionTrainConfig):
         if f.name not in VISION_ONLY:
             continue
-        flag = "--vtab-task" if f.name == "task" else "--" + f.name.replace("_", "-")
-        kind = str if f.name in ("data_root", "task", "split") else float if "epochs" in f.name else int
+        flag = "--" + f.name.replace("_", "-")
+        kind = str if f.name in ("data_root", "vtab_task", "split") else float if "epochs" in f.name else int
         parser.add_argument(flag, type=kind, default=None, dest=f"vision_{f.name}", help=f.metadata.get("help"))
 
 
-def vision_config_from_args(args) -> VisionTrainConfig:
-    """Vision-only flags from add_vision_arguments, shared ones by their field name; None = not given."""
-    values = {f.name: getattr(args, f"vision_{f.name}" if f.name in VISION_ONLY else f.name, None)
-              for f in fields(VisionTrainConfig)}
+def vision_config_from_args(args, file_values: dict | None = None, where: str = "the command line") -> VisionTrainConfig:
+    """A config file's values, then the flags (vision-only ones from add_vision_arguments, shared ones by their
+    field name; None = not given), then the built-in defaults when the run is the built-in task."""
+    values = dict(file_values or {})
+    values.pop("task", None)
+    for f in fields(VisionTrainConfig):
+        given = getattr(args, f"vision_{f.name}" if f.name in VISION_ONLY else f.name, None)
+        if given is not None:
+            values[f.name] = given
     if values.get("model") == "builtin":
-        values["model"] = None
-    return resolve_vision_config(values)
+        values["model"] = "tiny-vim"
+    return resolve_vision_config(values, where=where)
