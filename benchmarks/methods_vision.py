@@ -26,6 +26,22 @@ METHODS = [
 ]
 
 
+def sparse_counts(specs: list[str], classes: int) -> dict:
+    """Trainable parameters after SDT's selection (the run's own count, taken at the start, has the dense warm-up)."""
+    import sys
+
+    from mambapeft.config import PeftConfig
+    from mambapeft.model.vim_loading import load_vim
+    from mambapeft.peft import get_peft_model, guess_arch
+    from mambapeft.train.vision import with_head
+
+    model = load_vim("tiny-vim")
+    model.reset_head(classes)
+    peft = get_peft_model(model, PeftConfig.parse(with_head(specs, log=lambda _: None), arch=guess_arch(model)))
+    peft.on_step_end(sys.maxsize)                 # as after the warm-up
+    return peft.parameter_counts()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+",
@@ -52,7 +68,8 @@ def main() -> None:
             rows.append(dict(method=spec, error=f"{type(err).__name__}: {err}"))
             print(f"{spec}: {rows[-1]['error']}")
             continue
-        rows.append(dict(method=spec, trainable=r["parameters"]["trainable"], percent=r["parameters"]["percent"],
+        counts = sparse_counts(spec.split(), r["classes"]) if "sdt" in spec else r["parameters"]
+        rows.append(dict(method=spec, trainable=counts["trainable"], percent=counts["percent"],
                          val_acc=r["best_validation"], test_acc=r["fine_tuned"]["acc"],
                          s_per_step=r["seconds_per_step"]))
         row = rows[-1]

@@ -157,9 +157,20 @@ def test_config_file_cli_overrides_and_builtin_defaults(tmp_path):
     y = resolve_config(str(tmp_path / "run.yaml"))
     assert y.method == ["lora_p_x", "partial_a"] and y.epochs == 1
     b = resolve_config(None, {"epochs": 1.0})
-    assert (b.model, b.data, b.test_data, b.epochs, b.lr) == ("builtin", "builtin", "builtin", 1.0, 3e-3)
+    assert (b.model, b.data, b.test_data, b.epochs, b.lr) == ("builtin", "builtin", "builtin", 1.0, None)
+    # no --lr on the built-in model: its own column of rates (the LoRA family 3e-2), the rest the base rate 3e-3
+    from dataclasses import replace
+
+    import mambapeft
+    from mambapeft.train.run import method_config, training_arguments
+
+    two = replace(b, method=["lora_p_x", "partial_d"], output_dir=str(tmp_path / "o"))
+    specs = method_config(two, mambapeft.from_pretrained("builtin")).methods
+    assert {s.method: s.config.lr for s in specs} == {"lora_p_x": 3e-2, "partial_d": None}
+    assert training_arguments(two, False, "eval_acc").learning_rate == 3e-3
+    assert training_arguments(replace(two, model="some/model"), False, "eval_acc").learning_rate == 1e-3
     (tmp_path / "bad.json").write_text(json.dumps({"modle": "x"}))
-    with pytest.raises(ConfigError, match="unknown keys 'modle' \\(did you mean 'model'\\?\\)"):
+    with pytest.raises(ConfigError, match="unknown language keys 'modle' \\(did you mean 'model'\\?\\)"):
         resolve_config(str(tmp_path / "bad.json"))
     with pytest.raises(ConfigError, match="not a multiple of micro_batch_size"):
         resolve_config(None, {"batch_size": 6, "micro_batch_size": 4})

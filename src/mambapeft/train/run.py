@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..assets import BUILTIN_NAME, builtin_split
+from ..config.presets import BUILTIN_BASE_LR
 from ..errors import ConfigError
 from .config import TrainConfig
 
@@ -63,12 +64,13 @@ def prepare_data(config: TrainConfig, tokenizer):
 
 
 def method_config(config: TrainConfig, model):
-    """The PEFT config; without --lr, each method with a paper rate for this model size (Table 7) gets it."""
+    """The PEFT config; without --lr, each method with a paper rate for this model size (Table 7) gets it (the
+    built-in model has a column of its own)."""
     from ..config import PeftConfig
     from ..config.presets import LANGUAGE_LR
     from ..peft import guess_arch
 
-    arch = guess_arch(model)
+    arch = BUILTIN_NAME if config.model == BUILTIN_NAME else guess_arch(model)
     methods = PeftConfig.parse(config.method, arch=arch)
     if config.lr is None:
         for spec in methods.methods:
@@ -93,7 +95,7 @@ def training_arguments(config: TrainConfig, has_validation: bool, metric: str):
         per_device_train_batch_size=config.micro_batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
         gradient_accumulation_steps=config.batch_size // config.micro_batch_size,
-        learning_rate=config.lr or 1e-3,
+        learning_rate=config.lr or (BUILTIN_BASE_LR if config.model == BUILTIN_NAME else 1e-3),
         weight_decay=config.weight_decay,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
