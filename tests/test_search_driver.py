@@ -66,6 +66,19 @@ def test_step2_builds_on_step1_best_and_removes(tmp_path):
     assert result.best_score >= first.value
 
 
+def test_the_result_is_never_worse_than_step_1(tmp_path):
+    """A step 2 that only finds worse settings (here: any lr it sets hurts) leaves step 1's best as the result."""
+    def objective(specs, report, tag):
+        score = sum({**GOOD, **BAD}[s.method] for s in specs) - sum(1.0 for s in specs if s.config.lr is not None)
+        report(1, score)
+        return {"score": score, "trainable": 100 * len(specs)}
+
+    result = run_search(space(step2_trials=3), objective, settings(tmp_path))
+    step1 = open_study(settings(tmp_path), open_storage(settings(tmp_path)), 1)
+    assert result.best_step == 1 and result.best_score == step1.best_value
+    assert result.best_config == step1.best_trial.user_attrs["config"]
+
+
 def test_empty_combination_is_not_scored(tmp_path):
     calls = []
     run_search(space(step2_trials=0), scored(calls), settings(tmp_path))

@@ -232,10 +232,13 @@ def run_search(space: SearchSpace, objective: Objective, settings: SearchSetting
     elif stored != combination:
         raise ConfigError(f"the storage's step 2 was built on {stored}, but step 1's best is now {combination}; "
                           f"use a new study name to search again")
+    best, step = max(study1.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.value, -t.number)), 1
     if space.step2_trials:
         run_step(study2, step2_trial(space, combination, objective, settings), space.step2_trials, settings,
                  progress and (lambda done, total: progress(2, done, total)))
-        best, step = study2.best_trial, 2
-    else:
-        best, step = max(study1.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.value, -t.number)), 1
+        done = study2.get_trials(states=(TrialState.COMPLETE,))
+        if done and study2.best_trial.value >= best.value:
+            best, step = study2.best_trial, 2
+        # else step 2 found nothing as good: its first trial is step 1's best with the learning rate and decay the
+        # step-1 run left to the base config taken from the step-2 ranges instead, which can score lower
     return SearchResult(combination, best.user_attrs["config"], best.value, best.number, step)
