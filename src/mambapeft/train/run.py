@@ -8,7 +8,6 @@ there is no validation set) and results.json.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -127,19 +126,11 @@ def fine_tune(config: TrainConfig, *, resume: bool = False, callbacks=(), log=pr
     from .. import from_pretrained, get_peft_model
     from ..data.tokenize import Collator
     from ..evaluation.multiple_choice import score_items
-    from .trainer import JsonlMetrics, MethodPhases, PeftTrainer, complete_checkpoints
+    from .trainer import JsonlMetrics, MethodPhases, PeftTrainer, open_run_folder
 
     start = time.time()
     out = Path(config.output_dir)
-    checkpoints = complete_checkpoints(out)
-    if resume and not checkpoints:
-        raise ConfigError(f"--resume: no complete checkpoint in {out} to resume from")
-    if not resume:
-        for old in out.glob("checkpoint-*"):
-            shutil.rmtree(old)                    # a fresh run must not mix with an earlier one's checkpoints
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    checkpoints = open_run_folder(config, resume)
 
     model = from_pretrained(config.model)
     tokenizer = load_tokenizer(config.tokenizer or config.model)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import ProgressCallback, Trainer, TrainerCallback
 
-from ..errors import MambaPeftError
+from ..errors import ConfigError, MambaPeftError
 from ..peft import ADAPTER_WEIGHTS
 
 
@@ -95,6 +96,22 @@ class PeftTrainer(Trainer):
             self.log(extra)
             metrics.update(extra)
         return metrics
+
+
+def open_run_folder(config, resume: bool) -> list[Path]:
+    """Readies config.output_dir for a run (language or vision) and writes run_config.json; returns the complete
+    checkpoints to resume from. A fresh run clears an earlier run's checkpoints and metrics so they cannot mix."""
+    out = Path(config.output_dir)
+    checkpoints = complete_checkpoints(out)
+    if resume and not checkpoints:
+        raise ConfigError(f"--resume: no complete checkpoint in {out} to resume from")
+    if not resume:
+        for old in out.glob("checkpoint-*"):
+            shutil.rmtree(old)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return checkpoints
 
 
 class MethodPhases(TrainerCallback):

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
 from ..methods.base import option
 from .config import RunConfig
 
@@ -173,7 +171,7 @@ def fine_tune_vision(config: VisionTrainConfig | dict, *, resume: bool = False, 
     from ..data.images import collate_images
     from ..model.vim_loading import load_vim
     from ..peft import get_peft_model, guess_arch
-    from .trainer import JsonlMetrics, MethodPhases, PeftTrainer, complete_checkpoints
+    from .trainer import JsonlMetrics, MethodPhases, PeftTrainer, open_run_folder
 
     if isinstance(config, dict):
         config = resolve_vision_config(config, where="the vision config")
@@ -181,15 +179,7 @@ def fine_tune_vision(config: VisionTrainConfig | dict, *, resume: bool = False, 
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.output_dir)
-    checkpoints = complete_checkpoints(out)
-    if resume and not checkpoints:
-        raise ConfigError(f"--resume: no complete checkpoint in {out} to resume from")
-    if not resume:
-        for old in out.glob("checkpoint-*"):
-            shutil.rmtree(old)                    # a fresh run must not mix with an earlier one's checkpoints
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    checkpoints = open_run_folder(config, resume)
 
     model = load_vim(config.model, img_size=config.image_size)
     train_set, val_set, test_set, classes = prepare_vision_data(config, model.config.img_size)
