@@ -59,6 +59,9 @@ def test_search_reports_and_its_best_config_reproduces(setup, tmp_path, capsys):
     _, step2 = states(out, 2)
     assert all(set(t.user_attrs["methods"]) <= kept for t in step2)
     best = max((t for t in step2 if t.value is not None), key=lambda t: t.value)
+    for trial in step1 + step2:             # pruning sees what the trial is scored on: validation accuracy
+        if trial.value is not None:
+            assert trial.intermediate_values and trial.value == max(trial.intermediate_values.values())
     # the final run is the best config, retrained with the same seed: the same validation score
     results = json.loads((out / "final" / "results.json").read_text())
     assert results["best_validation"] == pytest.approx(best.value, abs=1e-6)

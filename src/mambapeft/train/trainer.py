@@ -85,17 +85,21 @@ class PeftTrainer(Trainer):
 
     # ---------------------------------------------------------------- validation accuracy
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The validation loss, plus multiple-choice acc / acc_norm when the validation set has choices: added
+        here, inside the loop, so the log, the callbacks (the search's pruning) and best-checkpoint selection
+        all see them with the loss."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if self.mc_items:
             from ..evaluation.multiple_choice import score_items
 
             scores = score_items(self.model, self.mc_tokenizer, self.mc_items,
                                  batch_size=self.args.per_device_eval_batch_size)
-            extra = {f"{metric_key_prefix}_acc": scores["acc"], f"{metric_key_prefix}_acc_norm": scores["acc_norm"]}
-            self.log(extra)
-            metrics.update(extra)
-        return metrics
+            output.metrics.update({f"{metric_key_prefix}_acc": scores["acc"],
+                                   f"{metric_key_prefix}_acc_norm": scores["acc_norm"]})
+        return output
 
 
 def open_run_folder(config, resume: bool) -> list[Path]:
