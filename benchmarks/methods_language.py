@@ -58,6 +58,8 @@ def main(argv=None) -> None:
             rows.append(before[name])
             continue
         specs = ALL_AT_ONCE if name == "all" else [name if name in ("full", "linear_probe") else f"paper/{name}"]
+        if name == "prompt":                             # the preset's prefix+suffix is Vim's; causal LMs: prefix
+            specs = ["prompt:n=8,position=prefix"]
         if name in ("sdt", "sdt_lora"):                  # SDT's warm-up: the first quarter of the budget
             specs = [f"sdt:warmup_steps={max(1, args.max_steps // 4)}"] + (["lora_out_proj:r=8"] if name == "sdt_lora" else [])
         config = TrainConfig.from_dict(dict(
@@ -66,7 +68,11 @@ def main(argv=None) -> None:
             warmup_steps=10, eval_steps=max(1, args.max_steps // 8), logging_steps=max(1, args.max_steps // 16),
             train_on_prompt=False, seed=42))
         start = time.time()
-        result = fine_tune(config, log=lambda *a: None)
+        try:
+            result = fine_tune(config, log=lambda *a: None)
+        except Exception as err:                         # one method's failure is a line, not the end of the table
+            print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
+            continue
         counts = result["parameters"]
         if name in ("sdt", "sdt_lora"):                  # what trains after the selection, not the dense warm-up
             counts = count(str(BUILTIN_MODEL), specs)
