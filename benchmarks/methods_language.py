@@ -9,7 +9,7 @@ built-in model's per-method learning rates (config.presets: 3e-2 for the LoRA fa
 the rest; --lr sets one for all), keeping the checkpoint with the best validation accuracy. Prints a table
 (method, settings, trainable parameters, percent, validation and test accuracy, seconds per step with the run's
 evaluations included) and writes it, results.json (resumable: finished rows are kept) and a PNG plot of test
-accuracy against trainable parameters to --out. About 2.5 minutes a method on one core.
+accuracy against trainable parameters to --out. About 3 minutes a method on one core.
 """
 
 from __future__ import annotations
