@@ -66,7 +66,6 @@ def load_run_config(path: str | None, task: str | None = None):
     tasks = raw.pop("tasks", []) or []
     if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
         raise ConfigError(f"{path}: 'tasks' must be a list of objects such as {{\"data\": \"a.json\"}}")
-    raw.pop("task", None)
     if kind == "vision":
         return resolve_vision_config(raw if path else dict(BUILTIN_VISION_RUN), where=path or "the built-in demo"), tasks
     return resolve_config(None, raw if path else dict(BUILTIN_RUN)), tasks

@@ -25,8 +25,8 @@ class RunConfig:
     def from_dict(cls, data: dict, where: str = "the config"):
         known = {f.name for f in fields(cls)}
         values = dict(data)
-        if values.get("task", cls.kind) == cls.kind and "task" not in known:
-            values.pop("task", None)               # run_config.json names its kind; the dataclass has no such field
+        if values.get("task") == cls.kind:
+            del values["task"]                     # run_config.json names its kind; the dataclass has no such field
         unknown = sorted(set(values) - known)
         if unknown:
             import difflib

@@ -11,8 +11,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from ..assets import BUILTIN_NAME, builtin_split
 from ..config.presets import BUILTIN_BASE_LR
 from ..errors import ConfigError
@@ -80,45 +78,17 @@ def method_config(config: TrainConfig, model):
 
 
 def training_arguments(config: TrainConfig, has_validation: bool, metric: str):
-    from transformers import TrainingArguments
+    from .trainer import trainer_arguments
 
-    cuda = torch.cuda.is_available()
     try:
         import tensorboard  # noqa: F401
 
         report_to = ["tensorboard"]
     except ImportError:
         report_to = "none"
-    return TrainingArguments(
-        output_dir=config.output_dir,
-        per_device_train_batch_size=config.micro_batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        gradient_accumulation_steps=config.batch_size // config.micro_batch_size,
-        learning_rate=config.lr or (BUILTIN_BASE_LR if config.model == BUILTIN_NAME else 1e-3),
-        weight_decay=config.weight_decay,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        lr_scheduler_type=config.scheduler if config.scheduler != "constant" else "constant_with_warmup",
-        warmup_steps=config.warmup_steps,
-        max_grad_norm=config.max_grad_norm or None,
-        logging_steps=config.logging_steps,
-        eval_strategy="steps" if has_validation else "no",
-        eval_steps=config.eval_steps,
-        save_strategy="steps",
-        save_steps=config.eval_steps,
-        save_total_limit=config.save_total_limit,
-        load_best_model_at_end=has_validation,
-        metric_for_best_model=metric,
-        greater_is_better=metric != "eval_loss",
-        seed=config.seed,
-        bf16=cuda if config.bf16 is None else config.bf16,
-        use_cpu=not cuda,
-        report_to=report_to,
-        label_names=["labels"],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
+    return trainer_arguments(config, lr=config.lr or (BUILTIN_BASE_LR if config.model == BUILTIN_NAME else 1e-3),
+                             warmup_steps=config.warmup_steps, eval_steps=config.eval_steps,
+                             has_validation=has_validation, metric=metric, report_to=report_to)
 
 
 def fine_tune(config: TrainConfig, *, resume: bool = False, callbacks=(), log=print) -> dict:
@@ -141,13 +111,14 @@ def fine_tune(config: TrainConfig, *, resume: bool = False, callbacks=(), log=pr
     log(f"data: {len(train_set)} training examples ({train_set.truncated} truncated at {config.max_length} tokens), "
         f"{len(val_set) if val_set else 0} validation, {len(test_items)} test items")
 
-    results = {"model": config.model, "methods": method_config(config, model).to_dict()["methods"]}
+    methods = method_config(config, model)
+    results = {"model": config.model, "methods": methods.to_dict()["methods"]}
     if test_items and not resume:
         before = score_items(model, tokenizer, test_items, batch_size=config.eval_batch_size)
         results["zero_shot"] = {"acc": before["acc"], "acc_norm": before["acc_norm"], "n": before["n"]}
         log(f"zero-shot test accuracy: {before['acc']:.1%} (acc_norm {before['acc_norm']:.1%}, {before['n']} items)")
 
-    peft = get_peft_model(model, method_config(config, model), seed=config.seed)
+    peft = get_peft_model(model, methods, seed=config.seed)
     counts = peft.parameter_counts()
     results["parameters"] = counts
     log(f"methods: {', '.join(str(s) for s in peft.peft_config.methods)}; trainable parameters "

@@ -102,6 +102,45 @@ class PeftTrainer(Trainer):
         return output
 
 
+def trainer_arguments(config, *, lr: float, warmup_steps: int, eval_steps: int, has_validation: bool, metric: str,
+                      report_to="none"):
+    """transformers' TrainingArguments from the fields the language and vision configs share, plus what each run
+    derives itself (its rate, warm-up and evaluation interval in steps, its metric)."""
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.micro_batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.batch_size // config.micro_batch_size,
+        learning_rate=lr,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.scheduler if config.scheduler != "constant" else "constant_with_warmup",
+        warmup_steps=warmup_steps,
+        max_grad_norm=config.max_grad_norm or None,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model=metric,
+        greater_is_better=metric != "eval_loss",
+        seed=config.seed,
+        bf16=cuda if config.bf16 is None else config.bf16,
+        use_cpu=not cuda,
+        report_to=report_to,
+        label_names=["labels"],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
 def open_run_folder(config, resume: bool) -> list[Path]:
     """Readies config.output_dir for a run (language or vision) and writes run_config.json; returns the complete
     checkpoints to resume from. A fresh run clears an earlier run's checkpoints and metrics so they cannot mix."""

@@ -1,9 +1,9 @@
 """Vision fine-tuning (the paper's VTAB-1k recipe) on the same PeftTrainer as the language runs.
 
-Proposed CLI: `mambapeft train --task vision [--model tiny-vim] [--data-root DIR] [--vtab-task NAME]
+Command line: `mambapeft train --task vision [--model tiny-vim] [--data-root DIR] [--vtab-task NAME]
 [--split final|search] [--method SPEC ...] [--epochs N] [--warmup-epochs N] [--batch-size N] [--lr X]
-[--weight-decay X] [--max-grad-norm X] [--max-steps N] [--threads N] [--output-dir DIR] [--seed N]`
-(add_vision_arguments / vision_config_from_args below).
+[--weight-decay X] [--max-grad-norm X] [--max-steps N] [--threads N] [--output-dir DIR] [--seed N]`, or a
+`--config` file with `task: vision` (add_vision_arguments / vision_config_from_args below).
 
 Recipe (paper, VTAB-1k): AdamW lr 1e-3, weight decay 1e-4, batch 32, 100 epochs with 10 warm-up epochs then cosine
 decay, gradient clipping 5, the classification head always trained (`linear_probe` is added to the methods), top-1
@@ -129,40 +129,11 @@ def prepare_vision_data(config: VisionTrainConfig, image_size: int):
 
 
 def vision_training_arguments(config: VisionTrainConfig, steps_per_epoch: int, has_validation: bool):
-    from transformers import TrainingArguments
+    from .trainer import trainer_arguments
 
-    cuda = torch.cuda.is_available()
-    eval_steps = max(1, round(config.eval_epochs * steps_per_epoch))
-    return TrainingArguments(
-        output_dir=config.output_dir,
-        per_device_train_batch_size=config.micro_batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        gradient_accumulation_steps=config.batch_size // config.micro_batch_size,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        lr_scheduler_type=config.scheduler if config.scheduler != "constant" else "constant_with_warmup",
-        warmup_steps=math.ceil(config.warmup_epochs * steps_per_epoch),
-        max_grad_norm=config.max_grad_norm or None,
-        logging_steps=config.logging_steps,
-        eval_strategy="steps" if has_validation else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=eval_steps,
-        save_total_limit=config.save_total_limit,
-        load_best_model_at_end=has_validation,
-        metric_for_best_model="eval_acc",
-        greater_is_better=True,
-        seed=config.seed,
-        bf16=cuda if config.bf16 is None else config.bf16,
-        use_cpu=not cuda,
-        report_to="none",
-        label_names=["labels"],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
+    return trainer_arguments(config, lr=config.lr, warmup_steps=math.ceil(config.warmup_epochs * steps_per_epoch),
+                             eval_steps=max(1, round(config.eval_epochs * steps_per_epoch)),
+                             has_validation=has_validation, metric="eval_acc")
 
 
 def fine_tune_vision(config: VisionTrainConfig | dict, *, resume: bool = False, callbacks=(), log=print) -> dict:
@@ -232,7 +203,7 @@ def fine_tune_vision(config: VisionTrainConfig | dict, *, resume: bool = False, 
     return results
 
 
-# ---------------------------------------------------------------------- command line (for the lead to wire)
+# ---------------------------------------------------------------------- command line
 
 VISION_ONLY = ("data_root", "vtab_task", "split", "image_size", "warmup_epochs", "eval_epochs", "threads")
 
@@ -252,7 +223,6 @@ def vision_config_from_args(args, file_values: dict | None = None, where: str = 
     """A config file's values, then the flags (vision-only ones from add_vision_arguments, shared ones by their
     field name; None = not given), then the built-in defaults when the run is the built-in task."""
     values = dict(file_values or {})
-    values.pop("task", None)
     for f in fields(VisionTrainConfig):
         given = getattr(args, f"vision_{f.name}" if f.name in VISION_ONLY else f.name, None)
         if given is not None:
