@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mambapeft.assets import BUILTIN_MODEL  # noqa: E402
-from mambapeft.cli.params import count  # noqa: E402
+from mambapeft.peft import count_parameters as count  # noqa: E402
 from mambapeft.train import TrainConfig, fine_tune  # noqa: E402
 
 SINGLE = ["lora_embed", "lora_in_proj", "lora_x_proj", "lora_dt_proj", "lora_out_proj", "lora_p_x", "lora_p_z",
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
             train_on_prompt=False, seed=42))
         start = time.time()
         try:
-            result = fine_tune(config, log=lambda *a: None)
+            result = fine_tune(config, overwrite=True, log=lambda *a: None)
         except Exception as err:                         # one method's failure is a line, not the end of the table
             print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
             continue

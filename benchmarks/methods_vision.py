@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mambapeft.train.vision import fine_tune_vision
+from mambapeft.train import fine_tune_vision
 
 METHODS = [
     "linear_probe", "full", "lora_in_proj:r=8", "lora_x_proj:r=8", "lora_dt_proj:r=4", "lora_out_proj:r=8",
@@ -63,7 +63,8 @@ def main() -> None:
         name = spec.replace(":", "_").replace(",", "_").replace("=", "").replace(" ", "__")[:80]
         try:
             r = fine_tune_vision({"method": spec.split(), "split": "search", "epochs": args.epochs,
-                                  "threads": args.threads, "output_dir": str(out / name)}, log=lambda _: None)
+                                  "threads": args.threads, "output_dir": str(out / name)}, overwrite=True,
+                                 log=lambda _: None)
         except Exception as err:              # one method's failure is a row of the table, not the end of it
             rows.append(dict(method=spec, error=f"{type(err).__name__}: {err}"))
             print(f"{spec}: {rows[-1]['error']}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from _common import machine, rel_err, setup_threads, timed
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

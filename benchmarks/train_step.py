@@ -15,7 +15,6 @@ import ctypes
 import gc
 
 import torch
-
 from _common import machine, peak_memory, rel_err, setup_threads, timed
 
 

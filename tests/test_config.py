@@ -3,7 +3,9 @@
 import pytest
 
 from mambapeft import ConfigError, MethodSpec, PeftConfig
-from mambapeft.config.presets import PRESETS, expand_preset
+from mambapeft.config import all_presets, expand_preset
+
+PRESETS = all_presets()
 
 
 def test_spec_text_and_dict_agree():

@@ -5,6 +5,7 @@ import torch
 from transformers import MambaConfig
 
 import mambapeft
+
 from conftest import assert_rel_close, twin_models
 
 GEN_CONFIGS = {

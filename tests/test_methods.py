@@ -1,14 +1,10 @@
-"""One battery for every registered method, on a tiny random language model.
-
-Each row of METHODS is a spec for one method. Every method must have a row (a test checks it), and every row
-goes through the same checks: identity at init (where the method starts as one), a gradient on every
-trainable tensor, frozen weights bit-identical after an optimiser step, a save/load round trip, merging,
-and generation. The parameter counts of the paper are in test_param_counts.py.
-"""
+"""Methods on a tiny random language model, beyond the shared battery (tests/test_conformance.py): all methods at
+once, optimiser groups, the decay toward the pretrained value, additional scan's and DoRA's initialisation, and bad
+specs. The parameter counts of the paper are in test_param_counts.py."""
 
 import pytest
 import torch
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import MambaConfig
 
 import mambapeft
 from mambapeft import PeftModel, get_peft_model
@@ -16,51 +12,10 @@ from mambapeft.methods import REGISTRY
 
 from conftest import assert_rel_close
 
-# spec, starts as the identity
-METHODS = {
-    "lora_embed": ("lora_embed:r=4", True),
-    "lora_in_proj": ("lora_in_proj:r=4", True),
-    "lora_x_proj": ("lora_x_proj:r=4", True),
-    "lora_dt_proj": ("lora_dt_proj:r=4", True),
-    "lora_out_proj": ("lora_out_proj:r=4", True),
-    "lora_p_x": ("lora_p_x:r=4", True),
-    "lora_p_z": ("lora_p_z:r=4", True),
-    "lora_p_dt": ("lora_p_dt:r=4", True),
-    "lora_p_b": ("lora_p_b:r=4", True),
-    "lora_p_c": ("lora_p_c:r=4", True),
-    "dora_p_x": ("dora_p_x:r=4", True),
-    "sll_lora": ("sll_lora:r=4", True),
-    "parallel_adapter": ("parallel_adapter:dim=8", True),
-    "partial_a": ("partial_a", True),
-    "partial_d": ("partial_d", True),
-    "partial_conv1d": ("partial_conv1d", True),
-    "partial_bias": ("partial_bias", True),
-    "additional_scan": ("additional_scan:n=3,zero_init=true", True),
-    "additional_scan_bottom_s4d": ("additional_scan:n=2,location=bottom,init=s4d", False),
-    "prompt": ("prompt:n=3", False),
-    "prompt_proj": ("prompt:n=2,projection=true", False),
-    "affix": ("affix:n=2", False),
-    "affix_before_proj": ("affix:n=2,where=before_in_proj,projection=true", False),
-    "sdt": ("sdt:warmup_steps=1,channel_fraction=0.2,state_fraction=0.4", True),
-    "full": ("full", True),
-    "linear_probe": ("linear_probe", True),
-}
-# methods that only exist for Vision Mamba models (tested in test_vim_methods.py)
-VISION_ONLY = {"partial_cls_token", "partial_pos_embed"}
-ROWS = sorted(METHODS)
-
 
 def base_model(seed=0):
     return mambapeft.from_config(MambaConfig(hidden_size=24, num_hidden_layers=2, vocab_size=97, state_size=5,
                                              expand=2, time_step_rank=3, tie_word_embeddings=True), seed=seed).eval()
-
-
-def make_peft(row, seed=0):
-    torch.manual_seed(1)
-    peft = get_peft_model(base_model(seed), [METHODS[row][0]])
-    peft.on_step_end(1)                   # one optimiser step has passed: phased methods (SDT) move on
-    peft.eval()
-    return peft
 
 
 @torch.no_grad()
@@ -75,96 +30,10 @@ def randomize_adapter(peft):
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-def test_every_method_has_a_row():
-    assert set(REGISTRY) - VISION_ONLY <= {spec.split(":")[0] for spec, _ in METHODS.values()}
-
-
-@pytest.mark.parametrize("row", ROWS)
-def test_identity_at_init(row):
-    spec, identity = METHODS[row]
-    if not identity:
-        pytest.skip(f"{spec} does not start as the identity")
-    expected = base_model()(IDS).logits
-    assert_rel_close(make_peft(row)(IDS).logits, expected, tol=1e-6, what=row)
-
-
-@pytest.mark.parametrize("row", ROWS)
-def test_gradient_reaches_every_trainable_tensor(row):
-    peft = make_peft(row)
-    randomize_adapter(peft)
-    peft.train()
-    out = peft(IDS, labels=IDS)
-    out.loss.backward()
-    trainable = [(n, p) for n, p in peft.base_model.named_parameters() if p.requires_grad]
-    assert trainable
-    for name, p in trainable:
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{row}: no gradient reaches {name}"
-
-
-@pytest.mark.parametrize("row", ROWS)
-def test_frozen_weights_unchanged_after_a_step(row):
-    peft = make_peft(row)
-    frozen = {n: p.detach().clone() for n, p in peft.base_model.named_parameters() if not p.requires_grad}
-    trainable = {n: p.detach().clone() for n, p in peft.base_model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(peft.parameter_groups(lr=1e-2, weight_decay=0.1))
-    peft.train()
-    peft(IDS, labels=IDS).loss.backward()
-    optimizer.step()
-    params = dict(peft.base_model.named_parameters())
-    for name, before in frozen.items():
-        assert torch.equal(params[name], before), f"{row}: frozen {name} changed"
-    assert any(not torch.equal(params[n], before) for n, before in trainable.items()), f"{row}: nothing trained"
-
-
-@pytest.mark.parametrize("row", ROWS)
-def test_save_load_round_trip(row, tmp_path):
-    peft = make_peft(row)
-    randomize_adapter(peft)
-    expected = peft(IDS).logits
-    peft.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(base_model(), tmp_path).eval()
-    assert torch.equal(loaded(IDS).logits, expected)
-    assert loaded.parameter_counts() == peft.parameter_counts()
-
-
-@pytest.mark.parametrize("row", ROWS)
-def test_merge_keeps_outputs(row):
-    peft = make_peft(row)
-    randomize_adapter(peft)
-    expected = peft(IDS).logits
-    merged = peft.merge_and_unload().eval()
-    assert_rel_close(merged(IDS).logits, expected, tol=1e-5, what=row)
-    if all(m.mergeable for m in peft.methods):
-        assert isinstance(merged, mambapeft.MambaLM)
-
-
-@pytest.mark.parametrize("row", [r for r in ROWS if REGISTRY[METHODS[r][0].split(":")[0]].mergeable])
-def test_merged_checkpoint_loads_in_transformers(row, tmp_path):
-    peft = make_peft(row)
-    randomize_adapter(peft)
-    expected = peft(IDS).logits
-    merged = peft.merge_and_unload()
-    merged.save_pretrained(tmp_path)
-    hf = MambaForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert_rel_close(hf(IDS).logits, expected, tol=1e-4, what=row)
-
-
-@pytest.mark.parametrize("row", ROWS)
-def test_greedy_generation_equals_full_forward_argmax(row):
-    peft = make_peft(row)
-    randomize_adapter(peft)
-    prompt = IDS[:, :5]
-    generated = peft.generate(prompt, max_new_tokens=4, eos_token_id=None)
-    tokens = prompt
-    with torch.no_grad():
-        for _ in range(4):
-            tokens = torch.cat([tokens, peft(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, tokens)
-
-
-ALL_AT_ONCE = [spec for row, (spec, _) in METHODS.items()
-               if row not in ("full", "dora_p_x", "sdt", "additional_scan_bottom_s4d", "prompt_proj", "affix_before_proj")]
+# every method that applies to a language model, each at its first example, except those that cannot share:
+# full (trains everything), dora_p_x (alone on the X rows) and sdt (alone on A_log, and phased)
+ALL_AT_ONCE = [cls.examples[0].spec for name, cls in REGISTRY.items()
+               if name not in ("full", "dora_p_x", "sdt", "partial_cls_token", "partial_pos_embed")]
 
 
 def test_all_methods_at_once(tmp_path):
@@ -309,5 +178,5 @@ def test_adapter_for_another_architecture_is_refused(tmp_path):
 
 
 def test_vision_only_target_on_a_language_model_is_refused():
-    with pytest.raises(mambapeft.ConfigError, match="partial_pos_embed needs a Vision Mamba model"):
+    with pytest.raises(mambapeft.NotApplicable, match="partial_pos_embed does not apply to mamba models: .* no pos_embed"):
         get_peft_model(base_model(), ["partial_pos_embed"])

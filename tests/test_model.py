@@ -5,6 +5,7 @@ import torch
 from transformers import FalconMambaConfig, MambaConfig
 
 import mambapeft
+
 from conftest import assert_rel_close, twin_models
 
 CONFIGS = {

@@ -5,6 +5,7 @@ import torch
 
 import mambapeft.scan.sequential as sequential
 from mambapeft import selective_scan, selective_scan_reference
+
 from conftest import assert_rel_close
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")

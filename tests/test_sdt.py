@@ -168,7 +168,7 @@ def test_params_reports_the_count_after_selection(capsys):
 
 def test_warmup_selection_and_sparse_training_in_one_train_run(tmp_path, capfd):
     from mambapeft.assets import builtin_split
-    from mambapeft.train.config import TrainConfig
+    from mambapeft.train import TrainConfig
     from mambapeft.train.run import fine_tune
 
     data = tmp_path / "train.json"

@@ -15,8 +15,10 @@ import mambapeft
 from mambapeft import ConfigError, MambaMixer, PeftConfig, PeftModel, get_peft_model, selective_scan_reference
 from mambapeft.methods.prompt import soft_positions
 from mambapeft.model.architectures import arch_config
+from mambapeft.model.interface import PeftModelInterface
 from mambapeft.model.lm import MambaLM
 from mambapeft.model.mixer import DIRECTION_NAMES
+
 from conftest import assert_rel_close
 
 VOCAB = 1024          # the "tiny" architecture: d 64, E 128, 2 layers
@@ -69,11 +71,13 @@ class NonCausalLM(MambaLM):
     is_causal = False
 
 
-class MixerStack(nn.Module):
-    """A stand-in model: exactly what methods may use (peft_mixers, hooks, is_causal, d_model), nothing more.
+class MixerStack(nn.Module, PeftModelInterface):
+    """A stand-in model: exactly what the model interface declares (mixers, hooks, causality, width), nothing more.
 
     With Vim-S sizes on the meta device it stands for Vision Mamba in the parameter counts.
     """
+
+    family = "mixer-stack"
 
     def __init__(self, d, layers, bidirectional, is_causal=False, device=None, **mixer_kw):
         super().__init__()
@@ -81,14 +85,21 @@ class MixerStack(nn.Module):
                                     for _ in range(layers))
         self.hooks = nn.ModuleList()
         self.is_causal = is_causal
-        self.d_model = d
+        self._d = d
         if device != "meta":
             with torch.no_grad():
                 for p in self.layers.parameters():
                     p.add_(torch.randn_like(p) * 0.1)
 
+    @property
+    def d_model(self):
+        return self._d
+
     def peft_mixers(self):
         return list(self.layers)
+
+    def peft_fingerprint(self):
+        return {"d": self._d, "layers": len(self.layers)}
 
     def forward(self, h):
         for hook in self.hooks:
@@ -165,7 +176,7 @@ def test_positions_by_hand(position, n, length, expected):
 
 def test_infix_tokens_are_evenly_spaced():
     for n in range(1, 7):
-        for length in range(0, 13):
+        for length in range(13):
             pos = soft_positions("infix", n, length).tolist()
             assert pos == sorted(set(pos)) and len(pos) == n and pos[-1] < length + n
             runs = [b - a - 1 for a, b in zip([-1] + pos, pos + [length + n])]      # real tokens between tokens

@@ -162,7 +162,7 @@ def test_config_file_cli_overrides_and_builtin_defaults(tmp_path):
     from dataclasses import replace
 
     import mambapeft
-    from mambapeft.train.run import method_config, training_arguments
+    from mambapeft.train.language import method_config, training_arguments
 
     two = replace(b, method=["lora_p_x", "partial_d"], output_dir=str(tmp_path / "o"))
     specs = method_config(two, mambapeft.from_pretrained("builtin")).methods
@@ -191,7 +191,7 @@ def test_cli_errors_are_clear(tiny, tmp_path, capsys):
 
 
 def test_paper_learning_rates_apply_by_model_size_unless_lr_is_given():
-    from mambapeft.train.run import method_config
+    from mambapeft.train.language import method_config
 
     base = from_config("mamba-130m", device="meta")
     recipe = TrainConfig.from_dict({"model": "x", "data": "d.json", "method": ["additional_scan", "lora_p_x:r=8"]})

@@ -2,7 +2,6 @@
 round trip, the always-trained head, resume equivalence, config files, the search on vision tasks and the errors
 a user meets."""
 
-import argparse
 import json
 
 import numpy as np
@@ -15,8 +14,8 @@ from transformers import TrainerCallback
 from mambapeft import ConfigError
 from mambapeft.model.vim_loading import load_vim
 from mambapeft.peft import PeftModel
-from mambapeft.train.vision import (VisionTrainConfig, add_vision_arguments, fine_tune_vision, resolve_vision_config,
-                                    vision_config_from_args, with_head)
+from mambapeft.train import fine_tune_vision
+from mambapeft.train.vision import VisionTrainConfig, resolve_vision_config, with_head
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,8 @@ class StopAt(TrainerCallback):
 
 
 def config(vtab, out, **changes):
-    values = dict(data_root=str(vtab), vtab_task="halves", method=["lora_p_x:r=2"], output_dir=str(out), epochs=2.0,
+    values = dict(data_root=str(vtab), vtab_task="halves", num_classes=2, method=["lora_p_x:r=2"], output_dir=str(out),
+                  epochs=2.0,
                   warmup_epochs=0.5, batch_size=8, micro_batch_size=8, eval_batch_size=16, logging_steps=2,
                   eval_epochs=1.0, lr=5e-3, seed=3)
     values.update(changes)
@@ -125,7 +125,8 @@ def test_head_methods_and_errors(vtab, tmp_path):
         fine_tune_vision(config(vtab, tmp_path, vtab_task="nope"), log=lambda _: None)
     broken = tmp_path / "root" / "broken"
     broken.mkdir(parents=True)
-    (broken / "test.txt").write_text("images/missing.png 0\n")
+    for name in ("train800val200", "test"):
+        (broken / f"{name}.txt").write_text("images/missing.png 0\n")
     with pytest.raises(ConfigError, match="missing image"):
         fine_tune_vision(config(vtab, tmp_path / "o", data_root=str(tmp_path / "root"), vtab_task="broken"), log=print)
     with pytest.raises(ConfigError, match="split='all' is not one of final, search"):
@@ -142,12 +143,12 @@ def test_head_methods_and_errors(vtab, tmp_path):
 
 
 def test_command_line_flags(vtab):
-    parser = argparse.ArgumentParser()
-    add_vision_arguments(parser)
-    parser.add_argument("--model", default="builtin")          # shared with the language run
-    parser.add_argument("--epochs", type=float)
-    args = parser.parse_args(["--vtab-task", "halves", "--data-root", str(vtab), "--epochs", "3", "--split", "search"])
-    c = vision_config_from_args(args)
+    from mambapeft.cli.main import build_parser
+    from mambapeft.cli.train import config_from_args
+
+    args = build_parser().parse_args(["train", "--task", "vision", "--vtab-task", "halves", "--data-root", str(vtab),
+                                      "--epochs", "3", "--split", "search"])
+    _, c = config_from_args(args)
     assert (c.model, c.vtab_task, c.data_root, c.epochs, c.split, c.lr) == ("tiny-vim", "halves", str(vtab), 3.0, "search",
                                                                        1e-3)
 
@@ -155,7 +156,8 @@ def test_command_line_flags(vtab):
 def _run_file(vtab, tmp_path, out, **changes):
     import yaml
 
-    values = dict(task="vision", data_root=str(vtab), vtab_task="halves", method=["lora_p_x:r=2"], epochs=1.0,
+    values = dict(task="vision", data_root=str(vtab), vtab_task="halves", num_classes=2, method=["lora_p_x:r=2"],
+                  epochs=1.0,
                   warmup_epochs=0.5, batch_size=8, micro_batch_size=8, eval_batch_size=16, lr=5e-3, seed=3,
                   output_dir=str(out), **changes)
     file = tmp_path / "run.yaml"

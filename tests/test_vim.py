@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_rel_close
 
-from mambapeft import CheckpointError, ConfigError, from_config
+from mambapeft import CheckpointError, ConfigError, NotApplicable, from_config
 from mambapeft.model.vim import VIM_ARCHITECTURES, VimConfig, VisionMamba, build_vim, vim_config
 from mambapeft.model.vim_loading import load_vim, resize_pos_embed, save_vim, with_image_size
+from mambapeft.peft import PeftModel, get_peft_model
+
+from conftest import assert_rel_close
 
 
 def jittered(config: VimConfig, seed=0, jitter=0.1) -> VisionMamba:
@@ -223,7 +225,7 @@ def test_a_pickle_asking_for_other_globals_is_refused_and_nothing_runs(tmp_path)
 def test_a_legacy_pickle_is_still_loaded_restricted(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"model": {}, "args": RunsCodeOnLoad(marker)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="cannot be read as a Vim checkpoint"):
+    with pytest.raises(CheckpointError, match="asks to unpickle .*system.*nothing in it was run"):
         load_vim(tmp_path / "old.pth")
     assert not marker.exists()
 
@@ -339,3 +341,96 @@ def test_looks_like_vim_tells_vision_checkpoints_from_language_ones(tmp_path):
     vision = ["vim-small", "tiny-vim", "hustvl/Vim-base-midclstok", tmp_path / "vim", tmp_path / "v.pth"]
     assert all(map(looks_like_vim, vision))
     assert not any(map(looks_like_vim, ["state-spaces/mamba-130m-hf", "tiny", tmp_path]))
+
+
+# ---------------------------------------------------------------- PEFT on Vision Mamba (the shared battery of every
+# method runs in test_conformance.py; here: what only Vim has)
+
+
+def peft_base(seed=0) -> VisionMamba:
+    """The micro Vim with every weight jittered away from its constant init; the same for the same seed."""
+    torch.manual_seed(seed)
+    model = VisionMamba(vim_config("vim-micro"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def perturb(peft: PeftModel, seed=1) -> None:
+    """Moves every trainable tensor off its init, so that zero-initialised parts pass gradients on."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in peft.base_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def test_per_direction_parts_get_one_copy_per_direction():
+    """x_proj, dt_proj, A, D and conv1d exist per scan direction; in_proj and out_proj are shared."""
+    def count(spec):
+        return get_peft_model(build_vim("vim-micro", device="meta"), [spec]).parameter_counts()["trainable"]
+
+    E, R, N, layers = 64, 2, 16, 2
+    assert count("lora_x_proj:r=4") == layers * 2 * (4 * E + (R + 2 * N) * 4)
+    assert count("lora_in_proj:r=4") == layers * (4 * 32 + 2 * E * 4)
+    assert count("partial_a") == layers * 2 * E * N
+    assert count("affix:n=2") == layers * 2 * 2 * 2 * E              # dual: tokens per direction
+    assert count("affix:n=2,dual=false") == layers * 2 * 2 * E
+
+
+# the paper's Table 1 (Vim-S, classification head excluded)
+VIM_S_COUNTS = {
+    "lora_p_x:r=64": 1_769_472, "lora_p_z:r=64": 1_769_472, "lora_in_proj:r=32": 1_474_560,
+    "lora_out_proj:r=96": 2_654_208, "lora_x_proj:r=64": 2_531_328, "lora_dt_proj:r=64": 2_433_024,
+    "lora_p_b:r=64": 2_408_448, "lora_p_c:r=64": 2_408_448, "lora_p_dt:r=64": 2_433_024,
+    "partial_a": 589_824, "partial_conv1d": 147_456, "partial_d": 36_864, "partial_pos_embed": 75_648,
+    "partial_cls_token": 384, "lora_embed:r=32": 36_864, "additional_scan:n=6": 663_552,
+    "affix:n=3,projection=false,dual=true": 221_184, "prompt:n=8,projection=false": 3_072,
+}
+
+
+@pytest.mark.parametrize("spec, expected", VIM_S_COUNTS.items(), ids=list(VIM_S_COUNTS))
+def test_vim_small_counts_of_the_paper(spec, expected):
+    peft = get_peft_model(build_vim("vim-small", device="meta"), [spec])
+    assert peft.parameter_counts()["trainable"] == expected
+
+
+def test_head_is_counted_only_when_trained():
+    peft = get_peft_model(build_vim("vim-small", device="meta"), ["lora_p_x:r=64", "linear_probe"])
+    assert peft.parameter_counts()["trainable"] == 1_769_472 + 384 * 1000 + 1000
+
+
+def test_vision_methods_refuse_a_language_model():
+    from mambapeft import from_config
+
+    with pytest.raises(NotApplicable, match="partial_cls_token does not apply to mamba models: .*no cls_token"):
+        get_peft_model(from_config("tiny", device="meta"), ["partial_cls_token"])
+
+
+def test_vision_partial_decay_defaults_to_the_base_strength():
+    peft = get_peft_model(peft_base(), ["partial_pos_embed", "partial_a"])
+    decay = {g["method"]: g["weight_decay"] for g in peft.parameter_groups(lr=1e-3, weight_decay=0.0)}
+    assert decay == {"partial_pos_embed": 1e-4, "partial_a": 1e-3}
+
+
+@pytest.mark.parametrize("position", ["prefix", "suffix", "prefix+suffix"])
+def test_prompt_tokens_go_after_the_position_embedding_and_the_head_reads_the_class_token(position):
+    """The model with prompts equals the blocks run by hand on [prompts | cls-in-the-middle + pos | prompts]."""
+    base = peft_base()
+    peft = get_peft_model(base, [f"prompt:n=2,position={position}"]).eval()
+    perturb(peft)
+    tokens = peft.base_model.hooks[0].weight.detach()                             # (2, d)
+    with torch.no_grad():
+        h = base.patch_embed(IMAGES)                                              # (b, 16, d)
+        h = torch.cat([h[:, :8], base.cls_token.expand(3, 1, 32), h[:, 8:]], 1) + base.pos_embed
+        t = tokens[None].expand(3, -1, -1)
+        front, back = {"prefix": (t, t[:, :0]), "suffix": (t[:, :0], t), "prefix+suffix": (t[:, :1], t[:, 1:])}[position]
+        h = torch.cat([front, h, back], 1)
+        for layer in base.layers:
+            h = layer(h)
+        expected = base.head(base.norm_f(h)[:, front.shape[1] + 8])
+        assert_rel_close(peft(IMAGES).logits, expected, tol=1e-6, what=position)

@@ -39,16 +39,16 @@ def expected_pixel(rgb):
 
 def test_splits_follow_the_protocol(tmp_path):
     make_task(tmp_path)
-    train = vtab_split(tmp_path, "toy", "train", image_size=32)
+    train = vtab_split(tmp_path, "toy", "train", num_classes=4, image_size=32)
     assert len(train) == 6 and train.num_classes == 4                       # train800val200 = 4 + 2
-    assert len(vtab_split(tmp_path, "toy", "test", image_size=32)) == 3
-    assert len(vtab_split(tmp_path, "toy", "train800", image_size=32)) == 4
-    assert len(vtab_split(tmp_path, "toy", "val200", image_size=32)) == 2
+    assert len(vtab_split(tmp_path, "toy", "test", num_classes=4, image_size=32)) == 3
+    assert len(vtab_split(tmp_path, "toy", "train800", num_classes=4, image_size=32)) == 4
+    assert len(vtab_split(tmp_path, "toy", "val200", num_classes=4, image_size=32)) == 2
 
 
 def test_items_are_resized_rgb_normalised_with_imagenet_statistics(tmp_path):
     make_task(tmp_path)
-    data = vtab_split(tmp_path, "toy", "train", image_size=24)
+    data = vtab_split(tmp_path, "toy", "train", num_classes=4, image_size=24)
     for i in range(4):                                                     # labels 0..3: the four colours
         item = data[i]
         x = item["pixel_values"]
@@ -74,7 +74,7 @@ def test_bicubic_resize_as_pillow_does_it(tmp_path):
 
 def test_collate_and_cache(tmp_path):
     make_task(tmp_path)
-    data = vtab_split(tmp_path, "toy", "test", image_size=16, cache=True)
+    data = vtab_split(tmp_path, "toy", "test", num_classes=4, image_size=16, cache=True)
     batch = collate_images([data[0], data[1], data[2]])
     assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["labels"].tolist() == [0, 1, 2]
     (tmp_path / "toy" / "images" / "test" / "000000.jpg").unlink()         # served from the cache now
@@ -91,7 +91,7 @@ def test_missing_image_names_the_list_and_line(tmp_path):
     folder = make_task(tmp_path)
     (folder / "images" / "test" / "000001.jpg").unlink()
     with pytest.raises(ConfigError, match=r"test\.txt:2: missing image .*000001\.jpg"):
-        vtab_split(tmp_path, "toy", "test")
+        vtab_split(tmp_path, "toy", "test", num_classes=4)
 
 
 def test_label_out_of_range_names_the_list_and_line(tmp_path):
@@ -101,8 +101,19 @@ def test_label_out_of_range_names_the_list_and_line(tmp_path):
     (folder / "test.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=r"test\.txt:3: label 10 is out of range for 10 classes"):
         vtab_split(tmp_path, "svhn", "test")
-    with pytest.raises(ConfigError, match=r"train800val200\.txt:2: label 1 is out of range for 1 classes"):
+    with pytest.raises(ConfigError, match="--num-classes 1 contradicts the 10 classes of the VTAB-1k task 'svhn'"):
         vtab_split(tmp_path, "svhn", "train", num_classes=1)
+    make_task(tmp_path)
+    with pytest.raises(ConfigError, match=r"train800val200\.txt:2: label 1 is out of range for 1 classes"):
+        vtab_split(tmp_path, "toy", "train", num_classes=1)
+
+
+def test_an_unknown_task_needs_its_class_count(tmp_path):
+    """The head is never sized from the largest label seen: a class missing from the lists would be lost silently."""
+    make_task(tmp_path, labels=(0, 1, 2, 0, 1, 2))
+    with pytest.raises(ConfigError, match=r"'toy' is not one of the 19 VTAB-1k tasks.*labels 0\.\.2.*--num-classes"):
+        vtab_split(tmp_path, "toy", "test")
+    assert vtab_split(tmp_path, "toy", "test", num_classes=5).num_classes == 5
 
 
 @pytest.mark.parametrize("line, message", [
@@ -116,7 +127,7 @@ def test_malformed_line_names_the_list_and_line(tmp_path, line, message):
     lines = (folder / "test.txt").read_text().splitlines()
     (folder / "test.txt").write_text("\n".join(lines[:1] + [line] + lines[1:]) + "\n")
     with pytest.raises(ConfigError, match=r"test\.txt:2: " + re.escape(message)):
-        vtab_split(tmp_path, "toy", "test")
+        vtab_split(tmp_path, "toy", "test", num_classes=4)
 
 
 def test_missing_task_split_and_list_are_clear(tmp_path):
@@ -124,16 +135,16 @@ def test_missing_task_split_and_list_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="no VTAB task folder .*holds: toy"):
         vtab_split(tmp_path, "cifar", "test")
     with pytest.raises(ConfigError, match="unknown split 'valid'"):
-        vtab_split(tmp_path, "toy", "valid")
+        vtab_split(tmp_path, "toy", "valid", num_classes=4)
     (tmp_path / "toy" / "test.txt").unlink()
     with pytest.raises(ConfigError, match="no list file .*test.txt"):
-        vtab_split(tmp_path, "toy", "test")
+        vtab_split(tmp_path, "toy", "test", num_classes=4)
 
 
 def test_corrupt_image_names_the_line(tmp_path):
     folder = make_task(tmp_path)
     (folder / "images" / "test" / "000002.jpg").write_bytes(b"not an image")
-    data = vtab_split(tmp_path, "toy", "test")
+    data = vtab_split(tmp_path, "toy", "test", num_classes=4)
     with pytest.raises(ConfigError, match=r"cannot read image .*000002\.jpg \(listed at .*test\.txt:3\)"):
         data[2]
 

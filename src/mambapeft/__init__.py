@@ -1,6 +1,6 @@
 """mambapeft: parameter-efficient fine-tuning of Mamba state-space models (MambaPEFT, ICLR 2025)."""
 
-from .errors import CheckpointError, ConfigError, MambaPeftError
+from .errors import CheckpointError, ConfigError, MambaPeftError, NotApplicable
 from .model import (
     ARCHITECTURES,
     MambaLM,
@@ -16,13 +16,12 @@ from .model import (
     save_vim,
 )
 from .scan import selective_scan, selective_scan_reference
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ARCHITECTURES", "MambaLM", "MambaMixer", "MambaState", "MixerState", "PeftHook", "from_config",
     "from_pretrained", "save_pretrained", "selective_scan", "selective_scan_reference",
-    "CheckpointError", "ConfigError", "MambaPeftError", "__version__",
+    "CheckpointError", "ConfigError", "MambaPeftError", "NotApplicable", "__version__",
     "VisionMamba", "load_vim", "save_vim",
 ]
 

@@ -20,12 +20,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .config import MethodSpec, PeftConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, NotApplicable
 from .methods import REGISTRY, Method
 from .model.architectures import ARCHITECTURES
 from .model.summary import count_unique
+from .version import __version__
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -60,20 +60,43 @@ def check_combination(methods: list[Method]) -> None:
                 raise ConfigError(f"these methods clash: {reason}")
 
 
+def check_methods(model, methods: list[Method]) -> None:
+    """Every method's own check on `model` (NotApplicable names the method and the model family)."""
+    for method in methods:
+        try:
+            method.check(model)
+        except NotApplicable as err:
+            reason = str(err).removeprefix(f"{method.name}: ")
+            raise NotApplicable(f"{method.name} does not apply to {model.family} models: {reason}") from None
+
+
 class PeftModel(nn.Module):
-    def __init__(self, model: nn.Module, config, *, arch: str | None = None):
+    """A base model with PEFT methods attached.
+
+    `attached` is for a model whose methods are attached already (merge_and_unload's remainder): method name ->
+    the tensors it owns; the config's methods are then wrapped, not attached again.
+    """
+
+    def __init__(self, model: nn.Module, config, *, arch: str | None = None,
+                 attached: dict[str, list[torch.Tensor]] | None = None, methods: list[Method] | None = None):
         super().__init__()
         if isinstance(model, PeftModel):
             raise ConfigError("the model already carries PEFT methods; attach all methods in one config")
         if not isinstance(config, PeftConfig):
             config = PeftConfig.parse(config, arch=arch or guess_arch(model))
-        methods = [REGISTRY[spec.method](spec.config) for spec in config.methods]
-        check_combination(methods)
-        for method in methods:
-            method.check(model)
+        if methods is None:
+            methods = [REGISTRY[spec.method](spec.config) for spec in config.methods]
         self.base_model = model
         self.peft_config = config
         self.methods = methods
+        if attached is not None:
+            owned = {id(t) for tensors in attached.values() for t in tensors}
+            self._base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) if id(t) not in owned}
+            self.base_parameter_count = count_unique(p for p in model.parameters() if id(p) not in owned)
+            self._owned = dict(attached)
+            return
+        check_combination(methods)
+        check_methods(model, methods)
         self._base_ids = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
         self.base_parameter_count = count_unique(model.parameters())
         for p in model.parameters():
@@ -127,6 +150,10 @@ class PeftModel(nn.Module):
         total = self.base_parameter_count + added
         return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
 
+    def trainable_by_method(self) -> dict[str, int]:
+        """Trainable elements each method owns now (a tensor shared by two methods counts for the first)."""
+        return {m.name: count_unique(t for t in self._owned[m.name] if t.requires_grad) for m in self.methods}
+
     def print_trainable_parameters(self) -> None:
         c = self.parameter_counts()
         print(f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {c['percent']:.4f}")
@@ -168,9 +195,10 @@ class PeftModel(nn.Module):
         }
         (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        match_permissions(folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, folder) -> "PeftModel":
+    def from_pretrained(cls, model: nn.Module, folder) -> PeftModel:
         folder = Path(folder)
         config = read_adapter_config(folder)
         expected, found = fingerprint(model), config["base_model"]["architecture"]
@@ -197,6 +225,11 @@ class PeftModel(nn.Module):
         for name, t in expected.items():
             if saved[name].shape != t.shape:
                 raise CheckpointError(f"{file}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(t.shape)}")
+            if saved[name].is_floating_point() and not torch.isfinite(saved[name]).all():
+                raise CheckpointError(f"{file}: tensor {name} holds NaN or infinite values; this adapter comes from a "
+                                      f"run that diverged. Use an earlier checkpoint of that run, or train again with "
+                                      f"a lower learning rate")
+        for name, t in expected.items():
             t.copy_(saved[name])
         for method in self.methods:
             method.after_load()
@@ -219,14 +252,8 @@ class PeftModel(nn.Module):
             for p in model.parameters():
                 p.requires_grad_(True)
             return model
-        kept = PeftModel.__new__(PeftModel)
-        nn.Module.__init__(kept)
-        kept.base_model, kept.methods, kept._owned = model, remaining, kept_tensors
-        kept.peft_config = PeftConfig([MethodSpec(m.name, m.config) for m in remaining])
-        owned = {id(t) for tensors in kept_tensors.values() for t in tensors}
-        kept._base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) if id(t) not in owned}
-        kept.base_parameter_count = count_unique(p for p in model.parameters() if id(p) not in owned)
-        return kept
+        config = PeftConfig([MethodSpec(m.name, m.config) for m in remaining])
+        return PeftModel(model, config, attached=kept_tensors, methods=remaining)
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -240,8 +267,25 @@ def read_adapter_config(folder: Path) -> dict:
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is not valid JSON ({err})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{file} is not a mambapeft adapter config (format {FORMAT!r} expected)")
+        hint = (" It looks like a Hugging Face peft adapter: convert it with `mambapeft import`."
+                if isinstance(config, dict) and "peft_type" in config else "")
+        raise CheckpointError(f"{file} is not a mambapeft adapter config (format {FORMAT!r} expected).{hint}")
+    for key, kind in (("methods", list), ("base_model", dict)):
+        if key not in config:
+            raise CheckpointError(f"{file} has no {key!r} key; the file is incomplete: save the adapter again")
+        if not isinstance(config[key], kind):
+            raise CheckpointError(f"{file}: {key!r} must be a {kind.__name__}, it is a {type(config[key]).__name__}")
+    if not isinstance(config["base_model"].get("architecture"), dict):
+        raise CheckpointError(f"{file} has no 'base_model.architecture'; the file is incomplete: save the adapter again")
     return config
+
+
+def match_permissions(file: Path, like: Path) -> None:
+    """safetensors writes files private to the user (0600); give them the mode of the other files written here."""
+    try:
+        file.chmod(like.stat().st_mode & 0o777)
+    except OSError:
+        pass
 
 
 def get_peft_model(model: nn.Module, config, *, arch: str | None = None, seed: int | None = None) -> PeftModel:
@@ -249,3 +293,22 @@ def get_peft_model(model: nn.Module, config, *, arch: str | None = None, seed: i
     if seed is not None:
         torch.manual_seed(seed)
     return PeftModel(model, config, arch=arch)
+
+
+def count_parameters(model_name: str, specs: list) -> dict:
+    """What `specs` train on `model_name` (any name `train` accepts), counted on shapes only (meta device), after
+    every warm-up phase (SDT counts what trains once its selection is made)."""
+    import sys
+
+    from .model.factory import shapes_model
+
+    arch = "builtin" if model_name == "builtin" else model_name.lower()
+    model = shapes_model(model_name)[0]
+    peft = get_peft_model(model, PeftConfig.parse(specs, arch=arch), arch=arch)
+    notes = {str(spec): note for spec, method in zip(peft.peft_config.methods, peft.methods)
+             if (note := method.explain_count())}
+    peft.on_step_end(sys.maxsize)          # as after every warm-up phase (SDT): count what trains from then on
+    counts = peft.parameter_counts()
+    per_method = dict(zip(map(str, peft.peft_config.methods), peft.trainable_by_method().values()))
+    return {"model": model_name, "config": str(peft.peft_config), "per_method": per_method, "notes": notes,
+            "base": peft.base_parameter_count, **counts}

@@ -36,20 +36,43 @@ def load_model(model: str, adapter: str | None):
     return PeftModel.from_pretrained(base, adapter).eval() if adapter else base
 
 
+def check_args(args) -> None:
+    """Every option checked before anything is loaded or scored."""
+    from ..errors import ConfigError
+
+    for name in ("batch_size", "max_length", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    if args.output:
+        folder = Path(args.output).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"--output {args.output}: the folder {folder} does not exist; create it first")
+    if not [t for t in args.tasks.split(",") if t.strip()]:
+        raise ConfigError("--tasks names no task; e.g. --tasks builtin or --tasks boolq,piqa")
+
+
 def run(args) -> int:
     from ..assets import BUILTIN_NAME, builtin_split
     from ..data.multiple_choice import load_mc_items
     from ..evaluation.multiple_choice import score_items
-    from ..train.run import load_tokenizer
+    from ..train.language import check_vocabulary, load_tokenizer
 
-    model = load_model(args.model, args.adapter)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_args(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     local = [t for t in tasks if t == BUILTIN_NAME or Path(t).suffix in (".json", ".jsonl")]
     harness = [t for t in tasks if t not in local]
+    local_items = {t: load_mc_items(builtin_split("test") if t == BUILTIN_NAME else t)[: args.limit] for t in local}
+    if harness:
+        from ..evaluation.harness import check_tasks
+
+        check_tasks(harness, include_path=args.include_path)
+    model = load_model(args.model, args.adapter)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_vocabulary(tokenizer, model.base_model if hasattr(model, "base_model") else model)
     results = {}
     for task in local:
-        items = load_mc_items(builtin_split("test") if task == BUILTIN_NAME else task)[: args.limit]
+        items = local_items[task]
         scores = score_items(model, tokenizer, items, batch_size=args.batch_size, max_length=args.max_length)
         results[task] = {"acc": scores["acc"], "acc_norm": scores["acc_norm"], "n": scores["n"]}
     if harness:

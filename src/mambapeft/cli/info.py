@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import torch
-
-from ..model.architectures import ALL_ARCHITECTURES, from_config
-from ..model.lm import MambaLM
-from ..model.loading import read_config, resolve_folder
-from ..model.summary import MIXER_PARTS, architecture_summary, count_unique
-from ..model.vim import VimConfig, VisionMamba
-from ..model.vim_loading import looks_like_vim
+from ..model.factory import ALL_ARCHITECTURES, shapes_model
+from ..model.summary import architecture_summary, count_unique
+from ..model.vim import VisionMamba
 
 
 def add_parser(commands):
@@ -20,26 +14,12 @@ def add_parser(commands):
         "info",
         help="show a model's architecture and parameter counts",
         description="Show the architecture and parameter counts of a named architecture "
-        f"({', '.join(ALL_ARCHITECTURES)}), a local checkpoint folder or a Hugging Face hub id. Reads only the config.",
+        f"({', '.join(ALL_ARCHITECTURES)}), a built-in model (builtin, tiny-vim), a local checkpoint folder or a "
+        "Hugging Face hub id. Reads only the config.",
     )
     parser.add_argument("model", nargs="?", default="tiny", help="architecture name, folder or hub id (default: tiny)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.set_defaults(run=run)
-
-
-def load_shapes(name: str):
-    """A meta-device model (shapes only) for an architecture name, folder or hub id, and where it came from."""
-    if name.lower() in ALL_ARCHITECTURES:
-        return from_config(name, device="meta"), "architecture (random weights)"
-    if looks_like_vim(name) and Path(name).is_dir():
-        config = VimConfig.from_dict({k: v for k, v in json.loads((Path(name) / "config.json").read_text()).items()
-                                      if k != "format"})
-        return from_config(config, device="meta"), f"Vision Mamba checkpoint, {name}"
-    folder = resolve_folder(name)
-    config, fmt = read_config(folder)
-    with torch.device("meta"):
-        model = MambaLM(config)
-    return model, f"checkpoint, {'Hugging Face' if fmt == 'hf' else 'mamba_ssm'} format, {folder}"
 
 
 def vim_summary(model: VisionMamba) -> dict:
@@ -61,7 +41,7 @@ def vim_summary(model: VisionMamba) -> dict:
 
 
 def run(args) -> int:
-    model, source = load_shapes(args.model)
+    model, source = shapes_model(args.model)
     if isinstance(model, VisionMamba):
         summary = {"model": args.model, "source": source, **vim_summary(model)}
         if args.json:

@@ -1,26 +1,20 @@
-"""`mambapeft search`: the HybridPEFT search (without arguments: a short search on the built-in model and task;
-with --task vision, on the built-in tiny Vim and rotation task)."""
+"""`mambapeft search`: the HybridPEFT search (without arguments: a short search on the built-in model and task; with
+--task vision, on the built-in tiny Vim and rotation task)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunFolderError
+from ..train.tasks import TASKS
 
-# The built-in demo: a handful of trials of a short training each, well under 10 minutes on two CPU cores. 80 steps
-# is about where PEFT on the built-in model starts to beat chance (lora_p_x: ~35% validation after 84 steps), and
-# step 2's rates are Table 9's range moved up 10x, to where the built-in model's rates lie (config.presets).
-BUILTIN_RUN = dict(max_steps=80, eval_steps=40, warmup_steps=5, logging_steps=20, save_total_limit=1)
-BUILTIN_LR_RANGE = {"log": [1e-3, 5e-2]}
-BUILTIN_METHODS = ("lora_p_x", "lora_in_proj", "lora_out_proj", "lora_p_b", "partial_a", "partial_conv1d",
-                   "additional_scan", "affix", "sdt")
-# The built-in vision demo: tiny-vim on digits_rotation, 5 epochs a trial (about 20 s each on two CPU cores).
-BUILTIN_VISION_RUN = dict(epochs=5.0, warmup_epochs=1.0, eval_epochs=1.0, save_total_limit=1)
-BUILTIN_VISION_METHODS = ("lora_p_x", "lora_in_proj", "lora_out_proj", "partial_a", "partial_d", "partial_cls_token",
-                          "partial_pos_embed", "additional_scan", "affix", "sdt")
+SEARCH_CONFIG = "search_config.json"
+SEARCH_SPACE = "search_space.json"
+SEARCH_OUTPUTS = ("search.db", "trials", "report", "final", "best_config.json", SEARCH_CONFIG, SEARCH_SPACE)
 
 
 def add_parser(commands):
@@ -31,15 +25,16 @@ def add_parser(commands):
         "smallest setting, step 2 tunes the best combination's hyperparameters and may remove one method. Trials are "
         "scored on validation data only; the final best is retrained and scored on the test data. Without arguments: "
         "a short search on the built-in model and task. Several processes given the same --storage (a SQLite file, "
-        "or a PostgreSQL URL for many machines) work on one study together; a killed search resumes when rerun.",
+        "or a PostgreSQL URL for many machines) work on one study together; a killed search resumes when rerun with "
+        "the same settings. A folder holding a search with other settings is refused unless --overwrite.",
     )
-    parser.add_argument("--task", choices=("language", "vision"), default=None,
+    parser.add_argument("--task", choices=tuple(TASKS), default=None,
                         help="language (default) or vision (Vim on VTAB-1k tasks: trials train on train800 and are "
                         "scored on val200; the final run trains on train800val200 and reports test)")
     parser.add_argument("--config", help="a run config (JSON/YAML, the keys of `mambapeft train`) for every trial; "
                         "an extra key 'tasks' lists per-task overrides ({data, val_data, test_data}, or for vision "
                         "{vtab_task, data_root}) to average over")
-    parser.add_argument("--space", help="search-space file (JSON/YAML; schema in the README). Default: the paper's "
+    parser.add_argument("--space", help="search-space file (JSON/YAML; schema in docs/search.md). Default: the paper's "
                         "Table 9 space (a short one for the built-in task)")
     parser.add_argument("--output-dir", default="runs/search", help="run folder: storage, trials, report, best config")
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUTPUT_DIR/search.db)")
@@ -50,6 +45,7 @@ def add_parser(commands):
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (each extra worker offsets it)")
     parser.add_argument("--worker", action="store_true", help="only help run trials: no report, no final run")
     parser.add_argument("--no-final", action="store_true", help="skip retraining the best configuration on the test data")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier search in --output-dir")
     parser.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
     parser.add_argument("--grace", type=int, default=120, help="seconds of silence after which a running trial "
                         "counts as dead and is retried")
@@ -57,58 +53,73 @@ def add_parser(commands):
 
 
 def load_run_config(path: str | None, task: str | None = None):
-    """(base run config, task overrides) from a run config file, or the built-in demo's (language or vision)."""
-    from ..train.config import TrainConfig, config_kind, resolve_config
-    from ..train.vision import resolve_vision_config
+    """(task kind, base run config, task overrides) from a run config file, or the built-in demo's."""
+    from ..train.config import RunConfig
+    from ..train.tasks import kind_of
 
-    raw = TrainConfig.from_file(path) if path else {}
-    kind = config_kind(raw, task, path or "the command line")
+    raw = RunConfig.from_file(path) if path else {}
+    kind = kind_of(raw, task, path or "the command line")
     tasks = raw.pop("tasks", []) or []
     if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
         raise ConfigError(f"{path}: 'tasks' must be a list of objects such as {{\"data\": \"a.json\"}}")
-    if kind == "vision":
-        return resolve_vision_config(raw if path else dict(BUILTIN_VISION_RUN), where=path or "the built-in demo"), tasks
-    return resolve_config(None, raw if path else dict(BUILTIN_RUN)), tasks
+    raw.pop("task", None)
+    values = raw if path else dict(kind.search_builtin_trial)
+    return kind, kind.resolve(values, where=path or "the built-in demo"), tasks
 
 
-def default_space(base):
+def default_space(kind, base):
+    """The paper's space from the registry; the built-in demos search a restricted space with few trials."""
     from ..search.space import paper_space
 
-    vision = base.kind == "vision"
-    space = paper_space(vision=vision)
-    if vision and base.model == "tiny-vim" and base.data_root is None:
-        space = space.restricted_to(BUILTIN_VISION_METHODS)
+    space = paper_space(vision=kind.search_vision_methods)
+    if kind.is_builtin_model(base):
+        space = space.restricted_to(kind.search_builtin_methods)
         space.step1_trials, space.step2_trials = 5, 3
-    elif not vision and base.data == "builtin" and base.model == "builtin":
-        space = space.restricted_to(BUILTIN_METHODS)
-        space.step1_trials, space.step2_trials = 5, 3
+        lr_range = getattr(kind, "search_builtin_lr", None)
         for ranges in space.step2.values():
-            if "lr" in ranges:
-                ranges["lr"] = dict(BUILTIN_LR_RANGE)
+            if lr_range and "lr" in ranges:
+                ranges["lr"] = dict(lr_range)
     return space
 
 
 def check_space_fits_model(space, base) -> None:
-    """Attaches every step-1 method to the model (a shapes-only copy for language): a method it lacks fails now."""
-    from ..assets import BUILTIN_MODEL
-    from ..cli.params import shapes_model
+    """Attaches every step-1 method to a shapes-only copy of the model: a method it lacks fails now."""
+    from ..model.factory import shapes_model
     from ..peft import get_peft_model
 
-    if base.kind == "vision":
-        import copy
-
-        from ..model.vim_loading import load_vim
-
-        name, loaded = base.model, load_vim(base.model)
-        build = lambda: copy.deepcopy(loaded)                              # noqa: E731
-    else:
-        name = str(BUILTIN_MODEL) if base.model == "builtin" else base.model
-        build = lambda: shapes_model(name)                                 # noqa: E731
     for method in space.step1:
         try:
-            get_peft_model(build(), [space.step1_spec(method)])
+            get_peft_model(shapes_model(base.model)[0], [space.step1_spec(method)])
         except ConfigError as err:
-            raise ConfigError(f"search space: step1.methods.{method} does not fit {name}: {err}") from None
+            raise ConfigError(f"search space: step1.methods.{method} does not fit {base.model}: {err}") from None
+
+
+def ready_folder(out: Path, settings: dict, overwrite: bool, log=print) -> None:
+    """Refuses a folder holding a search with other settings (unless --overwrite); the same settings resume it."""
+    saved_file = out / SEARCH_CONFIG
+    if saved_file.is_file():
+        try:
+            saved = json.loads(saved_file.read_text())
+        except ValueError:
+            saved = None
+        if saved != settings and not overwrite:
+            changed = sorted(k for k in set(settings) | set(saved or {}) if (saved or {}).get(k) != settings.get(k))
+            raise RunFolderError(
+                f"{out} holds a search with other settings ({', '.join(changed)} differ). Rerun it with the same "
+                f"settings to resume it, replace it with --overwrite, or choose another --output-dir")
+        if saved != settings:
+            log(f"--overwrite: removing the earlier search in {out}")
+            for name in SEARCH_OUTPUTS:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif overwrite:
+        for name in SEARCH_OUTPUTS:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    from ..train.run_folder import write_atomic
+
+    write_atomic(saved_file, json.dumps(settings, indent=2) + "\n")
 
 
 def run(args) -> int:
@@ -117,50 +128,62 @@ def run(args) -> int:
     from ..search.report import write_report
     from ..search.space import SearchSpace
     from ..train.run import fine_tune
-    from ..train.vision import fine_tune_vision
+    from ..train.run_folder import FolderLock, write_atomic
 
     out = Path(args.output_dir)
-    base, tasks = load_run_config(args.config, args.task)
-    space = SearchSpace.load(args.space) if args.space else default_space(base)
+    kind, base, tasks = load_run_config(args.config, args.task)
+    space = SearchSpace.load(args.space) if args.space else default_space(kind, base)
     if args.step1_trials is not None:
         space.step1_trials = args.step1_trials
     if args.step2_trials is not None:
         space.step2_trials = args.step2_trials
     space.validate(args.space or "the default search space")
     check_space_fits_model(space, base)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "search_space.json").write_text(json.dumps(space.to_dict(), indent=2) + "\n")
 
     storage_url = args.storage or f"sqlite:///{(out / 'search.db').resolve()}"
     seed = args.seed + (os.getpid() % 10_000 if args.worker else 0)
     settings = SearchSettings(study_name=args.study_name, storage=storage_url, seed=seed, prune=not args.no_prune,
                               heartbeat_interval=args.heartbeat, grace_period=args.grace)
-    objective = TrainingObjective(base, tasks, out)
-    print(f"search: {len(space.step1)} methods, {space.step1_trials} + {space.step2_trials} trials; "
-          f"storage {storage_url} (study {args.study_name}); worker {socket.gethostname()}:{os.getpid()}")
+    lock = FolderLock(out, "search folder")
+    if not args.worker:                 # workers join the main process's search; two main processes may not
+        lock.acquire()
+        try:
+            ready_folder(out, {"base": base.to_dict(), "tasks": tasks, "space": space.to_dict(),
+                               "study_name": args.study_name}, args.overwrite)
+        except BaseException:
+            lock.release()
+            raise
+    with lock:
+        if not args.worker:
+            write_atomic(out / SEARCH_SPACE, json.dumps(space.to_dict(), indent=2) + "\n")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+        objective = TrainingObjective(base, tasks, out)
+        print(f"search: {len(space.step1)} methods, {space.step1_trials} + {space.step2_trials} trials; "
+              f"storage {storage_url} (study {args.study_name}); worker {socket.gethostname()}:{os.getpid()}")
 
-    def progress(step, done, total):
-        print(f"step {step}: {done}/{total} trials finished", flush=True)
+        def progress(step, done, total):
+            print(f"step {step}: {done}/{total} trials finished", flush=True)
 
-    result = run_search(space, objective, settings, progress=progress)
-    print(f"step 1 kept: {' + '.join(result.combination)}")
-    print(f"best (step {result.best_step}, trial {result.best_trial}): validation {result.best_score:.4f} with "
-          + " + ".join(c["method"] for c in result.best_config))
-    if args.worker:
-        return 0
+        result = run_search(space, objective, settings, progress=progress)
+        print(f"step 1 kept: {' + '.join(result.combination)}")
+        print(f"best (step {result.best_step}, trial {result.best_trial}): validation {result.best_score:.4f} with "
+              + " + ".join(c["method"] for c in result.best_config))
+        if args.worker:
+            return 0
 
-    storage = open_storage(settings)
-    report = write_report(out / "report", {step: open_study(settings, storage, step) for step in (1, 2)})
-    best_task = tasks[0] if tasks else {}
-    final = final_config(objective, result.best_config, best_task, out / "final")
-    config_file = out / "best_config.json"
-    config_file.write_text(json.dumps(final.to_dict(), indent=2) + "\n")
-    print(f"best configuration: {config_file} (mambapeft train --config {config_file})")
-    if not args.no_final:
-        results = (fine_tune_vision if base.kind == "vision" else fine_tune)(final)
-        if "fine_tuned" in results:
-            validation = results.get("best_validation")
-            print("final: " + (f"validation {validation:.4f}, " if validation is not None else "")
-                  + f"test accuracy {results['fine_tuned']['acc']:.1%}")
-    print(f"report: {report}/trials.md, {report}/importances.json, {report}/history.png, {report}/pareto.png")
+        storage = open_storage(settings)
+        report = write_report(out / "report", {step: open_study(settings, storage, step) for step in (1, 2)})
+        best_task = tasks[0] if tasks else {}
+        final = final_config(objective, result.best_config, best_task, out / "final")
+        config_file = out / "best_config.json"
+        write_atomic(config_file, json.dumps(final.to_dict(), indent=2) + "\n")
+        print(f"best configuration: {config_file} (mambapeft train --config {config_file})")
+        if not args.no_final:
+            results = fine_tune(final, overwrite=True)
+            if "fine_tuned" in results:
+                validation = results.get("best_validation")
+                print("final: " + (f"validation {validation:.4f}, " if validation is not None else "")
+                      + f"test accuracy {results['fine_tuned']['acc']:.1%}")
+        print(f"report: {report}/trials.md, {report}/importances.json, {report}/history.png, {report}/pareto.png")
     return 0

@@ -1,4 +1,9 @@
-"""`mambapeft train`: fine-tune a Mamba language model with PEFT methods (the built-in demo without arguments)."""
+"""`mambapeft train`: fine-tune with PEFT methods, for every task kind (the built-in language demo without arguments).
+
+The flags are made from the task kinds' config fields (train/config.py holds the shared ones, each kind its own), so a
+field is declared, typed, limited and documented once, and the command line, config files and the Python API read
+the same options.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +11,9 @@ import argparse
 import json
 from dataclasses import fields
 
-from ..train.config import BUILTIN_DEFAULTS, TrainConfig, config_kind, resolve_config
-from ..train.vision import add_vision_arguments, vision_config_from_args
-
-def add_parser(commands):
-    parser = commands.add_parser(
-        "train",
-        help="fine-tune a Mamba language model with PEFT methods",
-        description="Fine-tune with PEFT methods on transformers' Trainer. Without arguments: the built-in tiny Mamba "
-        "on the built-in task with lora_p_x, test accuracy before and after (a few minutes on a CPU). "
-        "With --model HUB_ID --data commonsense_170k.json --method additional_scan: the paper's recipe. "
-        "A --config file (JSON or YAML, the same keys as the options) can hold everything; options given here "
-        "override it. The resolved config is written to OUTPUT_DIR/run_config.json. "
-        "Multi-GPU: `accelerate launch -m mambapeft train ...` or `torchrun --nproc-per-node N -m mambapeft train ...`.",
-    )
-    parser.add_argument("--task", choices=("language", "vision"), default=None,
-                        help="language (default): a Mamba LM on instruction data; vision: a Vision Mamba on a VTAB-1k "
-                        "task (without other arguments: the built-in tiny Vim on the built-in rotation task)")
-    parser.add_argument("--config", help="JSON or YAML file with any of the options below (a run_config.json or "
-                        "best_config.json too; its \"task\" key says language or vision)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
-        if f.name in BUILTIN_DEFAULTS:
-            help_text += f" [built-in data: {BUILTIN_DEFAULTS[f.name]}]"
-        default = f.default if f.name != "method" else ["lora_p_x"]
-        if "(default" not in help_text:
-            help_text += f" (default: {default})"
-        if f.name == "method":
-            parser.add_argument(flag, nargs="+", default=None, metavar="SPEC", help=help_text)
-        elif f.name in ("train_on_prompt", "bf16"):
-            parser.add_argument(flag, default=None, type=_bool, metavar="true|false", help=help_text)
-        else:
-            kind = float if f.name in ("lr", "epochs", "weight_decay", "max_grad_norm") else (
-                int if isinstance(f.default, int) else str)
-            parser.add_argument(flag, default=None, type=kind, choices=f.metadata.get("choices"), help=help_text)
-    vision = parser.add_argument_group("vision (--task vision)")
-    add_vision_arguments(vision)
-    parser.set_defaults(run=run)
+from ..errors import ConfigError
+from ..options import field_type
+from ..train.tasks import TASKS, kind_of
 
 
 def _bool(text: str) -> bool:
@@ -55,21 +24,93 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser) -> None:
+    """One flag per config field of every task kind (defaults None = not given); shared fields once."""
+    owners: dict[str, list[str]] = {}
+    for task in TASKS.values():
+        for f in fields(task.Config):
+            owners.setdefault(f.name, []).append(task.name)
+    groups = {name: parser.add_argument_group(f"{name} runs only (--task {name})") for name in TASKS}
+    done = set()
+    for task in TASKS.values():
+        for f in fields(task.Config):
+            if f.name in done:
+                continue
+            done.add(f.name)
+            shared = len(owners[f.name]) == len(TASKS)
+            defaults = {t: getattr(TASKS[t].Config(), f.name) for t in owners[f.name]}
+            shown = {t: ("builtin data: " + str(TASKS[t].builtin_defaults[f.name]) + ", else " if f.name in
+                         TASKS[t].builtin_defaults else "") + str(v) for t, v in defaults.items()}
+            help_text = f.metadata.get("help", "")
+            if len(set(map(str, defaults.values()))) == 1 and not any(f.name in TASKS[t].builtin_defaults for t in owners[f.name]):
+                help_text += f" (default: {next(iter(defaults.values()))})"
+            else:
+                help_text += " (default: " + "; ".join(f"{t}: {v}" for t, v in shown.items()) + ")"
+            target, _ = field_type(task.Config, f.name)
+            where = parser if shared else groups[owners[f.name][0]]
+            kwargs = dict(default=None, dest=f.name, help=help_text.replace("%", "%%"))
+            if target is list:
+                where.add_argument(_flag(f.name), nargs="+", metavar="SPEC", **kwargs)
+            elif target is bool:
+                where.add_argument(_flag(f.name), type=_bool, metavar="true|false", **kwargs)
+            else:
+                where.add_argument(_flag(f.name), type=target, choices=f.metadata.get("choices"), **kwargs)
+
+
+def config_from_args(args):
+    """The run config of a command line: the --config file's values, then the flags, then the built-in defaults."""
+    from ..train.config import RunConfig
+
+    file_values = RunConfig.from_file(args.config) if args.config else {}
+    where = args.config or "the command line"
+    task = kind_of(file_values, args.task, where)
+    known = {f.name for f in fields(task.Config)}
+    values = {k: v for k, v in file_values.items() if k != "task"}
+    for name in {f.name for t in TASKS.values() for f in fields(t.Config)}:
+        given = getattr(args, name, None)
+        if given is None:
+            continue
+        if name not in known:
+            other = next(t.name for t in TASKS.values() if name in {f.name for f in fields(t.Config)})
+            raise ConfigError(f"{_flag(name)} is an option of {other} runs, and this is a {task.name} run "
+                              f"(--task {task.name}); drop it, or add --task {other}")
+        values[name] = given
+    return task, task.resolve(values, where)
+
+
+def add_parser(commands):
+    parser = commands.add_parser(
+        "train",
+        help="fine-tune a Mamba model with PEFT methods",
+        description="Fine-tune with PEFT methods on transformers' Trainer. Without arguments: the built-in tiny Mamba "
+        "on the built-in task with lora_p_x, test accuracy before and after (a few minutes on a CPU). "
+        "With --model HUB_ID --data commonsense_170k.json --method additional_scan: the paper's recipe. "
+        "--task vision: a Vision Mamba on a VTAB-1k task. A --config file (JSON or YAML, the same keys as the "
+        "options) can hold everything; options given here override it. Everything is checked before the output "
+        "folder is touched; a folder holding an earlier run is refused unless --resume or --overwrite. "
+        "Multi-GPU: `accelerate launch -m mambapeft train ...` or `torchrun --nproc-per-node N -m mambapeft train ...`.",
+    )
+    parser.add_argument("--task", choices=tuple(TASKS), default=None,
+                        help="language (default): a Mamba LM on instruction data; vision: a Vision Mamba on a VTAB-1k "
+                        "task (without other arguments: the built-in tiny Vim on the built-in rotation task)")
+    parser.add_argument("--config", help="JSON or YAML file with any of the options below (a run_config.json or "
+                        "best_config.json too; its \"task\" key says which kind)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest good "
+                        "checkpoint (the settings must be the run's own)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir (its "
+                        "checkpoints, adapter, metrics and results are deleted)")
+    add_config_flags(parser)
+    parser.set_defaults(run=run)
+
+
 def run(args) -> int:
     from ..train.run import fine_tune
 
-    file_values = TrainConfig.from_file(args.config) if args.config else {}
-    where = args.config or "the command line"
-    if config_kind(file_values, args.task, where) == "vision":
-        from ..train.vision import fine_tune_vision
-
-        config = vision_config_from_args(args, file_values, where)
-        print("config: " + json.dumps({k: v for k, v in config.to_dict().items() if v is not None}))
-        fine_tune_vision(config, resume=args.resume)
-        return 0
-
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    config = resolve_config(args.config, overrides)
+    _, config = config_from_args(args)
     print("config: " + json.dumps({k: v for k, v in config.to_dict().items() if v is not None}))
-    fine_tune(config, resume=args.resume)
+    fine_tune(config, resume=args.resume, overwrite=args.overwrite)
     return 0

@@ -1,6 +1,6 @@
 """Configs and presets: which methods to attach, with which hyperparameters."""
 
-from .presets import PRESETS, expand_preset
-from .spec import MethodSpec, PeftConfig
+from .presets import all_presets, size_lr
+from .spec import MethodSpec, PeftConfig, expand_preset, fill_size_rates
 
-__all__ = ["MethodSpec", "PeftConfig", "PRESETS", "expand_preset"]
+__all__ = ["MethodSpec", "PeftConfig", "all_presets", "expand_preset", "fill_size_rates", "size_lr"]

@@ -8,77 +8,30 @@ that expand to one or more specs.
 
 from __future__ import annotations
 
-import difflib
 import json
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..methods import REGISTRY, MethodConfig
-
-
-def _suggest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _convert(method: str, option: str, value, annotation):
-    """Text or JSON value -> the option's type (int, float, bool, str, or None where allowed)."""
-    args = typing.get_args(annotation)
-    allowed = [a for a in args if a is not type(None)] or [annotation]
-    target = allowed[0]
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{method}: {option} needs a value")
-    try:
-        if target is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text in ("true", "yes", "1", "on"):
-                return True
-            if text in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
-        if target is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if target is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{method}: {option}={value!r} is not a valid {target.__name__}") from None
+from ..options import build_options
+from .presets import all_presets, size_lr, size_rank
 
 
 @dataclass
 class MethodSpec:
     method: str
     config: MethodConfig
+    preset: str | None = None        # the `paper/...` preset it came from, if any
 
     @classmethod
-    def build(cls, method: str, options: dict) -> "MethodSpec":
+    def build(cls, method: str, options: dict) -> MethodSpec:
         if method not in REGISTRY:
-            raise ConfigError(f"unknown method {method!r}{_suggest(method, REGISTRY)}; `mambapeft methods` lists them")
-        config_cls = REGISTRY[method].Config
-        hints = typing.get_type_hints(config_cls)
-        known = {f.name for f in fields(config_cls)}
-        values = {}
-        for option, value in options.items():
-            if option not in known:
-                raise ConfigError(f"{method} has no option {option!r}{_suggest(option, known)}; "
-                                  f"its options: {', '.join(sorted(known))}")
-            values[option] = _convert(method, option, value, hints[option])
-        config = config_cls(**values)
-        config.validate(method)
-        return cls(method, config)
+            raise ConfigError(f"unknown method {method!r}{did_you_mean(method, REGISTRY)}; `mambapeft methods` lists them")
+        return cls(method, build_options(REGISTRY[method].Config, options, method))
 
     @classmethod
-    def parse(cls, text: str) -> "MethodSpec":
+    def parse(cls, text: str) -> MethodSpec:
         """`id` or `id:key=value,key=value`."""
         method, _, rest = text.strip().partition(":")
         options = {}
@@ -90,7 +43,7 @@ class MethodSpec:
         return cls.build(method.strip(), options)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MethodSpec":
+    def from_dict(cls, data: dict) -> MethodSpec:
         if not isinstance(data, dict) or "method" not in data:
             raise ConfigError(f"a method spec must be an object with a 'method' key, got {data!r}")
         options = {k: v for k, v in data.items() if k != "method"}
@@ -107,6 +60,33 @@ class MethodSpec:
         return self.method + (":" + ",".join(changed) if changed else "")
 
 
+def expand_preset(name: str, arch: str | None = None) -> list[MethodSpec]:
+    """`paper/<row>` -> method specs, with the per-size learning rate (and SLL rank) when `arch` is known."""
+    presets = all_presets()
+    key = name.removeprefix("paper/")
+    if key not in presets:
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(key, presets)}; presets: "
+                          + ", ".join(f"paper/{k}" for k in presets))
+    specs = []
+    for text in presets[key]:
+        spec = MethodSpec.parse(text)
+        spec.preset = name
+        if spec.config.lr is None:
+            spec.config.lr = size_lr(spec.method, arch)
+        if (rank := size_rank(spec.method, arch)) is not None:
+            spec.config.r = rank
+        specs.append(spec)
+    return specs
+
+
+def fill_size_rates(config: PeftConfig, arch: str | None) -> PeftConfig:
+    """Without a run learning rate: every method with a rate for this model size (Table 7) gets it."""
+    for spec in config.methods:
+        if spec.config.lr is None:
+            spec.config.lr = size_lr(spec.method, arch)
+    return config
+
+
 @dataclass
 class PeftConfig:
     """The methods to attach: any combination, each at most once."""
@@ -114,10 +94,8 @@ class PeftConfig:
     methods: list[MethodSpec]
 
     @classmethod
-    def parse(cls, items, arch: str | None = None) -> "PeftConfig":
-        """From spec strings, dicts, presets (`paper/...`) or a mix; `arch` picks presets' per-size rates."""
-        from .presets import expand_preset
-
+    def parse(cls, items, arch: str | None = None) -> PeftConfig:
+        """From spec strings, dicts, presets (`paper/...`) or a mix; `arch` picks presets' per-size settings."""
         if isinstance(items, (str, dict, MethodSpec)):
             items = [items]
         specs = []
@@ -140,7 +118,7 @@ class PeftConfig:
         return {"methods": [spec.to_dict() for spec in self.methods]}
 
     @classmethod
-    def from_dict(cls, data) -> "PeftConfig":
+    def from_dict(cls, data) -> PeftConfig:
         if isinstance(data, dict):
             if "methods" not in data:
                 raise ConfigError("a PEFT config must be an object with a 'methods' list")
@@ -153,7 +131,7 @@ class PeftConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "PeftConfig":
+    def from_json(cls, text: str) -> PeftConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -164,7 +142,7 @@ class PeftConfig:
         Path(path).write_text(self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path) -> "PeftConfig":
+    def load(cls, path) -> PeftConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"no PEFT config file {path}")

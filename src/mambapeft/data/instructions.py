@@ -91,12 +91,24 @@ def example_from_record(record, where: str) -> Example:
     return Example(prompt, output, answer, _choices(record, instruction, answer, where))
 
 
+def read_text(path: Path) -> str:
+    """A data file as UTF-8 text; a file in another encoding is an error naming the file and the byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text: byte {err.start} (line {line}) is "
+                          f"{err.object[err.start:err.start + 1]!r}; save the file as UTF-8") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; pass a data file") from None
+
+
 def load_examples(path) -> list[Example]:
     """Reads a commonsense `.json` file or an instruction `.jsonl` file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no data file {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if not text.strip():
         raise ConfigError(f"{path} is empty: it needs at least one example")
     if path.suffix == ".jsonl":
@@ -117,7 +129,7 @@ def load_examples(path) -> list[Example]:
         if not isinstance(data, list):
             raise ConfigError(f"{path} holds a JSON {type(data).__name__}; the commonsense format is a JSON list of "
                               f"{{instruction, input, output, answer}} records")
-        records = [(r, f"{path} record {i}") for i, r in enumerate(data)]
+        records = [(r, f"{path} record {i}") for i, r in enumerate(data, 1)]
     else:
         raise ConfigError(f"{path}: unknown data format {path.suffix!r}; use .json (a list of records, LLM-Adapters' "
                           f"commonsense format) or .jsonl (one record per line)")

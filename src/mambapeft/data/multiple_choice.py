@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .instructions import Example, load_examples
+from .instructions import Example, load_examples, read_text
 
 
 @dataclass
@@ -50,7 +50,7 @@ def load_mc_items(path) -> list[MCItem]:
         return items_from_examples(load_examples(path), str(path))
     if not path.is_file():
         raise ConfigError(f"no evaluation file {path}")
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
     if not lines:
         raise ConfigError(f"{path} is empty: it needs at least one item")
     items = []

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from .instructions import Example
 
 IGNORE = -100
@@ -42,7 +43,8 @@ def tokenize_examples(tokenizer, examples: list[Example], *, max_length: int, tr
     """
     eos = tokenizer.eos_token_id
     out = TokenizedSet([], [])
-    for ex in examples:
+    nothing_to_learn = []
+    for number, ex in enumerate(examples, 1):
         prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
         response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
         ids = prompt + response
@@ -50,8 +52,20 @@ def tokenize_examples(tokenizer, examples: list[Example], *, max_length: int, tr
         if len(ids) > max_length:
             ids, labels = ids[:max_length], labels[:max_length]
             out.truncated += 1
+        if all(label == IGNORE for label in labels[1:]):
+            nothing_to_learn.append((number, len(prompt)))
         out.input_ids.append(ids)
         out.labels.append(labels)
+    if nothing_to_learn:
+        numbers = ", ".join(str(n) for n, _ in nothing_to_learn[:8]) + (", ..." if len(nothing_to_learn) > 8 else "")
+        longest = max(length for _, length in nothing_to_learn)
+        text = (f"{len(nothing_to_learn)} of {len(examples)} {what} examples (number {numbers}) have no token left to "
+                f"learn: cutting at max_length {max_length} removes their whole response (prompts up to {longest} "
+                f"tokens). Raise max_length above {longest + 8}"
+                + (" or set train_on_prompt=true" if not train_on_prompt else "") + ", or drop those examples")
+        if len(nothing_to_learn) == len(examples):
+            raise ConfigError(text + "; as it is, every loss would be over zero tokens (NaN)")
+        warnings.warn(text + "; they add nothing to the loss", stacklevel=2)
     if out.truncated:
         warnings.warn(f"{out.truncated} of {len(examples)} {what} examples are longer than max_length "
                       f"{max_length} tokens and were truncated (raise max_length to keep them whole)", stacklevel=2)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .images import ImageDataset, Sample
+from .instructions import read_text
 
 # task folder -> number of classes (the 19 tasks of VTAB-1k, in its three groups)
 VTAB_TASKS = {
@@ -32,6 +33,7 @@ VTAB_GROUPS = {
 # the built-in task (scripts/pretrain_tiny_vim.py): held-out digits, label = their turn by 0/90/180/270 degrees
 BUILTIN_ROOT = Path(__file__).resolve().parents[1] / "assets" / "vtab-tiny"
 BUILTIN_TASK = "digits_rotation"
+KNOWN_CLASSES = {**VTAB_TASKS, BUILTIN_TASK: 4}
 # split name -> list file; "train" and "test" are the protocol's
 SPLITS = {"train": "train800val200", "test": "test", "train800": "train800", "val200": "val200",
           "train800val200": "train800val200"}
@@ -43,7 +45,7 @@ def read_list(file: Path, task_dir: Path) -> list[Sample]:
         raise ConfigError(f"no list file {file}: a VTAB-1k task folder holds "
                           f"{', '.join(f'{n}.txt' for n in ('train800', 'val200', 'train800val200', 'test'))}")
     samples = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(file).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{file}:{number}"
@@ -77,16 +79,20 @@ def task_folder(root, task: str) -> Path:
     return folder
 
 
-def task_classes(root, task: str) -> int:
-    """The class count: the known one of a VTAB-1k task, else max label + 1 over the lists present."""
-    if task in VTAB_TASKS:
-        return VTAB_TASKS[task]
+def task_classes(root, task: str, num_classes: int | None = None) -> int:
+    """The class count: the known one of a VTAB-1k task (or the built-in one), else `num_classes`, which must then be
+    given: sizing the head from the largest label seen would silently drop classes absent from the lists."""
+    known = KNOWN_CLASSES.get(task)
+    if known is not None and num_classes is not None and num_classes != known:
+        raise ConfigError(f"--num-classes {num_classes} contradicts the {known} classes of the VTAB-1k task {task!r}")
+    if known is not None or num_classes is not None:
+        return known if known is not None else num_classes
     folder = task_folder(root, task)
     labels = [s.label for name in ("train800val200", "test", "train800", "val200")
               if (folder / f"{name}.txt").is_file() for s in read_list(folder / f"{name}.txt", folder)]
-    if not labels:
-        raise ConfigError(f"{folder} has no list files (train800val200.txt, test.txt, ...)")
-    return max(labels) + 1
+    seen = f" (its lists have labels 0..{max(labels)})" if labels else ""
+    raise ConfigError(f"{task!r} is not one of the 19 VTAB-1k tasks, so its number of classes is unknown{seen}: "
+                      f"pass --num-classes (num_classes in a config file)")
 
 
 def vtab_split(root, task: str, split: str = "train", *, image_size: int = 224, num_classes: int | None = None,
@@ -100,5 +106,5 @@ def vtab_split(root, task: str, split: str = "train", *, image_size: int = 224, 
                           f"(train = train800val200, as the paper trains; test is what it reports)")
     folder = task_folder(root, task)
     samples = read_list(folder / f"{SPLITS[split]}.txt", folder)
-    classes = num_classes if num_classes is not None else task_classes(root, task)
+    classes = task_classes(root, task, num_classes)
     return ImageDataset(samples, classes, image_size=image_size, cache=cache, name=f"{task}/{SPLITS[split]}")

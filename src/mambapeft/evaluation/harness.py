@@ -79,15 +79,35 @@ def _task_manager(include_path: str | None):
     return TaskManager(include_path=include_path)
 
 
-def run_harness(lm: MambaPeftLM, tasks: list[str], *, include_path=None, limit=None, num_fewshot=None) -> dict:
-    """lm_eval.simple_evaluate on our LM; tasks may be defined by YAML files under include_path."""
+def check_tasks(tasks: list[str], *, include_path=None):
+    """The harness's task manager, once every task is known to it (before any model is loaded)."""
     _require()
-    import lm_eval
-
     manager = _task_manager(str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"lm-evaluation-harness knows no task {', '.join(unknown)}"
                           + ("" if include_path else "; define local ones in YAML files and pass --include-path"))
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                   log_samples=False)
+    return manager
+
+
+NETWORK_SIGNS = ("offline", "connection", "couldn't reach", "could not reach", "localentrynotfound",
+                 "name resolution", "max retries", "network")
+
+
+def run_harness(lm: MambaPeftLM, tasks: list[str], *, include_path=None, limit=None, num_fewshot=None) -> dict:
+    """lm_eval.simple_evaluate on our LM; tasks may be defined by YAML files under include_path."""
+    import lm_eval
+
+    manager = check_tasks(tasks, include_path=include_path)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                       num_fewshot=num_fewshot, log_samples=False)
+    except Exception as err:
+        text = f"{type(err).__name__}: {err}".lower()
+        if any(sign in text for sign in NETWORK_SIGNS):
+            raise ConfigError(
+                f"the harness task(s) {', '.join(tasks)} download their data set from the Hugging Face hub the first "
+                f"time they run: that needs the network once (none is reachable, or HF_HUB_OFFLINE / "
+                f"HF_DATASETS_OFFLINE is set). Run them once where there is a network (the data is cached), or define "
+                f"the task on local files in a YAML under --include-path ({type(err).__name__})") from None
+        raise

@@ -3,8 +3,7 @@
 Adding a method: write its file (see base.py) and add its module to the import line below.
 """
 
-from .base import REGISTRY, AdaptedLayer, Method, MethodConfig, register
+from . import adapter, additional_scan, affix, baselines, dora, lora, partial, prompt, sdt  # noqa: E402,F401,I001  (the method files)
+from .base import REGISTRY, AdaptedLayer, Example, Method, MethodConfig, register
 
-from . import lora, partial, adapter, dora, additional_scan, prompt, affix, sdt, baselines, vision  # noqa: E402,F401  (one line: the method families)
-
-__all__ = ["REGISTRY", "AdaptedLayer", "Method", "MethodConfig", "register"]
+__all__ = ["REGISTRY", "AdaptedLayer", "Example", "Method", "MethodConfig", "register"]

@@ -16,7 +16,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Method, MethodConfig, add_delta, kaiming_, option, register
+from .base import (
+    TABLE9_DECAY,
+    TABLE9_LR,
+    Example,
+    Method,
+    MethodConfig,
+    add_delta,
+    kaiming_,
+    option,
+    projections,
+    register,
+)
 
 
 @dataclass
@@ -52,12 +63,20 @@ class ParallelAdapter(Method):
     description = "parallel adapter beside out_proj: out += s * Up(ReLU(Down(y))); stays unmerged (non-linear)"
     Config = ParallelAdapterConfig
     mergeable = False
+    why_not_mergeable = "the ReLU between its two projections is not linear, so no weight can absorb it"
+    examples = (Example("parallel_adapter:dim=8"),)
+    presets = {"parallel_adapter": ["parallel_adapter:dim=32,s=0.1"]}
+    scaled_update = True
+    search_step1 = {"dim": 8, "s": 0.1}
+    search_step2 = {"dim": {"int": [4, 16]}, "s": {"log": [1e-2, 1.0]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
+
+    def check(self, model):
+        projections(model, "out_proj")
 
     def attach(self, model):
         params = []
-        for mixer in model.peft_mixers():
-            base = getattr(mixer.out_proj, "base", mixer.out_proj)
-            branch = ParallelBranch(base, self.config)
-            add_delta(mixer, "out_proj", self.name, branch)
+        for p in projections(model, "out_proj"):
+            branch = ParallelBranch(p.layer, self.config)
+            add_delta(p.owner, p.attr, self.name, branch)
             params += list(branch.parameters())
         return params

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..model.mixer import DIRECTION_NAMES, PeftHook
-from .base import Method, MethodConfig, kaiming_, option, register
+from ..errors import NotApplicable
+from ..model.mixer import PeftHook
+from .base import TABLE9_DECAY, TABLE9_LR, Example, Method, MethodConfig, kaiming_, option, register
 
 
 @dataclass
@@ -52,10 +52,8 @@ class ExtraStates(PeftHook):
         self.A_log = nn.ParameterList()           # [direction] (E, N')
         self.B_weight = nn.ParameterList()        # [direction] (N', E)
         self.C_weight = nn.ParameterList()        # [direction] (N', E)
-        for direction in range(mixer.num_directions):
-            A_log = getattr(mixer, DIRECTION_NAMES[direction]["A_log"])
-            x_proj = getattr(mixer, DIRECTION_NAMES[direction]["x_proj"])
-            x_weight = getattr(x_proj, "base", x_proj).weight
+        for slot, proj in zip(mixer.tensors("A_log"), mixer.projections("B")):
+            A_log, x_weight = slot.value, proj.layer.weight
             factory = {"device": A_log.device, "dtype": A_log.dtype}
             if config.init == "neighbour":
                 column = 0 if self.top else N - 1
@@ -96,12 +94,21 @@ class AdditionalScan(Method):
     Config = AdditionalScanConfig
     merge_order = 10                            # reshapes A_log and x_proj: after every delta on them is merged
     targets = frozenset({("state", None)})
+    examples = (Example("additional_scan:n=3,zero_init=true"),
+                Example("additional_scan:n=2,location=bottom,init=s4d", identity=False))
+    presets = {"additional_scan": ["additional_scan:n=6,location=top,init=neighbour"]}
+    search_step1 = {"n": 1}
+    search_step2 = {"n": {"int": [1, 6]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
+    lr_by_size = {"mamba-130m": 5e-3, "mamba-370m": 1e-3, "mamba-790m": 1e-3, "mamba-1.4b": 1e-4}   # Table 7
 
     def check(self, model):
         for mixer in model.peft_mixers():
-            if mixer.bcdt_rms_eps is not None:
-                raise ConfigError("additional_scan cannot go on FalconMamba: its RMS norm over B and C would mix the "
-                                  "added states into the pretrained ones")
+            mixer.require_stage("extend_state", self.name)
+            if getattr(mixer, "bcdt_rms_eps", None) is not None:
+                raise NotApplicable("additional_scan cannot go on FalconMamba: its RMS norm over B and C would mix the "
+                                    "added states into the pretrained ones")
+            mixer.tensors("A_log")
+            mixer.projections("B")
 
     def attach(self, model):
         params = []
@@ -124,20 +131,18 @@ class AdditionalScan(Method):
     def merge(self, model):
         n = self.config.n
         for mixer, hook in list(_hooks(model)):
-            N, R = mixer.d_state, mixer.dt_rank
-            for direction in range(mixer.num_directions):
-                names = DIRECTION_NAMES[direction]
-                A_log = getattr(mixer, names["A_log"])
-                setattr(mixer, names["A_log"], nn.Parameter(hook._join(A_log.detach(), hook.A_log[direction].detach(), 1)))
-                x_proj = getattr(mixer, names["x_proj"])
-                x_proj = getattr(x_proj, "base", x_proj)
+            slots, B_rows, C_rows = mixer.tensors("A_log"), mixer.projections("B"), mixer.projections("C")
+            for direction, (slot, B_proj, C_proj) in enumerate(zip(slots, B_rows, C_rows)):
+                A_log = slot.value
+                setattr(slot.owner, slot.name, nn.Parameter(hook._join(A_log.detach(), hook.A_log[direction].detach(), 1)))
+                x_proj = B_proj.layer                   # the B rows come before the C rows, in one layer
                 w = x_proj.weight.detach()
-                dt, B, C = w.split([R, N, N])
-                grown = torch.cat([dt, hook._join(B, hook.B_weight[direction].detach(), 0),
-                                   hook._join(C, hook.C_weight[direction].detach(), 0)])
+                (b0, b1), (c0, c1) = B_proj.rows, C_proj.rows
+                grown = torch.cat([w[:b0], hook._join(w[b0:b1], hook.B_weight[direction].detach(), 0), w[b1:c0],
+                                   hook._join(w[c0:c1], hook.C_weight[direction].detach(), 0), w[c1:]])
                 x_proj.weight = nn.Parameter(grown)
                 x_proj.out_features = grown.shape[0]
-            mixer.d_state = N + n
+            mixer.d_state += n
             del mixer.hooks[[i for i, h in enumerate(mixer.hooks) if h is hook][0]]
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "state_size"):

@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NotApplicable
 from ..model.mixer import PeftHook
-from .base import Method, MethodConfig, option, register
+from .base import TABLE9_DECAY, TABLE9_LR, Example, Method, MethodConfig, option, register
 from .prompt import POSITIONS, TokenMLP, check_hidden, check_position, normal_, soft_positions
 
 WHERE = ("after_in_proj", "before_in_proj")
@@ -110,24 +110,34 @@ class AffixTuning(Method):
     description = "per-layer soft tokens after (or before) in_proj, their outputs discarded after the scan"
     Config = AffixConfig
     mergeable = False      # tokens are not a weight; merge_and_unload collapses a projection into plain tokens
+    why_not_mergeable = "soft tokens are extra sequence positions, not a change of any weight"
+    examples = (Example("affix:n=2", identity=False),
+                Example("affix:n=2,where=before_in_proj,projection=true", identity=False),
+                Example("affix:n=2,dual=false", identity=False),
+                Example("affix:n=2,projection=true", identity=False))
+    presets = {"affix": ["affix:n=3,where=after_in_proj,position=prefix,projection=false"],
+               "affix_proj": ["affix:n=3,where=after_in_proj,position=prefix,projection=true"]}
+    search_step1 = {"n": 1}
+    search_step2 = {"n": {"int": [1, 3]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
+    lr_by_size = {"mamba-130m": 1e-4, "mamba-370m": 1e-5, "mamba-790m": 1e-5, "mamba-1.4b": 1e-5}   # Table 7
 
     def _layout(self, mixer) -> tuple[str, int, int]:
         """(stage, token sets, width) for one mixer."""
-        if self.config.where == "before_in_proj":
-            return "before_in_proj", 1, mixer.d_model
-        return "after_in_proj", mixer.num_directions if self.config.dual else 1, 2 * mixer.d_inner
+        stage = self.config.where
+        mixer.require_stage(stage, "affix")
+        sets = mixer.num_directions if self.config.dual and stage == "after_in_proj" else 1
+        return stage, sets, mixer.soft_token_width(stage)
 
     def check(self, model):
         c = self.config
         mixers = model.peft_mixers()
         if not mixers:
-            raise ConfigError(f"affix: {type(model).__name__} has no mixers to insert tokens into")
+            raise NotApplicable(f"affix: {type(model).__name__} has no mixers to insert tokens into")
+        for mixer in mixers:
+            self._layout(mixer)
         check_position("affix", c.position, c.n, model)
         check_hidden("affix", c)
         if c.projection:
-            if not isinstance(getattr(model, "hooks", None), nn.ModuleList):
-                raise ConfigError(f"affix: projection=true needs model-level `hooks` to run the shared MLP, which "
-                                  f"{type(model).__name__} lacks; use projection=false")
             layouts = {self._layout(m) for m in mixers}
             if len(layouts) > 1:
                 raise ConfigError(f"affix: projection=true shares one MLP across layers, but the mixers differ in "
@@ -138,7 +148,7 @@ class AffixTuning(Method):
         hooks = []
         for mixer in model.peft_mixers():
             stage, sets, width = self._layout(mixer)
-            like = getattr(mixer.in_proj, "base", mixer.in_proj).weight
+            like = next(mixer.parameters())
             hook = AffixTokens(stage, c.n, sets, width, c.position, own=not c.projection, like=like)
             mixer.hooks.append(hook)
             hooks.append(hook)

@@ -1,48 +1,54 @@
 """What every PEFT method is made of, and the registry that lists them.
 
-A method is a small class beside its config dataclass:
+A method is a small class beside its config dataclass, and it owns every fact about itself:
 
     @register
     class MyMethod(Method):
         name = "my_method"                     # the id users type
         family = "LoRA"                        # groups `mambapeft methods`
         description = "one line for `mambapeft methods`"
-        Config = MyConfig                      # a MethodConfig dataclass; every field has a help text
+        Config = MyConfig                      # a MethodConfig dataclass; every field has a help text (options.py)
+        examples = (Example("my_method:r=4"),) # the conformance test's cases (tests/test_conformance.py)
+        presets = {"my_method": ["my_method:r=32"]}          # `paper/my_method`
+        search_step1 = {"r": 4}                # in the default HybridPEFT space at this smallest setting ...
+        search_step2 = {"r": {"int": [4, 16]}, "lr": TABLE9_LR}   # ... and these step-2 ranges
+        scaled_update = True                   # the update is scaled by a small s from a zero start (LR column)
 
+        def check(self, model): ...            # NotApplicable / ConfigError before anything is attached
         def attach(self, model): ...           # add parts to the model, return the tensors it trains
         def merge(self, model): ...            # fold into the weights (mergeable methods only)
 
-Adding a method is one new file in this folder and one import line in `methods/__init__.py`.
-Methods reach the model only through what every model offers (`peft_mixers()`, `embedding_path`,
-`head_path`, `hooks`, `is_causal`, `d_model`), so the same class serves the language model and Vision Mamba;
-`DIRECTION_NAMES` gives the per-direction parameters of Vim's bidirectional mixers.
+Adding a method is one new file in this folder and its module name on the import line of `methods/__init__.py`.
+Methods reach the model only through the model interface (model/interface.py): mixers' `projections(role)` and
+`tensors(role)`, their hook stages, and the model's embedding, head, hooks and `model_tensor`, so one class serves
+every model family, and a family without what a method needs raises NotApplicable with the reason.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..model.mixer import DIRECTION_NAMES, MambaMixer
+from ..model.interface import Projection, unwrap
+from ..options import check_options, option
 
-REGISTRY: dict[str, type["Method"]] = {}
+REGISTRY: dict[str, type[Method]] = {}
+
+# Table 9's step-2 ranges shared by most methods: the learning rate and the weight decay of the method's parameters
+TABLE9_LR = {"log": [1e-4, 5e-3]}
+TABLE9_DECAY = {"log": [1e-6, 1e-3]}
 
 
-def register(cls: type["Method"]) -> type["Method"]:
+def register(cls: type[Method]) -> type[Method]:
     if cls.name in REGISTRY:
         raise RuntimeError(f"two methods are named {cls.name!r}")
     REGISTRY[cls.name] = cls
     return cls
-
-
-def option(default, help: str, **limits):
-    """A config field with its help text and optional limits: minimum, maximum, choices."""
-    return field(default=default, metadata={"help": help, **limits})
 
 
 @dataclass
@@ -57,21 +63,14 @@ class MethodConfig:
         check_options(self, method)
 
 
-def check_options(config, where: str) -> None:
-    """Checks every field of a dataclass made with `option` against its limits (choices, minimum, maximum)."""
-    for f in fields(config):
-        value, meta = getattr(config, f.name), f.metadata
-        if value is None:
-            continue
-        text = f"{where}: {f.name}={value!r}"
-        if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{text} is not one of {', '.join(map(str, meta['choices']))}")
-        if "minimum" in meta and value < meta["minimum"]:
-            raise ConfigError(f"{text} must be >= {meta['minimum']}")
-        if "exclusive_minimum" in meta and not value > meta["exclusive_minimum"]:
-            raise ConfigError(f"{text} must be > {meta['exclusive_minimum']}")
-        if "maximum" in meta and value > meta["maximum"]:
-            raise ConfigError(f"{text} must be <= {meta['maximum']}")
+@dataclass(frozen=True)
+class Example:
+    """A case of the conformance test: a spec, and whether the method starts as the identity (zero-initialised
+    updates do; soft tokens and extra states change the output from the start)."""
+
+    spec: str
+    identity: bool = True
+    non_causal_only: bool = False     # positions a causal model refuses (suffix, infix soft tokens)
 
 
 class Method:
@@ -82,16 +81,25 @@ class Method:
     description: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = True
+    why_not_mergeable: ClassVar[str] = ""
     merge_order: ClassVar[int] = 0            # merged in ascending order (methods that reshape layers go last)
     # which parts of the model the method changes: (layer, row block) pairs; used to find clashes
     targets: ClassVar[frozenset] = frozenset()
     exclusive: ClassVar[bool] = False         # True: nothing else may touch its targets (DoRA's normalisation)
+    # facts the rest of the library reads from the registry
+    examples: ClassVar[tuple[Example, ...]] = ()
+    presets: ClassVar[dict[str, list[str]]] = {}
+    search_step1: ClassVar[dict | None] = None       # None: not in the default search space
+    search_step2: ClassVar[dict] = {}
+    search_vision_only: ClassVar[bool] = False
+    scaled_update: ClassVar[bool] = False     # update = s * (something that starts at zero): a 10x rate on small models
+    lr_by_size: ClassVar[dict[str, float]] = {}   # per model size (paper Table 7): arch name -> learning rate
 
     def __init__(self, config: MethodConfig):
         self.config = config
 
     def check(self, model) -> None:
-        """Raises ConfigError if `model` lacks what this method needs (called before anything is attached)."""
+        """Raises NotApplicable (no meaning on this family) or ConfigError before anything is attached."""
 
     def attach(self, model) -> list[torch.Tensor]:
         """Adds this method's parts to `model` in place; returns the tensors it trains (new or existing)."""
@@ -121,13 +129,17 @@ class Method:
     def after_load(self) -> None:
         """Called after the adapter's tensors were loaded."""
 
+    def explain_count(self) -> str | None:
+        """How the trainable count comes about, when it is not plain (`mambapeft params` prints it)."""
+        return None
+
     def param_groups(self, params: dict[str, torch.Tensor], lr: float, weight_decay: float) -> list[dict]:
         """Optimiser groups for this method's tensors; the config's lr and weight_decay override the run's."""
         lr = self.config.lr if self.config.lr is not None else lr
         wd = self.config.weight_decay if self.config.weight_decay is not None else weight_decay
         return [{"params": list(params.values()), "lr": lr, "weight_decay": wd, "method": self.name}]
 
-    def clash(self, other: "Method") -> str | None:
+    def clash(self, other: Method) -> str | None:
         """Why this method cannot be combined with `other`, or None."""
         overlap = _overlap(self.targets, other.targets)
         if overlap and (self.exclusive or other.exclusive):
@@ -146,27 +158,9 @@ def _overlap(a: frozenset, b: frozenset) -> str | None:
 # ---------------------------------------------------------------- helpers shared by the methods
 
 
-def direction_layers(model, layer: str):
-    """(mixer, attribute name) of `layer` in every mixer and, for per-direction layers, every direction."""
-    per_direction = layer in DIRECTION_NAMES[0]
-    for mixer in model.peft_mixers():
-        directions = range(mixer.num_directions) if per_direction else [0]
-        for d in directions:
-            yield mixer, DIRECTION_NAMES[d][layer] if per_direction else layer
-
-
-def row_block(mixer: MambaMixer, layer: str, block: str | None) -> tuple[int, int]:
-    """Output rows of a named block: X/Z halves of in_proj; dt/B/C rows of x_proj; None = all rows."""
-    E, R, N = mixer.d_inner, mixer.dt_rank, mixer.d_state
-    blocks = {
-        ("in_proj", "X"): (0, E), ("in_proj", "Z"): (E, 2 * E),
-        ("x_proj", "dt"): (0, R), ("x_proj", "B"): (R, R + N), ("x_proj", "C"): (R + N, R + 2 * N),
-    }
-    if block is None:
-        base = getattr(mixer, layer)
-        base = getattr(base, "base", base)
-        return 0, base.weight.shape[0]
-    return blocks[(layer, block)]
+def projections(model, role: str) -> list[Projection]:
+    """The `role` projection of every mixer (and direction); NotApplicable when the family has none."""
+    return [p for mixer in model.peft_mixers() for p in mixer.projections(role)]
 
 
 def is_meta(t: torch.Tensor) -> bool:
@@ -185,9 +179,10 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 
 
-def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def owner_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding `path`'s last component, and that component's name."""
     parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
+    return (model.get_submodule(parent) if parent else model), name
 
 
 class AdaptedLayer(nn.Module):
@@ -227,3 +222,8 @@ def remove_delta(owner: nn.Module, attr: str, key: str) -> nn.Module:
     if not len(layer.deltas):
         setattr(owner, attr, layer.base)
     return delta
+
+
+__all__ = ["REGISTRY", "register", "MethodConfig", "Method", "Example", "AdaptedLayer", "add_delta", "remove_delta",
+           "projections", "unwrap", "kaiming_", "is_meta", "get_module", "owner_and_attr", "option",
+           "TABLE9_LR", "TABLE9_DECAY"]

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Method, add_delta, register, remove_delta, row_block
-from .lora import LoRAConfig, LoRADelta
+from .base import Example, Method, add_delta, projections, register, remove_delta
+from .lora import LinearLoRA, LoRAConfig, LoRADelta, check_rank
 
 
 class DoRADelta(LoRADelta):
@@ -51,18 +51,22 @@ class DoRAPartialX(Method):
     Config = LoRAConfig
     targets = frozenset({("in_proj", "X")})
     exclusive = True
+    examples = (Example("dora_p_x:r=4"),)
+    presets = {"dora_p_x": ["dora_p_x:r=64"]}
+    scaled_update = True
+    search_step2 = LinearLoRA.search_step2
+
+    def check(self, model):
+        check_rank(self.name, self.config.r, projections(model, "X"))
 
     def attach(self, model):
         params = []
-        for mixer in model.peft_mixers():
-            base = getattr(mixer.in_proj, "base", mixer.in_proj)
-            start, stop = row_block(mixer, "in_proj", "X")
-            delta = DoRADelta(base, start, stop, self.config)
-            add_delta(mixer, "in_proj", self.name, delta)
+        for p in projections(model, "X"):
+            delta = DoRADelta(p.layer, *p.rows, self.config)
+            add_delta(p.owner, p.attr, self.name, delta)
             params += [delta.down, delta.up, delta.magnitude]
         return params
 
     def merge(self, model):
-        for mixer in model.peft_mixers():
-            base = getattr(mixer.in_proj, "base", mixer.in_proj)
-            remove_delta(mixer, "in_proj", self.name).merge_into(base)
+        for p in projections(model, "X"):
+            remove_delta(p.owner, p.attr, self.name).merge_into(p.layer)

@@ -16,18 +16,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NotApplicable
 from .base import (
+    TABLE9_DECAY,
+    TABLE9_LR,
+    Example,
     Method,
     MethodConfig,
     add_delta,
-    direction_layers,
-    get_module,
     kaiming_,
     option,
+    owner_and_attr,
+    projections,
     register,
     remove_delta,
-    row_block,
+    unwrap,
 )
 
 
@@ -102,89 +105,119 @@ class ConvLoRADelta(nn.Module):
         base.weight += update.to(base.weight.dtype)
 
 
-def _base(layer: nn.Module) -> nn.Module:
-    return getattr(layer, "base", layer)
-
-
 def untie_head(model) -> None:
     """Before the embedding changes on its own: give a tied output head its own copy of the weight."""
-    untie = getattr(model, "untie_weights", None)
-    if untie is not None:
-        untie()
+    model.untie_weights()
 
 
-def attach_linear_lora(model, key: str, layer: str, block: str | None, config: LoRAConfig) -> list[torch.Tensor]:
-    """A LoRADelta named `key` on `layer` (rows `block`) of every mixer and direction; returns its tensors."""
+def check_rank(method: str, r: int, targets) -> None:
+    """A rank above both sizes of the layer only costs memory (a huge one, all of it). A rank between the two is
+    allowed: the paper itself uses r = 64 on Vim-S's dt_proj, whose input is 24 wide."""
+    for p in targets:
+        rows = p.rows[1] - p.rows[0]
+        inputs = p.layer.in_features
+        if r > max(rows, inputs):
+            raise ConfigError(f"{method}: r={r} is larger than the layer it adapts ({p.attr}: {inputs} inputs -> "
+                              f"{rows} rows); use r <= {max(rows, inputs)} (a full-rank update needs only "
+                              f"{min(rows, inputs)})")
+
+
+def attach_linear_lora(model, key: str, role: str, config: LoRAConfig) -> list[torch.Tensor]:
+    """A LoRADelta named `key` on the `role` projection of every mixer and direction; returns its tensors."""
     params = []
-    for mixer, attr in direction_layers(model, layer):
-        base = _base(getattr(mixer, attr))
-        start, stop = row_block(mixer, layer, block)
-        delta = LoRADelta(base.in_features, start, stop, config, like=base.weight)
-        add_delta(mixer, attr, key, delta)
+    for p in projections(model, role):
+        delta = LoRADelta(p.layer.in_features, *p.rows, config, like=p.layer.weight)
+        add_delta(p.owner, p.attr, key, delta)
         params += [delta.down, delta.up]
     return params
 
 
-def merge_linear_lora(model, key: str, layer: str) -> None:
-    for mixer, attr in direction_layers(model, layer):
-        base = _base(getattr(mixer, attr))
-        remove_delta(mixer, attr, key).merge_into(base)
+def merge_linear_lora(model, key: str, role: str) -> None:
+    for p in projections(model, role):
+        remove_delta(p.owner, p.attr, key).merge_into(p.layer)
 
 
 class LinearLoRA(Method):
-    """LoRA on `layer` of every mixer (rows `block` only, if set). Subclassed once per target below."""
+    """LoRA on the `role` projection of every mixer (a whole layer or a row block). Subclassed once per target below."""
 
     family = "LoRA"
     Config = LoRAConfig
-    layer: str
-    block: str | None = None
+    role: str
+    scaled_update = True
+    search_step2 = {"r": {"int": [4, 16]}, "s": {"log": [1e-2, 1.0]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
+
+    def check(self, model):
+        check_rank(self.name, self.config.r, projections(model, self.role))
 
     def attach(self, model):
-        return attach_linear_lora(model, self.name, self.layer, self.block, self.config)
+        return attach_linear_lora(model, self.name, self.role, self.config)
 
     def merge(self, model):
-        merge_linear_lora(model, self.name, self.layer)
+        merge_linear_lora(model, self.name, self.role)
 
 
-# id: (layer, row block, description). One line here adds a LoRA target.
+# id: (projection role, the (layer, row block) it changes for clash checks, Table 1 rank, Table 9 step-1 rank,
+# description). One line here adds a LoRA target; the paper preset paper/<id> is the Table 1 rank.
 LORA_TARGETS = {
-    "lora_in_proj": ("in_proj", None, "LoRA on in_proj (both the X and the Z half)"),
-    "lora_x_proj": ("x_proj", None, "LoRA on x_proj (dt, B and C rows; one per direction in Vim)"),
-    "lora_dt_proj": ("dt_proj", None, "LoRA on dt_proj (one per direction in Vim)"),
-    "lora_out_proj": ("out_proj", None, "LoRA on out_proj"),
-    "lora_p_x": ("in_proj", "X", "partial LoRA on the X half of in_proj: the paper's best single method"),
-    "lora_p_z": ("in_proj", "Z", "partial LoRA on the Z (gate) half of in_proj"),
-    "lora_p_dt": ("x_proj", "dt", "partial LoRA on the dt rows of x_proj (the paper's LoRA_p(d))"),
-    "lora_p_b": ("x_proj", "B", "partial LoRA on the B rows of x_proj"),
-    "lora_p_c": ("x_proj", "C", "partial LoRA on the C rows of x_proj"),
+    "lora_in_proj": ("in_proj", ("in_proj", None), 32, 8, "LoRA on in_proj (both the X and the Z half)"),
+    "lora_x_proj": ("x_proj", ("x_proj", None), 64, 8, "LoRA on x_proj (dt, B and C rows; one per direction in Vim)"),
+    "lora_dt_proj": ("dt_proj", ("dt_proj", None), 64, 4, "LoRA on dt_proj (one per direction in Vim)"),
+    "lora_out_proj": ("out_proj", ("out_proj", None), 96, 8, "LoRA on out_proj"),
+    "lora_p_x": ("X", ("in_proj", "X"), 64, 8, "partial LoRA on the X half of in_proj: the paper's best single method"),
+    "lora_p_z": ("Z", ("in_proj", "Z"), 64, 8, "partial LoRA on the Z (gate) half of in_proj"),
+    "lora_p_dt": ("dt", ("x_proj", "dt"), 64, 4, "partial LoRA on the dt rows of x_proj (the paper's LoRA_p(d))"),
+    "lora_p_b": ("B", ("x_proj", "B"), 64, 4, "partial LoRA on the B rows of x_proj"),
+    "lora_p_c": ("C", ("x_proj", "C"), 64, 4, "partial LoRA on the C rows of x_proj"),
 }
+# Table 7 (language): lora_p_x's learning rate by model size
+LORA_P_X_LR = {"mamba-130m": 1e-3, "mamba-370m": 5e-4, "mamba-790m": 5e-4, "mamba-1.4b": 1e-4}
 
-for _name, (_layer, _block, _text) in LORA_TARGETS.items():
+for _name, (_role, _target, _rank, _step1_rank, _text) in LORA_TARGETS.items():
     register(type(_name, (LinearLoRA,), {
-        "name": _name, "layer": _layer, "block": _block, "description": _text,
-        "targets": frozenset({(_layer, _block)}),
+        "name": _name, "role": _role, "description": _text, "targets": frozenset({_target}),
+        "examples": (Example(f"{_name}:r=4"),),
+        "presets": {_name: [f"{_name}:r={_rank}" + (",s=0.1" if _name == "lora_p_x" else "")]},
+        "search_step1": {"r": _step1_rank, "s": 0.1},
+        "lr_by_size": LORA_P_X_LR if _name == "lora_p_x" else {},
+        # Table 9 searches lora_p_b's rank in 4..12, the others in 4..16
+        "search_step2": {**LinearLoRA.search_step2, "r": {"int": [4, 12]}} if _name == "lora_p_b" else LinearLoRA.search_step2,
     }))
 
 
+def embedding_layer(model, method: str) -> tuple[nn.Module, str, nn.Module]:
+    """(owner, attribute, plain layer) of the model's input embedding; NotApplicable without one."""
+    if model.embedding_path is None:
+        raise NotApplicable(f"{method}: {type(model).__name__} has no input embedding to adapt")
+    owner, attr = owner_and_attr(model, model.embedding_path)
+    return owner, attr, unwrap(getattr(owner, attr))
+
+
+def check_embedding_lora(model, key: str, r: int) -> None:
+    _, _, base = embedding_layer(model, key)
+    if isinstance(base, nn.Embedding):
+        size = max(base.num_embeddings, base.embedding_dim)
+    elif isinstance(base, nn.Conv2d):
+        size = max(base.out_channels, base.weight[0].numel())
+    else:
+        raise NotApplicable(f"{key}: the embedding {model.embedding_path} is a {type(base).__name__}, "
+                            f"expected an Embedding or a patch Conv2d")
+    if r > size:
+        raise ConfigError(f"{key}: r={r} is larger than the embedding it adapts ({model.embedding_path}: width "
+                          f"{size}); use r <= {size}")
+
+
 def attach_embedding_lora(model, key: str, config: LoRAConfig) -> list[torch.Tensor]:
-    owner_path, _, attr = model.embedding_path.rpartition(".")
-    owner = get_module(model, owner_path) if owner_path else model
-    base = _base(getattr(owner, attr))
+    owner, attr, base = embedding_layer(model, key)
     if isinstance(base, nn.Embedding):
         delta = EmbeddingLoRADelta(base, config)
     elif isinstance(base, nn.Conv2d):
         delta = ConvLoRADelta(base, config)
-    else:
-        raise ConfigError(f"{key}: the embedding {model.embedding_path} is a {type(base).__name__}, "
-                          f"expected an Embedding or a patch Conv2d")
     add_delta(owner, attr, key, delta)
     return [delta.down, delta.up]
 
 
 def merge_embedding_lora(model, key: str) -> None:
-    owner_path, _, attr = model.embedding_path.rpartition(".")
-    owner = get_module(model, owner_path) if owner_path else model
-    base = _base(getattr(owner, attr))
+    owner, attr, base = embedding_layer(model, key)
     untie_head(model)
     remove_delta(owner, attr, key).merge_into(base)
 
@@ -196,6 +229,14 @@ class EmbeddingLoRA(Method):
     description = "LoRA on the token embedding (Vim: on the patch-embedding convolution)"
     Config = LoRAConfig
     targets = frozenset({("embedding", None)})
+    examples = (Example("lora_embed:r=4"),)
+    presets = {"lora_embed": ["lora_embed:r=32"]}
+    scaled_update = True
+    search_step1 = {"r": 8, "s": 0.1}
+    search_step2 = LinearLoRA.search_step2
+
+    def check(self, model):
+        check_embedding_lora(model, self.name, self.config.r)
 
     def attach(self, model):
         return attach_embedding_lora(model, self.name, self.config)
@@ -211,6 +252,7 @@ class SLLLoRAConfig(LoRAConfig):
 
 
 SLL_LAYERS = ("in_proj", "out_proj", "x_proj")
+SLL_RANK = {"mamba-130m": 8, "mamba-370m": 16, "mamba-790m": 32, "mamba-1.4b": 64}     # Halloran et al.
 
 
 @register
@@ -220,11 +262,20 @@ class SLLLoRA(Method):
     description = "baseline of Halloran et al. (2024): LoRA on in_proj, out_proj, x_proj and the embedding, s=1"
     Config = SLLLoRAConfig
     targets = frozenset({(layer, None) for layer in SLL_LAYERS} | {("embedding", None)})
+    examples = (Example("sll_lora:r=4"),)
+    presets = {"sll_lora": ["sll_lora:s=1"]}
+    scaled_update = True
+    rank_by_size = SLL_RANK
+
+    def check(self, model):
+        check_embedding_lora(model, self.name, self.config.r)
+        for layer in SLL_LAYERS:
+            check_rank(self.name, self.config.r, projections(model, layer))
 
     def attach(self, model):
         params = attach_embedding_lora(model, self.name, self.config)
         for layer in SLL_LAYERS:
-            params += attach_linear_lora(model, self.name, layer, None, self.config)
+            params += attach_linear_lora(model, self.name, layer, self.config)
         return params
 
     def merge(self, model):

@@ -1,12 +1,13 @@
 """Partial tuning (paper Section 3.3): train a zero-initialised delta on one small tensor of every mixer.
 
-    A_log -> A_log + delta        D, conv1d.weight and dt_proj.bias (the block's only bias) likewise
+    A_log -> A_log + delta        D, the conv kernel and the dt bias (dt_proj's, the block's only bias) likewise
 
 The delta rides on the tensor through `torch.nn.utils.parametrize`, so the mixer reads A_log + delta
 wherever it reads A_log and merging is `remove_parametrizations(leave_parametrized=True)`. Weight decay on
 the delta is the paper's modified decay |W - W_pretrained|^2: it pulls the tensor back toward its
 pretrained value, not toward zero. Default strengths are the official ones: 1e-3 for A, D and conv1d (x10 of
-the base 1e-4) and 1e-2 for the dt bias (x100). Vim's mixers get one delta per scan direction.
+the base 1e-4) and 1e-2 for the dt bias (x100). Vim's mixers get one delta per scan direction. The same
+machinery serves tensors the model itself holds (Vim's class token and position embedding, `ModelTensorTuning`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .base import Method, MethodConfig, direction_layers, option, register
+from .base import Example, Method, MethodConfig, option, register
+
+PARTIAL_SEARCH = {"lr": {"log": [1e-4, 5e-3]}, "weight_decay": {"log": [1e-5, 1e-2]}}    # Table 9, step 2
 
 
 @dataclass
@@ -28,6 +31,11 @@ class PartialConfig(MethodConfig):
 @dataclass
 class PartialBiasConfig(MethodConfig):
     weight_decay: float | None = option(1e-2, "decay of the delta = decay of |W - W_pretrained|^2", minimum=0)
+
+
+@dataclass
+class ModelTensorConfig(PartialConfig):
+    weight_decay: float | None = option(1e-4, "decay of the delta = decay of |W - W_pretrained|^2", minimum=0)
 
 
 class Delta(nn.Module):
@@ -42,44 +50,60 @@ class Delta(nn.Module):
 
 
 class PartialTuning(Method):
-    """A delta on `tensor` of `layer` in every mixer and direction; `tensor` None: the layer is the tensor."""
+    """A delta on the `role` tensor of every mixer and direction (see model/interface.py for the roles)."""
 
     family = "partial tuning"
     Config = PartialConfig
-    layer: str
-    tensor: str | None = None
+    role: str
+    search_step1 = {"weight_decay": 1e-3}          # Table 9, step 1: every partial target at decay 1e-3
+    search_step2 = PARTIAL_SEARCH
 
-    def _owners(self, model):
-        for mixer, attr in direction_layers(model, self.layer):
-            if self.tensor is None:
-                yield mixer, attr
-            else:
-                layer = getattr(mixer, attr)
-                yield getattr(layer, "base", layer), self.tensor
+    def slots(self, model):
+        return [slot for mixer in model.peft_mixers() for slot in mixer.tensors(self.role)]
+
+    def check(self, model):
+        self.slots(model)
 
     def attach(self, model):
         params = []
-        for owner, name in self._owners(model):
-            delta = Delta(getattr(owner, name))
-            parametrize.register_parametrization(owner, name, delta)
+        for slot in self.slots(model):
+            delta = Delta(slot.value)
+            parametrize.register_parametrization(slot.owner, slot.name, delta)
             params.append(delta.delta)
         return params
 
     def merge(self, model):
-        for owner, name in self._owners(model):
-            parametrize.remove_parametrizations(owner, name, leave_parametrized=True)
+        for slot in self.slots(model):
+            parametrize.remove_parametrizations(slot.owner, slot.name, leave_parametrized=True)
 
 
-# id: (layer, tensor, config, description). One line here adds a partially tuned tensor of the mixer.
+class ModelTensorTuning(PartialTuning):
+    """A delta on a tensor the model itself holds (`model.model_tensor(role)`): Vim's class token and position
+    embedding. The default decay is the official base strength 1e-4 (A, D and conv1d use x10)."""
+
+    Config = ModelTensorConfig
+    search_vision_only = True
+
+    def slots(self, model):
+        return [model.model_tensor(self.role)]
+
+
+# id: (role, whose tensor, config, (layer, block) it changes, description). One line here adds a partial target.
 PARTIAL_TARGETS = {
-    "partial_a": ("A_log", None, PartialConfig, "A-tuning: a delta on A_log (E x N per direction)"),
-    "partial_d": ("D", None, PartialConfig, "D-tuning: a delta on the skip D (E per direction)"),
-    "partial_conv1d": ("conv1d", "weight", PartialConfig, "Conv1d-tuning: a delta on the causal conv's kernel"),
-    "partial_bias": ("dt_proj", "bias", PartialBiasConfig, "Bias-tuning: a delta on dt_proj's bias, the block's only bias"),
+    "partial_a": ("A_log", PartialTuning, PartialConfig, ("A_log", None), "A-tuning: a delta on A_log (E x N per direction)"),
+    "partial_d": ("D", PartialTuning, PartialConfig, ("D", None), "D-tuning: a delta on the skip D (E per direction)"),
+    "partial_conv1d": ("conv", PartialTuning, PartialConfig, ("conv1d.weight", None),
+                       "Conv1d-tuning: a delta on the causal conv's kernel"),
+    "partial_bias": ("dt_bias", PartialTuning, PartialBiasConfig, ("dt_proj.bias", None),
+                     "Bias-tuning: a delta on the dt bias, the block's only bias"),
+    "partial_cls_token": ("cls_token", ModelTensorTuning, ModelTensorConfig, ("cls_token", None),
+                          "a delta on Vim's class token (d)"),
+    "partial_pos_embed": ("pos_embed", ModelTensorTuning, ModelTensorConfig, ("pos_embed", None),
+                          "a delta on Vim's position embedding ((M + 1) x d)"),
 }
 
-for _name, (_layer, _tensor, _config, _text) in PARTIAL_TARGETS.items():
-    register(type(_name, (PartialTuning,), {
-        "name": _name, "layer": _layer, "tensor": _tensor, "Config": _config, "description": _text,
-        "targets": frozenset({(f"{_layer}.{_tensor}" if _tensor else _layer, None)}),
+for _name, (_role, _base, _config, _target, _text) in PARTIAL_TARGETS.items():
+    register(type(_name, (_base,), {
+        "name": _name, "role": _role, "Config": _config, "description": _text, "targets": frozenset({_target}),
+        "examples": (Example(_name),), "presets": {_name: [f"{_name}:weight_decay={_config().weight_decay:g}"]},
     }))

@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NotApplicable
 from ..model.mixer import PeftHook
-from .base import Method, MethodConfig, get_module, is_meta, option, register
+from .base import TABLE9_DECAY, TABLE9_LR, Example, Method, MethodConfig, get_module, is_meta, option, register, unwrap
 
 POSITIONS = ("prefix", "infix", "suffix", "prefix+suffix")
 
@@ -60,7 +60,7 @@ def check_position(method: str, position: str, n: int, model) -> None:
     """The position rules shared by prompt and affix (see the module docstring for why)."""
     if position == "prefix+suffix" and n < 2:
         raise ConfigError(f"{method}: position=prefix+suffix splits the tokens between both ends and needs n >= 2, got n={n}")
-    if position != "prefix" and getattr(model, "is_causal", False):
+    if position != "prefix" and model.is_causal:
         why = {
             "suffix": "tokens after the last real token cannot change any output of a causal model (and get no gradient)",
             "prefix+suffix": "the suffix half would sit after the last real token, where a causal model's outputs cannot see it",
@@ -168,11 +168,9 @@ class PromptTokens(PeftHook):
 
 
 def _embedding_table(model) -> torch.Tensor | None:
-    path = getattr(model, "embedding_path", None)
-    if path is None:
+    if model.embedding_path is None:
         return None
-    layer = get_module(model, path)
-    layer = getattr(layer, "base", layer)
+    layer = unwrap(get_module(model, model.embedding_path))
     return layer.weight if isinstance(layer, nn.Embedding) else None
 
 
@@ -183,11 +181,20 @@ class PromptTuning(Method):
     description = "n soft tokens added to the input sequence (prefix, infix, suffix or both ends), stripped from the output"
     Config = PromptConfig
     mergeable = False      # tokens are not a weight; merge_and_unload collapses a projection into plain tokens
+    why_not_mergeable = "soft tokens are extra sequence positions, not a change of any weight"
+    examples = (Example("prompt:n=3", identity=False), Example("prompt:n=2,projection=true", identity=False),
+                Example("prompt:n=3,position=infix", identity=False, non_causal_only=True),
+                Example("prompt:n=2,position=suffix", identity=False, non_causal_only=True),
+                Example("prompt:n=4,position=prefix+suffix", identity=False, non_causal_only=True))
+    presets = {"prompt": ["prompt:n=8,position=prefix+suffix,projection=false"],
+               "prompt_proj": ["prompt:n=8,position=prefix+suffix,projection=true"]}
+    search_step1 = {"n": 1}
+    search_step2 = {"n": {"int": [1, 3]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
 
     def check(self, model):
         c = self.config
-        if not isinstance(getattr(model, "hooks", None), nn.ModuleList):
-            raise ConfigError(f"prompt: {type(model).__name__} has no model-level `hooks` to insert soft tokens with")
+        if "embeddings" not in model.peft_stages:
+            raise NotApplicable(f"prompt: {type(model).__name__} takes no soft tokens at its input")
         check_position("prompt", c.position, c.n, model)
         check_hidden("prompt", c)
         if c.init == "vocab" and _embedding_table(model) is None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from .base import Method, MethodConfig, direction_layers, option, register
+from .base import Example, Method, MethodConfig, option, register
 
 WARMUP, SPARSE = 0, 1
 
@@ -74,10 +74,11 @@ class SparseA(nn.Module):
 class SparseBC(nn.Module):
     """Parametrization of x_proj's weight: after selection, the B and C rows' columns of the chosen channels."""
 
-    def __init__(self, weight: torch.Tensor, sparse_a: SparseA, dt_rank: int, d_state: int):
+    def __init__(self, weight: torch.Tensor, sparse_a: SparseA, B_rows: tuple[int, int], C_rows: tuple[int, int]):
         super().__init__()
-        self.rows = slice(dt_rank, dt_rank + 2 * d_state)
-        self.values = nn.Parameter(torch.zeros(2 * d_state, sparse_a.channels.numel(),
+        rows = list(range(*B_rows)) + list(range(*C_rows))
+        self.rows = torch.tensor(rows, dtype=torch.long)          # not a buffer: not part of the adapter
+        self.values = nn.Parameter(torch.zeros(len(rows), sparse_a.channels.numel(),
                                                device=weight.device, dtype=weight.dtype))  # (2N, k_c)
         self._a = [sparse_a]                       # the channels live in A's part; a list: not a submodule
 
@@ -85,16 +86,18 @@ class SparseBC(nn.Module):
         sparse_a = self._a[0]
         if sparse_a.current == WARMUP:
             return weight
-        rows = torch.arange(self.rows.start, self.rows.stop, device=weight.device)[:, None]
+        if self.rows.device != weight.device:
+            self.rows = self.rows.to(weight.device)
+        rows = self.rows[:, None]
         return weight.index_put((rows.expand_as(self.values), sparse_a.channels[None].expand_as(self.values)),
                                 self.values, accumulate=True)
 
 
 def _parts(model):
-    """(A owner, x_proj base layer, mixer) per mixer and direction."""
-    for (mixer, a_name), (_, x_name) in zip(direction_layers(model, "A_log"), direction_layers(model, "x_proj")):
-        x_proj = getattr(mixer, x_name)
-        yield mixer, a_name, getattr(x_proj, "base", x_proj)
+    """(A_log slot, B rows, C rows, mixer) per mixer and direction."""
+    for mixer in model.peft_mixers():
+        for slot, B, C in zip(mixer.tensors("A_log"), mixer.projections("B"), mixer.projections("C")):
+            yield slot, B, C, mixer
 
 
 @register
@@ -107,15 +110,29 @@ class SparseDimensionTuning(Method):
     targets = frozenset({("A_log", None)})
     exclusive = True                           # A_log can carry one delta: not with partial_a
     merge_order = -1                           # its x_proj delta is a parametrization: fold it before LoRA merges
+    examples = (Example("sdt:warmup_steps=1,channel_fraction=0.2,state_fraction=0.4"),)
+    presets = {"sdt": ["sdt"]}
+    # beyond Table 9 (the second reference paper): a warm-up short enough for short trials
+    search_step1 = {"warmup_steps": 10}
+    search_step2 = {"channel_fraction": {"log": [0.005, 0.1]}, "state_fraction": {"float": [0.1, 0.5]},
+                    "lr": {"log": [1e-4, 5e-3]}}
+
+    def check(self, model):
+        for mixer in model.peft_mixers():
+            mixer.tensors("A_log")
+            B, C = mixer.projections("B"), mixer.projections("C")
+            if any(b.layer is not c.layer for b, c in zip(B, C)):
+                raise ConfigError("sdt: this family keeps B and C in different layers, which SDT does not support")
 
     def attach(self, model):
         self.parts = []
         params = []
-        for mixer, a_name, x_proj in _parts(model):
+        for slot, B, C, mixer in _parts(model):
             k_c, k_s = selected_sizes(mixer.d_inner, mixer.d_state, self.config)
-            sparse_a = SparseA(getattr(mixer, a_name), k_c, k_s, self.config.keep_warmup)
-            parametrize.register_parametrization(mixer, a_name, sparse_a)
-            sparse_bc = SparseBC(x_proj.weight, sparse_a, mixer.dt_rank, mixer.d_state)
+            sparse_a = SparseA(slot.value, k_c, k_s, self.config.keep_warmup)
+            parametrize.register_parametrization(slot.owner, slot.name, sparse_a)
+            x_proj = B.layer
+            sparse_bc = SparseBC(x_proj.weight, sparse_a, B.rows, C.rows)
             parametrize.register_parametrization(x_proj, "weight", sparse_bc)
             self.parts.append((sparse_a, sparse_bc))
             params += [sparse_a.dense, sparse_a.values, sparse_bc.values]
@@ -156,7 +173,8 @@ class SparseDimensionTuning(Method):
                 sparse_a.dense.requires_grad_(False)
 
     def check_training(self, total_steps: int) -> None:
-        if self.phase == WARMUP and self.config.warmup_steps >= total_steps:
+        in_warmup = not getattr(self, "parts", None) or self.phase == WARMUP
+        if in_warmup and self.config.warmup_steps >= total_steps:
             raise ConfigError(f"sdt: warmup_steps={self.config.warmup_steps} is not shorter than the run "
                               f"({total_steps} optimiser steps); nothing would be left for the sparse phase")
 
@@ -176,6 +194,6 @@ class SparseDimensionTuning(Method):
                 + " + ".join(parts) + f" = {self.trainable_after_setup():,}")
 
     def merge(self, model):
-        for mixer, a_name, x_proj in _parts(model):
-            parametrize.remove_parametrizations(mixer, a_name, leave_parametrized=True)
-            parametrize.remove_parametrizations(x_proj, "weight", leave_parametrized=True)
+        for slot, B, _, _ in _parts(model):
+            parametrize.remove_parametrizations(slot.owner, slot.name, leave_parametrized=True)
+            parametrize.remove_parametrizations(B.layer, "weight", leave_parametrized=True)

@@ -1,6 +1,9 @@
-"""The model layer: the PEFT-ready mixer, the language model around it, loading and generation."""
+"""The model layer: the PEFT interface of a family (interface.py), the Mamba-1 mixer, the language model and Vision
+Mamba around it, loading, generation, and building models by name (factory.py)."""
 
-from .architectures import ARCHITECTURES, HUB_IDS, arch_config, from_config
+from .architectures import ARCHITECTURES, HUB_IDS, arch_config
+from .factory import ALL_ARCHITECTURES, from_config, shapes_model
+from .interface import PeftMixerInterface, PeftModelInterface, Projection, TensorSlot
 from .lm import MambaBlock, MambaLM, MambaLMOutput, MambaState, RMSNorm
 from .loading import from_pretrained, save_pretrained
 from .mixer import DIRECTION_NAMES, MambaMixer, MixerState, PeftHook
@@ -8,8 +11,9 @@ from .vim import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim
 from .vim_loading import load_vim, save_vim
 
 __all__ = [
-    "ARCHITECTURES", "HUB_IDS", "arch_config", "from_config", "MambaBlock", "MambaLM", "MambaLMOutput",
-    "MambaState", "RMSNorm", "from_pretrained", "save_pretrained", "DIRECTION_NAMES", "MambaMixer",
-    "MixerState", "PeftHook",
+    "ARCHITECTURES", "ALL_ARCHITECTURES", "HUB_IDS", "arch_config", "from_config", "shapes_model",
+    "PeftMixerInterface", "PeftModelInterface", "Projection", "TensorSlot",
+    "MambaBlock", "MambaLM", "MambaLMOutput", "MambaState", "RMSNorm", "from_pretrained", "save_pretrained",
+    "DIRECTION_NAMES", "MambaMixer", "MixerState", "PeftHook",
     "VIM_ARCHITECTURES", "VimConfig", "VimOutput", "VisionMamba", "build_vim", "vim_config", "load_vim", "save_vim",
 ]

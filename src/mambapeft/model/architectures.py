@@ -1,56 +1,33 @@
-"""The published Mamba-1 architectures by name, buildable with random weights and without any download.
+"""The published architectures by name (sizes only, no builders): the tables every front end reads.
 
-The language sizes are those of `state-spaces/mamba-*-hf` (GPT-NeoX vocabulary padded to 50280); `tiny` is a
-small model for tests and quick demos. `device="meta"` builds any of them in milliseconds, shapes only, for
-counting parameters.
+The language sizes are those of `state-spaces/mamba-*-hf` (GPT-NeoX vocabulary padded to 50280); `tiny` is a small
+model for tests and quick demos. The Vision Mamba names live beside their config (vim.py, VIM_ARCHITECTURES);
+`model.factory.from_config` builds any of them.
 """
 
 from __future__ import annotations
 
-import torch
 from transformers import MambaConfig
 
-from ..errors import ConfigError
-from .lm import MambaLM
-from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba, build_vim
+from ..errors import ConfigError, did_you_mean
 
 ARCHITECTURES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, vocab_size=1024),
+    # sizes that are not powers of two, small enough for every check of every method in seconds
+    "mamba-micro": dict(hidden_size=24, num_hidden_layers=2, vocab_size=97, state_size=5, time_step_rank=3),
     "mamba-130m": dict(hidden_size=768, num_hidden_layers=24),
     "mamba-370m": dict(hidden_size=1024, num_hidden_layers=48),
     "mamba-790m": dict(hidden_size=1536, num_hidden_layers=48),
     "mamba-1.4b": dict(hidden_size=2048, num_hidden_layers=48),
     "mamba-2.8b": dict(hidden_size=2560, num_hidden_layers=64),
 }
-HUB_IDS = {name: f"state-spaces/{name}-hf" for name in ARCHITECTURES if name != "tiny"}
-# every name from_config builds: the language ones above and the Vision Mamba ones of vim.py
-ALL_ARCHITECTURES = [*ARCHITECTURES, *VIM_ARCHITECTURES]
+HUB_IDS = {name: f"state-spaces/{name}-hf" for name in ARCHITECTURES if name not in ("tiny", "mamba-micro")}
 
 
 def arch_config(name: str, **overrides) -> MambaConfig:
     """The transformers MambaConfig of a named architecture (vocab 50280, N 16, K 4, expand 2 unless overridden)."""
     key = name.lower()
     if key not in ARCHITECTURES:
-        import difflib
-
-        close = difflib.get_close_matches(key, ARCHITECTURES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        if key in VIM_ARCHITECTURES:
-            raise ConfigError(f"{name!r} is a Vision Mamba architecture: build it with from_config({name!r})")
-        raise ConfigError(f"unknown architecture {name!r}{hint}; known: {', '.join(ALL_ARCHITECTURES)}")
+        raise ConfigError(f"unknown language architecture {name!r}{did_you_mean(key, ARCHITECTURES)}; "
+                          f"known: {', '.join(ARCHITECTURES)}")
     return MambaConfig(**{**ARCHITECTURES[key], **overrides})
-
-
-def from_config(config, *, device=None, dtype=None, seed: int | None = None) -> MambaLM | VisionMamba:
-    """A randomly initialised model from an architecture name ("mamba-130m", "tiny", "vim-small", ...) or a
-    MambaConfig or VimConfig.
-
-    device="meta" allocates nothing (shapes only), which makes even mamba-2.8b instant to build for counting.
-    """
-    if isinstance(config, VimConfig) or (isinstance(config, str) and config.lower() in VIM_ARCHITECTURES):
-        return build_vim(config, device=device, dtype=dtype, seed=seed)
-    if isinstance(config, str):
-        config = arch_config(config)
-    if seed is not None and str(device) != "meta":
-        torch.manual_seed(seed)
-    return MambaLM(config, device=device, dtype=dtype)

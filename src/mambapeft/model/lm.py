@@ -23,7 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
+from ..errors import CheckpointError, NotApplicable
+from .interface import PeftModelInterface, TensorSlot
 from .mixer import MambaMixer, MixerState, drop_inserted, insert_from_hooks
+
+WEIGHTS_FILE = "model.safetensors"
 
 
 class RMSNorm(nn.Module):
@@ -109,10 +113,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items_in_batch
 
 
-class MambaLM(nn.Module):
+class MambaLM(nn.Module, PeftModelInterface):
     """Mamba-1 causal language model. `config` is a transformers MambaConfig or FalconMambaConfig."""
 
-    # What PEFT methods may target; the Vision Mamba model offers the same names.
+    family = "mamba"
     is_causal = True                      # outputs see only the past: a suffix soft token would change nothing
     embedding_path = "backbone.embeddings"
     head_path = "lm_head"
@@ -171,6 +175,13 @@ class MambaLM(nn.Module):
     def peft_mixers(self) -> list[MambaMixer]:
         return [layer.mixer for layer in self.backbone.layers]
 
+    def model_tensor(self, role: str) -> TensorSlot:
+        raise NotApplicable(f"a language model has no {role} (a Vision Mamba tensor)")
+
+    def peft_inputs(self, batch: int = 2, seed: int = 0, length: int = 9) -> dict:
+        ids = torch.randint(0, self.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids.to(self.device), "labels": ids.to(self.device)}
+
     def peft_fingerprint(self) -> dict:
         """The architecture an adapter depends on (the head's tying does not matter to adapters)."""
         c = self.config
@@ -225,7 +236,23 @@ class MambaLM(nn.Module):
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     def save_pretrained(self, folder) -> None:
-        """Writes config.json and model.safetensors in the Hugging Face Mamba format."""
-        from .loading import save_pretrained
+        """config.json + model.safetensors in the Hugging Face Mamba format, which transformers' MambaForCausalLM and
+        our from_pretrained both load. Refused while PEFT parts are attached (save the adapter, or merge first)."""
+        from pathlib import Path
 
-        save_pretrained(self, folder)
+        from safetensors.torch import save_file
+
+        state = self.state_dict()
+        with torch.device("meta"):
+            plain = set(MambaLM(self.config).state_dict())
+        if set(state) != plain:
+            extra = sorted(set(state) - plain)[:4]
+            raise CheckpointError(f"the model carries PEFT adapters ({', '.join(extra)}, ...); save them with the "
+                                  f"adapter API or merge them into the weights first")
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(folder)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
+                  metadata={"format": "pt"})

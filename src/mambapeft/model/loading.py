@@ -16,14 +16,15 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import FalconMambaConfig, MambaConfig
 
-from ..errors import CheckpointError, ConfigError
-from .lm import MambaLM
+from ..errors import CheckpointError, ConfigError, did_you_mean
+from .architectures import ARCHITECTURES, HUB_IDS
+from .lm import WEIGHTS_FILE, MambaLM
 
 CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_FILE = WEIGHTS_FILE
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -39,8 +40,6 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
 
     A short architecture name ("mamba-130m") stands for its official hub id ("state-spaces/mamba-130m-hf").
     """
-    from .architectures import ARCHITECTURES, HUB_IDS
-
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -56,12 +55,9 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
         raise CheckpointError(f"no folder {name}: pass an existing checkpoint folder or a Hugging Face hub id")
     name = HUB_IDS.get(name.lower(), name)
     if "/" not in name:
-        import difflib
-
-        close = difflib.get_close_matches(name.lower(), ARCHITECTURES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise CheckpointError(
-            f"{name!r} is not a folder, a known architecture{hint} or a hub id of the form owner/name; "
+            f"{name!r} is not a folder, a known architecture{did_you_mean(name.lower(), ARCHITECTURES)} or a hub id "
+            f"of the form owner/name; "
             f"known architectures: {', '.join(ARCHITECTURES)}"
         )
 
@@ -176,14 +172,26 @@ def _load_safetensors(file: Path) -> dict:
         raise CheckpointError(f"{file} is corrupt or truncated ({err}); download or save it again") from None
 
 
+def pickle_refusal(file: Path, err: Exception, allowed: str = "tensors and plain data") -> CheckpointError:
+    """Why torch's restricted unpickler refused `file`, without passing on its advice to load the file unrestricted
+    (which would run whatever code the pickle holds)."""
+    import re
+
+    text = str(err)
+    asked = re.search(r"unsupported GLOBAL (\S+)", text) or re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if asked:
+        return CheckpointError(f"{file} asks to unpickle {asked.group(1)}, which is not one of {allowed}; refusing to "
+                               f"load it (nothing in it was run). If you trust the file, convert it to safetensors "
+                               f"with the tool that made it.")
+    return CheckpointError(f"{file} cannot be read as a PyTorch checkpoint of {allowed} ({type(err).__name__}); it is "
+                           f"corrupt, truncated or not a PyTorch file: download or save it again")
+
+
 def _load_bin(file: Path) -> dict:
     try:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(
-            f"{file} cannot be read as a PyTorch checkpoint of tensors ({type(err).__name__}: {err}); it is corrupt, "
-            f"truncated, or pickles objects other than tensors"
-        ) from None
+        raise pickle_refusal(file, err) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -279,25 +287,5 @@ def from_pretrained(name_or_path, *, dtype: torch.dtype | str | None = torch.flo
 
 
 def save_pretrained(model: MambaLM, folder) -> None:
-    """config.json + model.safetensors that transformers' MambaForCausalLM and our from_pretrained both load."""
-    state = model.state_dict()
-    expected = {k for k in _base_keys(model)}
-    if set(state) != expected:
-        extra = sorted(set(state) - expected)[:4]
-        raise CheckpointError(
-            f"the model carries PEFT adapters ({', '.join(extra)}, ...); save them with the adapter API or merge "
-            f"them into the weights first"
-        )
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / SAFETENSORS_FILE),
-              metadata={"format": "pt"})
-
-
-def _base_keys(model: MambaLM) -> set[str]:
-    with torch.device("meta"):
-        plain = MambaLM(model.config)
-    return set(plain.state_dict())
+    """config.json + model.safetensors (see MambaLM.save_pretrained)."""
+    model.save_pretrained(folder)

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..scan import selective_scan
+from .interface import PeftMixerInterface, Projection, TensorSlot, unwrap
 
 # Per-direction parameter names: index 0 is the (only) forward direction, index 1 Vim's backward one.
 DIRECTION_NAMES = (
@@ -134,7 +135,9 @@ def _rms(t: torch.Tensor, eps: float) -> torch.Tensor:
     return (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)
 
 
-class MambaMixer(nn.Module):
+class MambaMixer(nn.Module, PeftMixerInterface):
+    peft_stages = frozenset({"before_in_proj", "after_in_proj", "extend_state"})
+
     def __init__(
         self,
         d_model: int,
@@ -175,6 +178,44 @@ class MambaMixer(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def family_name(self) -> str:
+        return "Vision Mamba's mixer" if self.bidirectional else "the Mamba-1 mixer"
+
+    # ------------------------------------------------------------------ the PEFT interface (model/interface.py)
+
+    def projections(self, role: str) -> list[Projection]:
+        E, R, N = self.d_inner, self.dt_rank, self.d_state
+        blocks = {"X": ("in_proj", (0, E)), "Z": ("in_proj", (E, 2 * E)),
+                  "dt": ("x_proj", (0, R)), "B": ("x_proj", (R, R + N)), "C": ("x_proj", (R + N, R + 2 * N))}
+        layer, rows = blocks.get(role, (role, None))
+        if layer not in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+            raise self.not_applicable(f"projection {role!r}")
+        directions = range(self.num_directions) if layer in DIRECTION_NAMES[0] else [0]
+        found = []
+        for d in directions:
+            attr = DIRECTION_NAMES[d][layer] if layer in DIRECTION_NAMES[0] else layer
+            out_rows = rows or (0, unwrap(getattr(self, attr)).weight.shape[0])
+            found.append(Projection(self, attr, out_rows, d))
+        return found
+
+    def tensors(self, role: str) -> list[TensorSlot]:
+        where = {"A_log": ("A_log", None), "D": ("D", None), "conv": ("conv1d", "weight"), "dt_bias": ("dt_proj", "bias")}
+        if role not in where:
+            raise self.not_applicable(f"tensor {role!r}")
+        name, inside = where[role]
+        slots = []
+        for d in range(self.num_directions):
+            attr = DIRECTION_NAMES[d][name]
+            slots.append(TensorSlot(unwrap(getattr(self, attr)), inside, d) if inside else TensorSlot(self, attr, d))
+        return slots
+
+    def soft_token_width(self, stage: str) -> int:
+        widths = {"before_in_proj": self.d_model, "after_in_proj": 2 * self.d_inner}
+        if stage not in widths:
+            return super().soft_token_width(stage)
+        return widths[stage]
 
     def direction_parts(self, direction: int):
         """(conv1d, x_proj, dt_proj, A_log, D) of one direction, read now so wrappers and deltas apply."""

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
+from .interface import PeftModelInterface, TensorSlot
 from .lm import MambaBlock, RMSNorm
 from .mixer import MambaMixer, drop_inserted, insert_from_hooks
 
@@ -57,8 +58,16 @@ class VimConfig:
                 raise ConfigError(f"Vim config: {name}={getattr(self, name)!r} must be a positive integer")
         if self.img_size < self.patch_size:
             raise ConfigError(f"Vim config: img_size {self.img_size} is smaller than one patch ({self.patch_size})")
+
         if self.dt_rank is None:
             self.dt_rank = math.ceil(self.d_model / 16)
+
+    def check_image_size(self, img_size: int) -> None:
+        """A requested input size must tile into whole patches: otherwise the last pixel rows are silently ignored."""
+        if img_size < self.patch_size or (img_size - self.patch_size) % self.stride:
+            fits = self.patch_size + self.stride * max(0, (img_size - self.patch_size) // self.stride)
+            raise ConfigError(f"image size {img_size} does not tile into patches of {self.patch_size} px with stride "
+                              f"{self.stride} (pixels would be ignored); use {fits} or {fits + self.stride}")
 
     @property
     def grid_size(self) -> int:
@@ -78,7 +87,7 @@ class VimConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VimConfig":
+    def from_dict(cls, data: dict) -> VimConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -103,11 +112,8 @@ def vim_config(name: str, **overrides) -> VimConfig:
     """The VimConfig of a named architecture ("vim-small", ...), with any field overridden."""
     key = name.lower()
     if key not in VIM_ARCHITECTURES:
-        import difflib
-
-        close = difflib.get_close_matches(key, VIM_ARCHITECTURES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown Vision Mamba architecture {name!r}{hint}; known: {', '.join(VIM_ARCHITECTURES)}")
+        raise ConfigError(f"unknown Vision Mamba architecture {name!r}{did_you_mean(key, VIM_ARCHITECTURES)}; "
+                          f"known: {', '.join(VIM_ARCHITECTURES)}")
     return VimConfig(**{**VIM_ARCHITECTURES[key], **overrides})
 
 
@@ -136,9 +142,11 @@ class VimOutput(ModelOutput):
     features: torch.Tensor | None = None     # (b, d): the class token after norm_f
 
 
-class VisionMamba(nn.Module):
-    """Vim with a middle class token; the PEFT interface is that of `MambaLM` (see methods/base.py)."""
+class VisionMamba(nn.Module, PeftModelInterface):
+    """Vim with a middle class token; its PEFT interface (model/interface.py) adds the class token and the
+    position embedding to what the language model offers."""
 
+    family = "vim"
     is_causal = False                      # bidirectional: a soft token anywhere reaches every output
     embedding_path = "patch_embed.proj"
     head_path = "head"
@@ -214,6 +222,18 @@ class VisionMamba(nn.Module):
 
     def peft_mixers(self) -> list[MambaMixer]:
         return [layer.mixer for layer in self.layers]
+
+    def model_tensor(self, role: str) -> TensorSlot:
+        if role not in ("cls_token", "pos_embed"):
+            return super().model_tensor(role)
+        return TensorSlot(self, role)
+
+    def peft_inputs(self, batch: int = 2, seed: int = 0) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        c = self.config
+        images = torch.randn(batch, c.in_chans, c.img_size, c.img_size, generator=g)
+        labels = torch.randint(0, c.num_classes, (batch,), generator=g)
+        return {"pixel_values": images.to(self.device), "labels": labels.to(self.device)}
 
     def peft_fingerprint(self) -> dict:
         """The architecture an adapter depends on."""

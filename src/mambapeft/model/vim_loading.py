@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from .loading import check_tensors, pickle_refusal
 from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba
-from .loading import check_tensors
 
 # short name -> (hub id, file in it)
 HUB_CHECKPOINTS = {
@@ -77,10 +77,7 @@ def read_vim_pickle(file: Path) -> tuple[dict, argparse.Namespace | None]:
         with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
             obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(
-            f"{file} cannot be read as a Vim checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:300]}); it is "
-            f"corrupt, truncated, or pickles objects other than tensors, plain data and {', '.join(sorted(allowed))}"
-        ) from None
+        raise pickle_refusal(file, err, f"tensors, plain data and {', '.join(sorted(allowed))}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         state, args = obj["model"], obj.get("args")
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -267,6 +264,7 @@ def load_vim(name_or_path, *, num_classes: int | None = None, img_size: int | No
         model = VisionMamba(config)
     load_state_dict_strict(model, state, source)
     if img_size is not None and img_size != config.img_size:
+        config.check_image_size(img_size)
         model = with_image_size(model, img_size)
     if num_classes is not None and num_classes != model.config.num_classes:
         model.reset_head(num_classes)
@@ -290,7 +288,7 @@ def with_image_size(model: VisionMamba, img_size: int) -> VisionMamba:
     return resized
 
 
-def _read_folder(folder: Path) -> tuple[VimConfig, dict]:
+def _read_config(folder: Path) -> VimConfig:
     file = folder / CONFIG_FILE
     try:
         raw = json.loads(file.read_text())
@@ -300,9 +298,13 @@ def _read_folder(folder: Path) -> tuple[VimConfig, dict]:
         raise CheckpointError(f"{file} is not a mambapeft Vim config (format {FORMAT!r}); "
                               f"language models load with mambapeft.from_pretrained")
     try:
-        config = VimConfig.from_dict(raw)
+        return VimConfig.from_dict(raw)
     except (ConfigError, TypeError) as err:
         raise CheckpointError(f"{file}: {err}") from None
+
+
+def _read_folder(folder: Path) -> tuple[VimConfig, dict]:
+    config = _read_config(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"no {WEIGHTS_FILE} in {folder}")
     try:
@@ -326,6 +328,18 @@ def save_vim(model: VisionMamba, folder) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **model.config.to_dict()}, indent=2) + "\n")
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
               metadata={"format": "pt"})
+
+
+def read_vim_shapes(name_or_path) -> VisionMamba:
+    """A meta-device Vim (shapes only) for a checkpoint: our folders are read from config.json alone."""
+    file = resolve_checkpoint(name_or_path)
+    if file.is_dir():
+        config = _read_config(file)
+    else:
+        state, args = read_vim_pickle(file)
+        config = config_from_state(state, args, str(file))
+    with torch.device("meta"):
+        return VisionMamba(config)
 
 
 def looks_like_vim(name_or_path) -> bool:

@@ -19,8 +19,9 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import optuna
 from optuna.storages import RDBStorage
@@ -30,10 +31,9 @@ from ..config.spec import MethodSpec
 from ..errors import ConfigError
 from ..methods import REGISTRY
 from ..peft import check_combination
-from .space import SearchSpace
+from .space import Range, SearchSpace
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 NONE = "none"
 
 
@@ -66,9 +66,10 @@ def _retry_callback():
 
 def open_storage(settings: SearchSettings) -> RDBStorage:
     engine = {"connect_args": {"timeout": 60}} if settings.storage.startswith("sqlite") else None
-    return RDBStorage(settings.storage, engine_kwargs=engine, heartbeat_interval=settings.heartbeat_interval,
-                      grace_period=settings.grace_period,
-                      heartbeat_stale_trial_callback=_retry_callback())
+    with warnings.catch_warnings():         # heartbeats and the retry callback are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(settings.storage, engine_kwargs=engine, heartbeat_interval=settings.heartbeat_interval,
+                          grace_period=settings.grace_period, heartbeat_stale_trial_callback=_retry_callback())
 
 
 def open_study(settings: SearchSettings, storage, step: int) -> optuna.Study:
@@ -85,7 +86,9 @@ def _count(study: optuna.Study, states) -> int:
 def run_step(study: optuna.Study, trial_fn, n_trials: int, settings: SearchSettings, progress=None) -> None:
     """Runs trials until the study has `n_trials` finished ones, waiting on other workers' running trials."""
     while True:
-        optuna.storages.fail_stale_trials(study)          # dead workers' trials: failed, then retried
+        with warnings.catch_warnings():                   # dead workers' trials: failed, then retried
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         done = _count(study, FINISHED)
         if progress is not None:
             progress(done, n_trials)
@@ -151,38 +154,14 @@ def best_combination(study1: optuna.Study) -> list[str]:
 # ------------------------------------------------------------------ step 2
 
 
-def _suggest(trial: optuna.Trial, name: str, value):
-    if not isinstance(value, dict):
-        return value
-    kind, bounds = next(iter(value.items()))
-    if kind == "int":
-        return trial.suggest_int(name, int(bounds[0]), int(bounds[1]))
-    if kind == "float":
-        return trial.suggest_float(name, bounds[0], bounds[1])
-    if kind == "log":
-        return trial.suggest_float(name, bounds[0], bounds[1], log=True)
-    return trial.suggest_categorical(name, bounds)
-
-
 def _default_params(space: SearchSpace, combination: list[str]) -> dict:
     """Algorithm 1's first step-2 trial: the step-1 settings, clipped into the step-2 ranges, no removal."""
     params = {"remove": NONE} if space.remove_one and len(combination) > 1 else {}
     for method in combination:
         fixed = space.step1_spec(method).config
-        for option, value in space.step2.get(method, {}).items():
-            if not isinstance(value, dict):
-                continue
-            kind, bounds = next(iter(value.items()))
+        for option, rng in space.ranges(method).items():
             current = getattr(fixed, option)
-            if kind == "choice":
-                params[f"{method}.{option}"] = current if current in bounds else bounds[0]
-            elif current is None:                          # lr / weight_decay left to the run: the range's middle
-                lo, hi = bounds
-                params[f"{method}.{option}"] = math.sqrt(lo * hi) if kind == "log" else (lo + hi) / 2
-            else:
-                params[f"{method}.{option}"] = min(max(current, bounds[0]), bounds[1])
-            if kind == "int":
-                params[f"{method}.{option}"] = int(round(params[f"{method}.{option}"]))
+            params[f"{method}.{option}"] = rng.middle() if current is None else rng.clip(current)
     return params
 
 
@@ -196,7 +175,8 @@ def step2_trial(space: SearchSpace, combination: list[str], objective: Objective
         for method in combination:
             options = dict(space.step1[method])
             for option, value in space.step2.get(method, {}).items():
-                options[option] = _suggest(trial, f"{method}.{option}", value)
+                rng = Range.of(value)
+                options[option] = rng.suggest(trial, f"{method}.{option}") if rng else value
             if method != remove:
                 specs.append(MethodSpec.build(method, options))
         return _evaluate(trial, specs, objective, settings, "step2")

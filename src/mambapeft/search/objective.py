@@ -1,7 +1,7 @@
 """The search's objective: fine-tune a configuration on every task and average the validation scores.
 
-Each trial is an ordinary `mambapeft train` run (`fine_tune`, or `fine_tune_vision` for a vision base config: the
-same Trainer, data and evaluation) with the trial's methods, in its own folder; the score of a task is its best
+Each trial is an ordinary `mambapeft train` run (`fine_tune`, for any task kind: the same Trainer, data and
+evaluation) with the trial's methods, in its own folder; the score of a task is its best
 validation accuracy (validation loss, negated, where the validation set has no choices to score). Test sets are
 left out of the trials: only the final best configuration is scored on them (`final_config`). Vision trials use
 the VTAB "search" split (train800, validation val200) as the paper does; the final run trains on train800val200.
@@ -10,13 +10,15 @@ the VTAB "search" split (train800, validation val200) as the paper does; the fin
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from transformers import TrainerCallback
 
 from ..config.spec import MethodSpec
 from ..train.config import RunConfig
+from ..train.run import fine_tune
+from ..train.tasks import get_task
 
 
 class _ReportEvaluations(TrainerCallback):
@@ -42,28 +44,19 @@ class TrainingObjective:
 
     def __init__(self, base: RunConfig, tasks: list[dict], folder, log=print):
         self.base, self.tasks, self.folder, self.log = base, tasks or [{}], Path(folder), log
-        self.vision = base.kind == "vision"
+        self.kind = get_task(base.kind)
 
     def task_config(self, specs: list[MethodSpec], task: dict, output_dir: Path, with_test: bool) -> RunConfig:
         values = {**self.base.to_dict(), **task, "method": [spec_text(s) for s in specs], "output_dir": str(output_dir)}
-        if self.vision:
-            values["split"] = "final" if with_test else "search"
-        elif not with_test:
-            values["test_data"] = None
-        return type(self.base).from_dict(values, where="a search trial")
+        return type(self.base).from_dict(self.kind.search_trial_values(values, with_test), where="a search trial")
 
     def __call__(self, specs: list[MethodSpec], report, tag: str = "trial") -> dict:
-        if self.vision:
-            from ..train.vision import fine_tune_vision as fine_tune
-        else:
-            from ..train.run import fine_tune
-
         scores, trainable = [], None
         for i, task in enumerate(self.tasks):
             out = self.folder / "trials" / tag / f"task{i}"
             config = self.task_config(specs, task, out, with_test=False)
             steps_per_task = 10**6
-            result = fine_tune(config, callbacks=[_ReportEvaluations(report, i * steps_per_task)],
+            result = fine_tune(config, callbacks=[_ReportEvaluations(report, i * steps_per_task)], overwrite=True,
                                log=lambda *_: None)
             for checkpoint in out.glob("checkpoint-*"):
                 shutil.rmtree(checkpoint, ignore_errors=True)      # the trial's adapter/ stays; its checkpoints go

@@ -25,57 +25,69 @@ from __future__ import annotations
 
 import copy
 import json
-import typing
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..config.spec import MethodSpec, _suggest
-from ..errors import ConfigError
+from ..config.spec import MethodSpec
+from ..errors import ConfigError, did_you_mean
 from ..methods import REGISTRY
+from ..options import field_type
 
 RANGE_KINDS = ("int", "float", "log", "choice")
 
-# Table 9, step 1: the smallest setting of each method (vision names; partial tuning decays 1e-3)
-PAPER_STEP1 = {
-    "partial_cls_token": {"weight_decay": 1e-3},
-    "partial_bias": {"weight_decay": 1e-3},
-    "partial_pos_embed": {"weight_decay": 1e-3},
-    "partial_d": {"weight_decay": 1e-3},
-    "partial_a": {"weight_decay": 1e-3},
-    "partial_conv1d": {"weight_decay": 1e-3},
-    "prompt": {"n": 1},
-    "affix": {"n": 1},
-    "additional_scan": {"n": 1},
-    "parallel_adapter": {"dim": 8, "s": 0.1},
-    "lora_embed": {"r": 8, "s": 0.1},
-    "lora_x_proj": {"r": 8, "s": 0.1},
-    "lora_dt_proj": {"r": 4, "s": 0.1},
-    "lora_out_proj": {"r": 8, "s": 0.1},
-    "lora_in_proj": {"r": 8, "s": 0.1},
-    "lora_p_dt": {"r": 4, "s": 0.1},
-    "lora_p_b": {"r": 4, "s": 0.1},
-    "lora_p_c": {"r": 4, "s": 0.1},
-    "lora_p_x": {"r": 8, "s": 0.1},
-    "lora_p_z": {"r": 8, "s": 0.1},
-    # beyond Table 9: Sparse Dimension Tuning (the second reference paper), its warm-up short enough for short trials
-    "sdt": {"warmup_steps": 10},
-}
-_LR = {"log": [1e-4, 5e-3]}
-_LORA = {"r": {"int": [4, 16]}, "s": {"log": [1e-2, 1.0]}, "lr": _LR, "weight_decay": {"log": [1e-6, 1e-3]}}
-_PARTIAL = {"lr": _LR, "weight_decay": {"log": [1e-5, 1e-2]}}
-# Table 9, step 2 (its ranges for the eight methods it lists; the same kinds of range for the others)
-PAPER_STEP2 = {
-    **{name: copy.deepcopy(_PARTIAL) for name in PAPER_STEP1 if name.startswith("partial_")},
-    **{name: copy.deepcopy(_LORA) for name in PAPER_STEP1 if name.startswith("lora_")},
-    "lora_p_b": {**copy.deepcopy(_LORA), "r": {"int": [4, 12]}},
-    "prompt": {"n": {"int": [1, 3]}, "lr": _LR, "weight_decay": {"log": [1e-6, 1e-3]}},
-    "affix": {"n": {"int": [1, 3]}, "lr": _LR, "weight_decay": {"log": [1e-6, 1e-3]}},
-    "additional_scan": {"n": {"int": [1, 6]}, "lr": _LR, "weight_decay": {"log": [1e-6, 1e-3]}},
-    "parallel_adapter": {"dim": {"int": [4, 16]}, "s": {"log": [1e-2, 1.0]}, "lr": _LR,
-                         "weight_decay": {"log": [1e-6, 1e-3]}},
-    "sdt": {"channel_fraction": {"log": [0.005, 0.1]}, "state_fraction": {"float": [0.1, 0.5]}, "lr": _LR},
-}
-VISION_ONLY = ("partial_cls_token", "partial_pos_embed")
+
+@dataclass(frozen=True)
+class Range:
+    """A step-2 option: {"int": [lo, hi]}, {"float": [lo, hi]}, {"log": [lo, hi]} or {"choice": [...]}; the one place
+    these are read (checked, sampled with Optuna, clipped to, and their middle taken)."""
+
+    kind: str
+    bounds: tuple
+
+    @staticmethod
+    def of(value) -> Range | None:
+        """The range a step-2 value describes, or None for a fixed value."""
+        if not isinstance(value, dict):
+            return None
+        kind, bounds = next(iter(value.items()))
+        return Range(kind, tuple(bounds))
+
+    def suggest(self, trial, name: str):
+        lo, hi = (self.bounds + (None, None))[:2]
+        if self.kind == "int":
+            return trial.suggest_int(name, int(lo), int(hi))
+        if self.kind == "float":
+            return trial.suggest_float(name, lo, hi)
+        if self.kind == "log":
+            return trial.suggest_float(name, lo, hi, log=True)
+        return trial.suggest_categorical(name, list(self.bounds))
+
+    def clip(self, value):
+        """`value` moved into the range (the nearest end; a choice not offered becomes the first choice)."""
+        if self.kind == "choice":
+            return value if value in self.bounds else self.bounds[0]
+        lo, hi = self.bounds
+        value = min(max(value, lo), hi)
+        return int(round(value)) if self.kind == "int" else value
+
+    def middle(self):
+        """The range's middle (geometric for log ranges), for an option that has no value yet."""
+        if self.kind == "choice":
+            return self.bounds[0]
+        lo, hi = self.bounds
+        mid = math.sqrt(lo * hi) if self.kind == "log" else (lo + hi) / 2
+        return int(round(mid)) if self.kind == "int" else mid
+
+    def contains(self, value) -> bool:
+        if self.kind == "choice":
+            return value in self.bounds
+        return value is not None and self.bounds[0] <= value <= self.bounds[1]
+
+
+def step1_settings() -> dict[str, dict]:
+    """Every registered method's step-1 setting (its smallest, Table 9), in registry order."""
+    return {name: dict(cls.search_step1) for name, cls in REGISTRY.items() if cls.search_step1 is not None}
 
 
 @dataclass
@@ -89,7 +101,7 @@ class SearchSpace:
     # -------------------------------------------------------------- reading
 
     @classmethod
-    def from_dict(cls, data, source: str = "the search space") -> "SearchSpace":
+    def from_dict(cls, data, source: str = "the search space") -> SearchSpace:
         if not isinstance(data, dict):
             raise ConfigError(f"{source} must be an object with 'step1' and 'step2'")
         unknown = set(data) - {"step1", "step2"}
@@ -113,7 +125,7 @@ class SearchSpace:
         return space
 
     @classmethod
-    def load(cls, path) -> "SearchSpace":
+    def load(cls, path) -> SearchSpace:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"no search-space file {path}")
@@ -154,19 +166,22 @@ class SearchSpace:
                 raise ConfigError(f"{where}: {method} is not among step1's methods, so step 2 can never use it")
             if not isinstance(options, dict):
                 raise ConfigError(f"{where} must be an object of options")
-            hints = typing.get_type_hints(REGISTRY[method].Config)
             known = {f.name for f in fields(REGISTRY[method].Config)}
             for option, value in options.items():
                 if option not in known:
-                    raise ConfigError(f"{where}: {method} has no option {option!r}{_suggest(option, known)}")
-                _check_range(method, option, value, hints[option], f"{where}.{option}")
+                    raise ConfigError(f"{where}: {method} has no option {option!r}{did_you_mean(option, known)}")
+                _check_range(method, option, value, field_type(REGISTRY[method].Config, option)[0], f"{where}.{option}")
 
     # -------------------------------------------------------------- using
 
     def step1_spec(self, method: str) -> MethodSpec:
         return MethodSpec.build(method, self.step1[method])
 
-    def restricted_to(self, methods) -> "SearchSpace":
+    def ranges(self, method: str) -> dict[str, Range]:
+        """The step-2 ranges of `method` (fixed step-2 values are not ranges)."""
+        return {option: r for option, value in self.step2.get(method, {}).items() if (r := Range.of(value))}
+
+    def restricted_to(self, methods) -> SearchSpace:
         """The same space with only `methods` (e.g. those a model supports)."""
         keep = [m for m in self.step1 if m in set(methods)]
         return SearchSpace({m: self.step1[m] for m in keep}, {m: v for m, v in self.step2.items() if m in keep},
@@ -174,22 +189,21 @@ class SearchSpace:
 
 
 def paper_space(vision: bool = True, step1_trials: int = 100, step2_trials: int = 100) -> SearchSpace:
-    """Table 9's space plus sdt; for language models without the vision-only methods."""
-    step1 = {m: dict(v) for m, v in PAPER_STEP1.items() if vision or m not in VISION_ONLY}
-    step2 = {m: copy.deepcopy(v) for m, v in PAPER_STEP2.items() if m in step1}
+    """The default space, from the registry: Table 9's methods at its settings (plus sdt and any method that declares
+    `search_step1`); for language models without the vision-only methods."""
+    step1 = {m: v for m, v in step1_settings().items() if vision or not REGISTRY[m].search_vision_only}
+    step2 = {m: copy.deepcopy(REGISTRY[m].search_step2) for m in step1 if REGISTRY[m].search_step2}
     return SearchSpace(step1, step2, step1_trials, step2_trials, True)
 
 
 def _check_method(method: str, where: str) -> None:
     if method not in REGISTRY:
-        raise ConfigError(f"{where}: unknown method {method!r}{_suggest(method, REGISTRY)}")
+        raise ConfigError(f"{where}: unknown method {method!r}{did_you_mean(method, REGISTRY)}")
     if method == "full":
         raise ConfigError(f"{where}: full fine-tuning cannot be part of a hybrid; leave it out of the search")
 
 
-def _check_range(method, option, value, annotation, where):
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    target = args[0]
+def _check_range(method, option, value, target, where):
     if not isinstance(value, dict):
         _build(method, {option: value}, where)
         return

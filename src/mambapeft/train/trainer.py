@@ -5,7 +5,9 @@ GPU, periodic checkpoints with optimiser, scheduler and RNG states, resuming, th
 best-checkpoint tracking, and multi-GPU through `accelerate launch` / `torchrun`). `PeftTrainer` changes:
   * the optimiser: AdamW over `PeftModel.parameter_groups` (per-method learning rate and weight decay);
   * checkpoints hold the adapter only (PeftModel.save_pretrained), and resuming / loading the best reads it back;
-  * a loss that is not finite stops the run before the optimiser step, leaving the last checkpoint intact;
+  * the NaN guard: a loss, a gradient or an updated parameter that is not finite stops the run, naming the last good
+    checkpoint (finite adapter tensors and validation loss, and not the one the bad step started from) or saying
+    plainly that there is none;
   * evaluation adds multiple-choice accuracy on the validation items, when they have choices.
 """
 
@@ -13,13 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import ProgressCallback, Trainer, TrainerCallback
 
-from ..errors import ConfigError, MambaPeftError
+from ..errors import MambaPeftError
 from ..peft import ADAPTER_WEIGHTS
 
 
@@ -39,6 +41,55 @@ def complete_checkpoints(output_dir) -> list[Path]:
                 continue                       # killed while writing it
             found.append(path)
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def is_good_checkpoint(path: Path) -> bool:
+    """Finite adapter tensors, and a finite validation loss where the run evaluated at that step."""
+    try:
+        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+        state = json.loads((path / "trainer_state.json").read_text())
+    except Exception:
+        return False
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        return False
+    step = checkpoint_step(path)
+    for record in state.get("log_history", []):
+        if record.get("step") == step:
+            for key, value in record.items():
+                if key.startswith("eval_") and isinstance(value, (int, float)) and not math.isfinite(value):
+                    return False
+    return True
+
+
+def last_good_checkpoint(output_dir, before_step: int | None = None) -> Path | None:
+    """The newest complete, good checkpoint, saved before `before_step` (a failed step's start is not good)."""
+    for path in reversed(complete_checkpoints(output_dir)):
+        if before_step is not None and checkpoint_step(path) >= before_step:
+            continue
+        if is_good_checkpoint(path):
+            return path
+    return None
+
+
+def diverged(what: str, step: int, output_dir, lr: float) -> TrainingDiverged:
+    """The NaN guard's error: what went wrong where, and which checkpoint (if any) is worth keeping."""
+    good = last_good_checkpoint(output_dir, before_step=step - 1)
+    saved = complete_checkpoints(output_dir)
+    if good is not None:
+        kept = (f"The last good checkpoint is {good} (finite weights and validation loss); "
+                f"`mambapeft eval --adapter {good}` scores it.")
+    elif saved:
+        kept = (f"No checkpoint of this run is good: {', '.join(p.name for p in saved)} hold non-finite weights or a "
+                f"non-finite validation loss, or started the bad step.")
+    else:
+        kept = "No checkpoint had been saved yet."
+    return TrainingDiverged(
+        f"{what} at step {step}; the run stopped before that update. {kept} Lower the learning rate (this run: "
+        f"{lr:g}) or raise warmup_steps, and train again with --overwrite.")
 
 
 class PeftTrainer(Trainer):
@@ -63,13 +114,14 @@ class PeftTrainer(Trainer):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         if model.training and not torch.isfinite(loss.detach()).all():
-            last = complete_checkpoints(self.args.output_dir)
-            kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint had been saved yet"
-            raise TrainingDiverged(
-                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; the run stopped "
-                f"before that update, and {kept}. Lower the learning rate (or raise warmup_steps) and run again, "
-                f"or resume from that checkpoint with --resume."
-            )
+            labels = inputs.get("labels")
+            if num_items_in_batch == 0 or (labels is not None and not (labels[:, 1:] != -100).any()):
+                raise TrainingDiverged(
+                    f"step {self.state.global_step + 1}'s batch has no token to learn (every label is cut away or "
+                    f"masked), so its loss is over zero tokens. Raise max_length or set train_on_prompt=true, and "
+                    f"train again with --overwrite")
+            raise diverged(f"the training loss became {loss.item()}", self.state.global_step + 1,
+                           self.args.output_dir, self.args.learning_rate)
         return result
 
     # ---------------------------------------------------------------- adapter-only checkpoints
@@ -141,20 +193,28 @@ def trainer_arguments(config, *, lr: float, warmup_steps: int, eval_steps: int, 
     )
 
 
-def open_run_folder(config, resume: bool) -> list[Path]:
-    """Readies config.output_dir for a run (language or vision) and writes run_config.json; returns the complete
-    checkpoints to resume from. A fresh run clears an earlier run's checkpoints and metrics so they cannot mix."""
-    out = Path(config.output_dir)
-    checkpoints = complete_checkpoints(out)
-    if resume and not checkpoints:
-        raise ConfigError(f"--resume: no complete checkpoint in {out} to resume from")
-    if not resume:
-        for old in out.glob("checkpoint-*"):
-            shutil.rmtree(old)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return checkpoints
+class UpdateGuard(TrainerCallback):
+    """The NaN guard's other half: gradients before each optimiser step and parameters after it must be finite
+    (the loss is checked in PeftTrainer.compute_loss)."""
+
+    @staticmethod
+    def _bad(model, grads: bool) -> str | None:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                t = p.grad if grads else p
+                if t is not None and not torch.isfinite(t).all():
+                    return name
+        return None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if (name := self._bad(model, grads=True)) is not None:
+            raise diverged(f"the gradient of {name} became non-finite", state.global_step + 1, args.output_dir,
+                           args.learning_rate)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if (name := self._bad(model, grads=False)) is not None:
+            raise diverged(f"the update made {name} non-finite", state.global_step + 1, args.output_dir,
+                           args.learning_rate)
 
 
 class MethodPhases(TrainerCallback):
@@ -173,7 +233,6 @@ class MethodPhases(TrainerCallback):
             bar.set_description(self.phase)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        model.check_training(state.max_steps)
         self.phase = model.phase()
         if self.phase:
             self.log(f"phase at step {state.global_step}: {self.phase}")

@@ -1,9 +1,4 @@
-"""Vision fine-tuning (the paper's VTAB-1k recipe) on the same PeftTrainer as the language runs.
-
-Command line: `mambapeft train --task vision [--model tiny-vim] [--data-root DIR] [--vtab-task NAME]
-[--split final|search] [--method SPEC ...] [--epochs N] [--warmup-epochs N] [--batch-size N] [--lr X]
-[--weight-decay X] [--max-grad-norm X] [--max-steps N] [--threads N] [--output-dir DIR] [--seed N]`, or a
-`--config` file with `task: vision` (add_vision_arguments / vision_config_from_args below).
+"""The vision task kind: a Vision Mamba fine-tuned on a VTAB-1k task (the paper's recipe), on the same pipeline.
 
 Recipe (paper, VTAB-1k): AdamW lr 1e-3, weight decay 1e-4, batch 32, 100 epochs with 10 warm-up epochs then cosine
 decay, gradient clipping 5, the classification head always trained (`linear_probe` is added to the methods), top-1
@@ -14,51 +9,47 @@ The built-in default (tiny-vim on digits_rotation) is shorter, at a higher rate:
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from ..methods.base import option
-from .config import RunConfig
+from ..options import option
+from .config import RunConfig, default_of
+from .tasks import Prepared, TaskKind, task_kind
 
 SPLIT_MODES = {"final": ("train800val200", None), "search": ("train800", "val200")}   # mode -> (train, validation)
 HEAD_METHODS = ("full", "linear_probe")
+BUILTIN_VIM = "tiny-vim"
 
 
 @dataclass
 class VisionTrainConfig(RunConfig):
     kind = "vision"
 
-    model: str = option("tiny-vim", "pretrained Vim: 'tiny-vim' (built in), a save_vim folder, a .pth or a hub id")
+    model: str = default_of("model", BUILTIN_VIM, "(vision: a Vim: 'tiny-vim' built in, a save_vim folder, a .pth)")
+    method: list[str] = default_of("method", ["lora_p_x:r=8"],
+                                   "(vision: linear_probe, the head, is added unless full or linear_probe is given)")
+    output_dir: str = default_of("output_dir", "runs/vision")
+    epochs: float = default_of("epochs", 100.0, "(vision paper recipe: 100)")
+    batch_size: int = default_of("batch_size", 32)
+    micro_batch_size: int = default_of("micro_batch_size", 32)
+    lr: float = default_of("lr", 1e-3, "(vision paper recipe: 1e-3)")
+    weight_decay: float = default_of("weight_decay", 1e-4)
+    scheduler: str = default_of("scheduler", "cosine")
+    max_grad_norm: float = default_of("max_grad_norm", 5.0)
+    logging_steps: int = default_of("logging_steps", 20)
+    eval_batch_size: int = default_of("eval_batch_size", 128)
     data_root: str | None = option(None, "VTAB-1k root holding <task>/ folders (default: the built-in tiny root)")
     vtab_task: str = option("digits_rotation", "task folder under data_root with train800/val200/train800val200/test.txt")
+    num_classes: int | None = option(None, "classes of the task (needed for a task that is not one of the 19 of VTAB-1k; "
+                                     "every label is checked against it)", minimum=1)
     split: str = option("final", "final: train on train800val200, report test; search: train on train800, "
                         "pick the best checkpoint on val200, report test", choices=tuple(SPLIT_MODES))
-    method: list[str] = field(default_factory=lambda: ["lora_p_x:r=8"], metadata={
-        "help": "PEFT method specs; linear_probe (the head) is added unless full or linear_probe is given"})
-    output_dir: str = option("runs/vision", "where checkpoints, metrics.jsonl, run_config.json and adapter/ go")
     image_size: int | None = option(None, "input resolution (default: the model's)", minimum=8)
-    epochs: float = option(100.0, "training epochs (paper: 100)", exclusive_minimum=0)
     warmup_epochs: float = option(10.0, "linear warm-up epochs before the cosine decay (paper: 10)", minimum=0)
-    max_steps: int = option(-1, "stop after this many optimiser steps (-1: run the epochs)")
-    batch_size: int = option(32, "images per optimiser step (paper: 32)", minimum=1)
-    micro_batch_size: int = option(32, "images per forward pass; gradient accumulation makes up batch_size", minimum=1)
-    lr: float = option(1e-3, "AdamW learning rate (paper: 1e-3)", exclusive_minimum=0)
-    weight_decay: float = option(1e-4, "AdamW weight decay (paper: 1e-4)", minimum=0)
-    scheduler: str = option("cosine", "learning-rate decay after warm-up", choices=("linear", "cosine", "constant"))
-    max_grad_norm: float = option(5.0, "gradient clipping norm (paper: 5; 0: off)", minimum=0)
     eval_epochs: float = option(5.0, "evaluate (search split) and save a checkpoint every this many epochs",
                                 exclusive_minimum=0)
-    logging_steps: int = option(20, "log the training loss every this many steps", minimum=1)
-    save_total_limit: int = option(2, "checkpoints kept (the best one is always kept)", minimum=1)
-    eval_batch_size: int = option(128, "images per forward pass when evaluating", minimum=1)
-    seed: int = option(42, "seed of the head and adapter initialisation and the data order")
-    threads: int = option(0, "torch CPU threads (0: torch's default)", minimum=0)
-    bf16: bool | None = option(None, "bfloat16 autocast (default: on for CUDA, off on CPU)")
 
 
 # The built-in demo: tiny-vim on digits_rotation; 20 epochs with 2 warm-up epochs (~640 steps) instead of 100/10,
@@ -69,11 +60,7 @@ BUILTIN_VISION_DEFAULTS = dict(epochs=20.0, warmup_epochs=2.0, eval_epochs=5.0, 
 
 def resolve_vision_config(values: dict | None = None, where: str = "the command line") -> VisionTrainConfig:
     """Given values (None = not given), then the built-in defaults when the run is the built-in task."""
-    values = {k: v for k, v in (values or {}).items() if v is not None}
-    if values.get("data_root") is None and values.get("model", "tiny-vim") == "tiny-vim":
-        for key, value in BUILTIN_VISION_DEFAULTS.items():
-            values.setdefault(key, value)
-    return VisionTrainConfig.from_dict(values, where=where)
+    return VisionTask().resolve(values, where)
 
 
 def with_head(methods: list[str], log=print) -> list[str]:
@@ -119,7 +106,7 @@ def prepare_vision_data(config: VisionTrainConfig, image_size: int):
     from ..data.vtab import BUILTIN_ROOT, task_classes, vtab_split
 
     root = config.data_root or BUILTIN_ROOT
-    classes = task_classes(root, config.vtab_task)
+    classes = task_classes(root, config.vtab_task, config.num_classes)
     train_name, val_name = SPLIT_MODES[config.split]
     kwargs = dict(image_size=image_size, num_classes=classes, cache=True)
     train = vtab_split(root, config.vtab_task, train_name, **kwargs)
@@ -128,105 +115,54 @@ def prepare_vision_data(config: VisionTrainConfig, image_size: int):
     return train, val, test, classes
 
 
-def vision_training_arguments(config: VisionTrainConfig, steps_per_epoch: int, has_validation: bool):
-    from .trainer import trainer_arguments
+@task_kind
+class VisionTask(TaskKind):
+    name = "vision"
+    Config = VisionTrainConfig
+    builtin_defaults = BUILTIN_VISION_DEFAULTS
+    # the built-in vision demo: tiny-vim on digits_rotation, 5 epochs a trial (about 20 s each on two CPU cores)
+    search_builtin_trial = dict(epochs=5.0, warmup_epochs=1.0, eval_epochs=1.0, save_total_limit=1)
+    search_builtin_methods = ("lora_p_x", "lora_in_proj", "lora_out_proj", "partial_a", "partial_d",
+                              "partial_cls_token", "partial_pos_embed", "additional_scan", "affix", "sdt")
+    search_vision_methods = True
 
-    return trainer_arguments(config, lr=config.lr, warmup_steps=math.ceil(config.warmup_epochs * steps_per_epoch),
-                             eval_steps=max(1, round(config.eval_epochs * steps_per_epoch)),
-                             has_validation=has_validation, metric="eval_acc")
+    def is_builtin(self, values: dict) -> bool:
+        return values.get("data_root") is None and values.get("model", BUILTIN_VIM) in (BUILTIN_VIM, "builtin")
 
+    def resolve(self, values=None, where="the command line"):
+        values = dict(values or {})
+        if values.get("model") == "builtin":
+            values["model"] = BUILTIN_VIM
+        return super().resolve(values, where)
 
-def fine_tune_vision(config: VisionTrainConfig | dict, *, resume: bool = False, callbacks=(), log=print) -> dict:
-    """Runs `config` (a dict goes through resolve_vision_config); returns the results (also in results.json)."""
-    from ..config import PeftConfig
-    from ..data.images import collate_images
-    from ..model.vim_loading import load_vim
-    from ..peft import get_peft_model, guess_arch
-    from .trainer import JsonlMetrics, MethodPhases, PeftTrainer, open_run_folder
+    def is_builtin_model(self, config) -> bool:
+        return config.model == BUILTIN_VIM and config.data_root is None
 
-    if isinstance(config, dict):
-        config = resolve_vision_config(config, where="the vision config")
-    start = time.time()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(config.output_dir)
-    checkpoints = open_run_folder(config, resume)
+    def prepare(self, config: VisionTrainConfig, log=print) -> Prepared:
+        from ..config import PeftConfig
+        from ..data.images import collate_images
+        from ..model.vim_loading import load_vim
+        from ..peft import guess_arch
 
-    model = load_vim(config.model, img_size=config.image_size)
-    train_set, val_set, test_set, classes = prepare_vision_data(config, model.config.img_size)
-    torch.manual_seed(config.seed)
-    model.reset_head(classes)                     # always a fresh head for the task, even with the same class count
-    log(f"data: {config.vtab_task}, {len(train_set)} training images, {len(val_set) if val_set else 0} validation, "
-        f"{len(test_set)} test; {classes} classes, {model.config.img_size} px")
+        model = load_vim(config.model, img_size=config.image_size)
+        train_set, val_set, test_set, classes = prepare_vision_data(config, model.config.img_size)
+        torch.manual_seed(config.seed)
+        model.reset_head(classes)                 # always a fresh head for the task, even with the same class count
+        log(f"data: {config.vtab_task}, {len(train_set)} training images, {len(val_set) if val_set else 0} "
+            f"validation, {len(test_set)} test; {classes} classes, {model.config.img_size} px")
+        steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+        return Prepared(
+            model=model, peft_config=PeftConfig.parse(with_head(config.method, log), arch=guess_arch(model)),
+            train_set=train_set, val_set=val_set,
+            trainer_kwargs=dict(data_collator=collate_images, compute_metrics=_accuracy_metric,
+                                preprocess_logits_for_metrics=_logits_only),
+            lr=config.lr, warmup_steps=math.ceil(config.warmup_epochs * steps_per_epoch),
+            eval_steps=max(1, round(config.eval_epochs * steps_per_epoch)), metric="eval_acc",
+            describe={"model": config.model, "vtab_task": config.vtab_task, "split": config.split, "classes": classes},
+            test=test_set)
 
-    methods = PeftConfig.parse(with_head(config.method, log), arch=guess_arch(model))
-    results = {"model": config.model, "vtab_task": config.vtab_task, "split": config.split, "classes": classes,
-               "methods": methods.to_dict()["methods"]}
-    if not resume:
-        results["zero_shot"] = {"acc": accuracy(model, test_set, config.eval_batch_size)}
-        log(f"test accuracy with the fresh head: {results['zero_shot']['acc']:.1%} (chance {1 / classes:.1%})")
+    def score_test(self, model, prepared: Prepared, config: VisionTrainConfig) -> dict:
+        return {"acc": accuracy(model, prepared.test, config.eval_batch_size), "n": len(prepared.test)}
 
-    peft = get_peft_model(model, methods, seed=config.seed)
-    counts = peft.parameter_counts()
-    results["parameters"] = counts
-    log(f"methods: {', '.join(str(s) for s in peft.peft_config.methods)}; trainable parameters "
-        f"{counts['trainable']:,} of {counts['total']:,} ({counts['percent']:.2f}%)")
-
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    trainer = PeftTrainer(
-        model=peft,
-        args=vision_training_arguments(config, steps_per_epoch, val_set is not None),
-        train_dataset=train_set,
-        eval_dataset=val_set,
-        data_collator=collate_images,
-        compute_metrics=_accuracy_metric,
-        preprocess_logits_for_metrics=_logits_only,
-        callbacks=[JsonlMetrics(out / "metrics.jsonl"), MethodPhases(log), *callbacks],
-    )
-    resume_from = str(checkpoints[-1]) if resume else None
-    if resume_from:
-        log(f"resuming from {resume_from}")
-    train_start = time.time()
-    trainer.train(resume_from_checkpoint=resume_from)
-    steps = trainer.state.global_step
-    peft.save_pretrained(out / "adapter")
-    results.update(best_checkpoint=trainer.state.best_model_checkpoint, best_validation=trainer.state.best_metric,
-                   metric="eval_acc" if val_set is not None else None, steps=steps,
-                   seconds_per_step=round((time.time() - train_start) / max(1, steps), 4))
-    results["fine_tuned"] = {"acc": accuracy(peft, test_set, config.eval_batch_size), "n": len(test_set)}
-    before = results.get("zero_shot", {}).get("acc")
-    log("test accuracy: " + (f"fresh head {before:.1%} -> " if before is not None else "")
-        + f"fine-tuned {results['fine_tuned']['acc']:.1%} ({len(test_set)} images)")
-    results["wall_seconds"] = round(time.time() - start, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    log(f"adapter saved to {out / 'adapter'} ({results['wall_seconds']:.0f} s)")
-    return results
-
-
-# ---------------------------------------------------------------------- command line
-
-VISION_ONLY = ("data_root", "vtab_task", "split", "image_size", "warmup_epochs", "eval_epochs", "threads")
-
-
-def add_vision_arguments(parser) -> None:
-    """The vision-only flags (the others -- --model, --method, --epochs, --lr, ... -- are the language run's,
-    shared by name). Defaults are None (= not given)."""
-    for f in fields(VisionTrainConfig):
-        if f.name not in VISION_ONLY:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = str if f.name in ("data_root", "vtab_task", "split") else float if "epochs" in f.name else int
-        parser.add_argument(flag, type=kind, default=None, dest=f"vision_{f.name}", help=f.metadata.get("help"))
-
-
-def vision_config_from_args(args, file_values: dict | None = None, where: str = "the command line") -> VisionTrainConfig:
-    """A config file's values, then the flags (vision-only ones from add_vision_arguments, shared ones by their
-    field name; None = not given), then the built-in defaults when the run is the built-in task."""
-    values = dict(file_values or {})
-    for f in fields(VisionTrainConfig):
-        given = getattr(args, f"vision_{f.name}" if f.name in VISION_ONLY else f.name, None)
-        if given is not None:
-            values[f.name] = given
-    if values.get("model") == "builtin":
-        values["model"] = "tiny-vim"
-    return resolve_vision_config(values, where=where)
+    def search_trial_values(self, values: dict, with_test: bool) -> dict:
+        return {**values, "split": "final" if with_test else "search"}

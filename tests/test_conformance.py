@@ -1,0 +1,228 @@
+"""Every registered method on every model family, through one battery of checks.
+
+The cases come from the methods themselves (`Method.examples`), the families from model/factory.py's FAMILIES: adding
+a method or a family adds its cases here without editing this file.
+
+Completeness, per family: every method either attaches (then each of its examples runs the battery) or raises
+NotApplicable with its reason. The battery: identity at init (where the method starts as one; otherwise the output
+must change), a gradient on every trainable tensor, frozen weights bit-identical after an optimiser step, a save /
+load round trip, merging, the merged checkpoint in the family's reference implementation, and step-by-step generation
+for causal families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import mambapeft
+from mambapeft import NotApplicable, PeftModel, get_peft_model
+from mambapeft.methods import REGISTRY
+from mambapeft.model.factory import FAMILIES as MODEL_FAMILIES
+
+from conftest import assert_rel_close
+
+
+def jittered(model, seed):
+    """Every weight moved off its constant init (norms 1, D 1, ...), the same for the same seed."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def load_in_transformers(folder):
+    from transformers import MambaForCausalLM
+
+    return MambaForCausalLM.from_pretrained(folder).eval()
+
+
+# the family's reference implementation, loading a merged model saved with save_pretrained (where one exists)
+REFERENCES = {"mamba": load_in_transformers}
+
+
+@dataclass
+class Family:
+    name: str
+    arch: str
+
+    def build(self, seed: int = 0):
+        """The family's small architecture with random, jittered weights (the same for the same seed)."""
+        return jittered(mambapeft.from_config(self.arch, seed=seed), seed)
+
+    @property
+    def reference(self) -> Callable | None:
+        return REFERENCES.get(self.name)
+
+
+FAMILIES = {name: Family(name, arch) for name, arch in MODEL_FAMILIES.items()}
+
+
+def applicable(family: str, spec: str) -> bool:
+    try:
+        get_peft_model(FAMILIES[family].build(0), [spec])
+        return True
+    except NotApplicable:
+        return False
+
+
+def cases(family: str, methods=None) -> list[tuple[str, str, bool]]:
+    """(method, spec, identity) of the examples of every method (or of `methods`) that apply to the family; examples
+    of positions only a non-causal model accepts are left out on causal families."""
+    causal = FAMILIES[family].build(0).is_causal
+    chosen = REGISTRY if methods is None else {m: REGISTRY[m] for m in methods}
+    return [(name, ex.spec, ex.identity) for name, cls in chosen.items() for ex in cls.examples
+            if not (ex.non_causal_only and causal) and applicable(family, ex.spec)]
+
+
+ALL = [(family, *case) for family in FAMILIES for case in cases(family)]
+IDS = [f"{family}-{spec}" for family, _, spec, _ in ALL]
+
+
+def make_peft(family: str, spec: str, seed: int = 0) -> PeftModel:
+    torch.manual_seed(1)
+    peft = get_peft_model(FAMILIES[family].build(seed), [spec])
+    peft.on_step_end(1)                   # one optimiser step has passed: phased methods (SDT) move on
+    return peft.eval()
+
+
+@torch.no_grad()
+def randomize_adapter(peft):
+    """Moves every trainable tensor off its initial value, so no zero-initialised factor hides a gradient."""
+    torch.manual_seed(2)
+    for t in peft.base_model.parameters():
+        if t.requires_grad:
+            t.add_(torch.randn_like(t) * 0.05)
+
+
+def inputs_of(model):
+    return model.peft_inputs(batch=2, seed=0)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+
+
+# ------------------------------------------------------------------ completeness
+
+
+def applicability(family: str) -> dict[str, str | None]:
+    """method -> None if it attaches to the family, else the NotApplicable reason."""
+    found = {}
+    for name, cls in REGISTRY.items():
+        specs = [ex.spec for ex in cls.examples]
+        assert specs, f"{name} declares no examples (Method.examples) for the conformance test"
+        try:
+            get_peft_model(FAMILIES[family].build(0), [specs[0]])
+            found[name] = None
+        except NotApplicable as err:
+            found[name] = str(err)
+    return found
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_has_a_case_or_a_reason(family):
+    """A method that attaches runs the battery on this family; one that does not says why, by name."""
+    covered = {method for fam, method, _, _ in ALL if fam == family}
+    for name, reason in applicability(family).items():
+        if reason is None:
+            assert name in covered, f"{name} attaches to {family} but none of its examples runs the battery"
+        else:
+            assert reason.startswith(f"{name} does not apply to {family} models: ") and len(reason) > 50, reason
+
+
+def test_every_method_applies_to_some_family():
+    attached = {name for family in FAMILIES for name, reason in applicability(family).items() if reason is None}
+    assert attached == set(REGISTRY)
+
+
+# ------------------------------------------------------------------ the battery
+
+
+def check_identity(family, spec, identity):
+    base = FAMILIES[family].build(0)
+    inputs = inputs_of(base)
+    expected = logits(base, inputs)
+    got = logits(make_peft(family, spec), inputs)
+    if identity:
+        assert_rel_close(got, expected, tol=1e-6, what=f"{family} {spec} at init")
+    else:
+        assert not torch.allclose(got, expected, atol=1e-6), f"{family} {spec}: the added parts change nothing"
+
+
+def check_gradients_and_step(family, spec):
+    peft = make_peft(family, spec)
+    randomize_adapter(peft)
+    peft.train()
+    names = dict(peft.base_model.named_parameters())
+    trainable = {n: p for n, p in names.items() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in names.items() if not p.requires_grad}
+    assert trainable, f"{family} {spec}: nothing to train"
+    peft(**inputs_of(peft.base_model)).loss.backward()
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"{family} {spec}: no gradient reaches {no_grad[:4]}"
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    torch.optim.AdamW(peft.parameter_groups(lr=1e-2, weight_decay=0.1)).step()
+    moved = [n for n, p in names.items() if not p.requires_grad and not torch.equal(p, frozen[n])]
+    assert not moved, f"{family} {spec}: frozen weights changed: {moved[:3]}"
+    assert any(not torch.equal(p, before[n]) for n, p in trainable.items()), f"{family} {spec}: nothing trained"
+
+
+def check_save_load(family, spec, folder):
+    peft = make_peft(family, spec)
+    randomize_adapter(peft)
+    inputs = inputs_of(peft.base_model)
+    expected = logits(peft, inputs)
+    peft.save_pretrained(folder)
+    loaded = PeftModel.from_pretrained(FAMILIES[family].build(0), folder).eval()
+    assert torch.equal(logits(loaded, inputs), expected), f"{family} {spec}: reloaded adapter differs"
+    assert loaded.parameter_counts() == peft.parameter_counts()
+
+
+def check_merge(family, spec, folder):
+    peft = make_peft(family, spec)
+    randomize_adapter(peft)
+    inputs = inputs_of(peft.base_model)
+    expected = logits(peft, inputs)
+    base_class = type(FAMILIES[family].build(0))
+    all_mergeable = all(m.mergeable for m in peft.methods)
+    merged = peft.merge_and_unload().eval()
+    assert_rel_close(logits(merged, inputs), expected, tol=1e-5, what=f"{family} {spec} merged")
+    if all_mergeable:
+        assert type(merged) is base_class
+        reference = FAMILIES[family].reference
+        if reference is not None:
+            merged.save_pretrained(folder)
+            assert_rel_close(logits(reference(folder), inputs), expected, tol=1e-4, what=f"{family} {spec} reference")
+
+
+def check_generation(family, spec):
+    peft = make_peft(family, spec)
+    if not peft.base_model.is_causal:
+        return
+    randomize_adapter(peft)
+    prompt = inputs_of(peft.base_model)["input_ids"][:, :5]
+    generated = peft.generate(prompt, max_new_tokens=4, eos_token_id=None)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            tokens = torch.cat([tokens, peft(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens), f"{family} {spec}: step-by-step generation differs from full forwards"
+
+
+def run_battery(family: str, spec: str, identity: bool, folder) -> None:
+    check_identity(family, spec, identity)
+    check_gradients_and_step(family, spec)
+    check_save_load(family, spec, folder / "adapter")
+    check_merge(family, spec, folder / "merged")
+    check_generation(family, spec)
+
+
+@pytest.mark.parametrize("family, method, spec, identity", ALL, ids=IDS)
+def test_battery(family, method, spec, identity, tmp_path):
+    run_battery(family, spec, identity, tmp_path)
