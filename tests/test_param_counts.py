@@ -53,7 +53,8 @@ def test_hand_counts_of_the_other_methods(capsys):
         "lora_p_b:r=4": 4 * (E + N),
         "lora_p_c:r=4": 4 * (E + N),
         "dora_p_x:r=8": 8 * (d + E) + E,
-        "parallel_adapter:dim=32": 32 * (E + d) + 32 + d,
+        "parallel_adapter:dim=32": 32 * (E + d),                      # no biases, as the official adapter
+        "parallel_adapter:dim=32,bias=true": 32 * (E + d) + 32 + d,
         "partial_a": E * N,
         "partial_d": E,
         "partial_conv1d": E * K,

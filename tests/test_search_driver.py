@@ -75,7 +75,7 @@ def test_the_result_is_never_worse_than_step_1(tmp_path):
 
     result = run_search(space(step2_trials=3), objective, settings(tmp_path))
     step1 = open_study(settings(tmp_path), open_storage(settings(tmp_path)), 1)
-    assert result.best_step == 1 and result.best_score == step1.best_value
+    assert result.best_step == 1 and result.best_score == step1.best_value                 # a tie keeps step 1's
     assert result.best_config == step1.best_trial.user_attrs["config"]
 
 
@@ -106,11 +106,12 @@ def test_the_removed_method_is_left_out():
     assert score == pytest.approx(1.0 + 0.12)
 
 
-def test_clashing_combinations_are_skipped_not_trained(tmp_path):
+def test_clashing_methods_are_one_choice_so_no_trial_is_lost(tmp_path):
     calls = []
     clashing = SearchSpace.from_dict({"step1": {"trials": 12, "methods": {"sdt": {"warmup_steps": 1},
                                                                          "partial_a": {}, "lora_p_x": {}}},
                                       "step2": {"trials": 0}})
+    assert clashing.exclusive_groups() == [(["sdt", "partial_a"], [(), ("sdt",), ("partial_a",)])]
 
     def objective(specs, report, tag):
         calls.append({s.method for s in specs})
@@ -118,6 +119,49 @@ def test_clashing_combinations_are_skipped_not_trained(tmp_path):
 
     run_search(clashing, objective, settings(tmp_path))
     assert calls and not any({"sdt", "partial_a"} <= c for c in calls)
-    storage = open_storage(settings(tmp_path))
-    skipped = [t for t in open_study(settings(tmp_path), storage, 1).get_trials() if "skipped" in t.user_attrs]
-    assert all(t.state == optuna.trial.TrialState.PRUNED and "clash" in t.user_attrs["skipped"] for t in skipped)
+    trials = open_study(settings(tmp_path), open_storage(settings(tmp_path)), 1).get_trials()
+    assert all("choose:sdt|partial_a" in t.params for t in trials)
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.PRUNED and t.user_attrs.get("methods")]
+
+
+def test_no_sampled_trial_of_the_default_space_clashes():
+    """Many samples of step 1 on the default space (every method of the registry): not one clash."""
+    from mambapeft.methods import REGISTRY
+    from mambapeft.peft import check_combination
+    from mambapeft.search.hybrid import step1_trial
+    from mambapeft.search.space import paper_space
+
+    for vision in (False, True):
+        space = paper_space(vision=vision)
+        assert any(set(members) == {"partial_a", "sdt"} for members, _ in space.exclusive_groups())
+        seen = []
+
+        def objective(specs, report, tag):
+            check_combination([REGISTRY[s.method](s.config) for s in specs])     # raises on a clash
+            seen.append({s.method for s in specs})
+            return {"score": float(len(specs)), "trainable": 1}
+
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+        study.optimize(step1_trial(space, objective, SearchSettings(prune=False)), n_trials=300)
+        failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+        assert not failed and len(seen) >= 290
+        assert any("sdt" in c for c in seen) and any("partial_a" in c for c in seen)
+
+
+def test_step2_starts_from_exactly_step_1s_best(tmp_path):
+    """Its first trial is step 1's best configuration as the trial ran it (the learning rates the run filled in
+    included), even where that lies outside the step-2 ranges."""
+    def objective(specs, report, tag):
+        ran = [{**s.to_dict(), "lr": s.config.lr or 0.03} for s in specs]        # the run's rate, written out
+        score = sum({**GOOD, **BAD}[s.method] for s in specs)
+        report(1, score)
+        return {"score": score, "trainable": 1, "config": ran}
+
+    s = settings(tmp_path)
+    result = run_search(space(step2_trials=4), objective, s)
+    storage = open_storage(s)
+    step1 = open_study(s, storage, 1).best_trial
+    first = open_study(s, storage, 2).get_trials()[0]
+    assert first.user_attrs["config"] == step1.user_attrs["config"] and first.value == step1.value
+    assert first.params.get("lora_p_x.lr") == 0.03                                 # outside [1e-4, 5e-3]: as it ran
+    assert result.best_score >= step1.value

@@ -107,6 +107,9 @@ class PeftModel(nn.Module):
             for t in tensors:
                 t.requires_grad_(True)
             self._owned[method.name] = tensors
+        # what a restart (SDT's warm-up as a run of its own) puts back: every other method's initial tensors
+        self._initial = ({id(t): t.detach().clone() for m in methods for t in self._owned[m.name]}
+                         if any(m.extra_steps() for m in methods) else {})
 
     # ------------------------------------------------------------ running
 
@@ -131,10 +134,22 @@ class PeftModel(nn.Module):
         for method in self.methods:
             method.check_training(total_steps)
 
-    def on_step_end(self, step: int) -> None:
-        """The trainer's word after optimiser step `step` (1-based), for methods with phases (SDT)."""
-        for method in self.methods:
-            method.on_step_end(self.base_model, step)
+    def on_step_end(self, step: int) -> bool:
+        """The trainer's word after optimiser step `step` (1-based), for methods with phases (SDT). Returns True when
+        a method asked for a restart: the other methods' tensors are then back at their initial values, and the
+        trainer drops the optimiser state."""
+        restarting = [m for m in self.methods if m.on_step_end(self.base_model, step) == "restart"]
+        if restarting:
+            with torch.no_grad():
+                for method in self.methods:
+                    if method not in restarting:
+                        for t in self._owned[method.name]:
+                            t.copy_(self._initial[id(t)])
+        return bool(restarting)
+
+    def extra_steps(self) -> int:
+        """Optimiser steps the methods add to the run (see Method.extra_steps)."""
+        return sum(m.extra_steps() for m in self.methods)
 
     def phase(self) -> str:
         """What the methods are doing now, for progress bars ("" when nothing is phased)."""
@@ -166,8 +181,9 @@ class PeftModel(nn.Module):
                 tensors.setdefault(name, t)
         return tensors
 
-    def parameter_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
-        """AdamW groups: per-method lr and decay (partial deltas decay toward the pretrained value)."""
+    def parameter_groups(self, lr: float, weight_decay: float = 0.0, flat_decay: bool = True) -> list[dict]:
+        """AdamW groups: per-method lr and decay (partial deltas decay toward the pretrained value); flat_decay=False:
+        no run decay on biases and 1-D tensors (see Method.param_groups)."""
         names = {id(t): n for n, t in self.base_model.named_parameters()}
         groups = []
         for method in self.methods:
@@ -175,7 +191,7 @@ class PeftModel(nn.Module):
             # delta freezes after selection), so an optimiser saved in one phase loads in the other
             owned = {names[id(t)]: t for t in self._owned[method.name]}
             if owned:
-                groups += [g for g in method.param_groups(owned, lr, weight_decay) if g["params"]]
+                groups += [g for g in method.param_groups(owned, lr, weight_decay, flat_decay) if g["params"]]
         return groups
 
     # ------------------------------------------------------------ save and load

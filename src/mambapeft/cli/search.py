@@ -9,12 +9,14 @@ import shutil
 import socket
 from pathlib import Path
 
+from ..config.spec import MethodSpec
 from ..errors import ConfigError, RunFolderError
 from ..train.tasks import TASKS
 
 SEARCH_CONFIG = "search_config.json"
 SEARCH_SPACE = "search_space.json"
-SEARCH_OUTPUTS = ("search.db", "trials", "report", "final", "best_config.json", SEARCH_CONFIG, SEARCH_SPACE)
+SEARCH_OUTPUTS = ("search.db", "trials", "report", "final", "baseline", "best_config.json", SEARCH_CONFIG,
+                  SEARCH_SPACE)
 
 
 def add_parser(commands):
@@ -31,9 +33,12 @@ def add_parser(commands):
     parser.add_argument("--task", choices=tuple(TASKS), default=None,
                         help="language (default) or vision (Vim on VTAB-1k tasks: trials train on train800 and are "
                         "scored on val200; the final run trains on train800val200 and reports test)")
-    parser.add_argument("--config", help="a run config (JSON/YAML, the keys of `mambapeft train`) for every trial; "
-                        "an extra key 'tasks' lists per-task overrides ({data, val_data, test_data}, or for vision "
-                        "{vtab_task, data_root}) to average over")
+    parser.add_argument("--config", help="a run config (JSON/YAML, the keys of `mambapeft train`): the full recipe the "
+                        "winner is trained with; an extra key 'trial' holds the trial budget's overrides (e.g. "
+                        "{max_steps: 80, eval_steps: 40}), and 'tasks' lists per-task overrides ({data, val_data, "
+                        "test_data}, or for vision {vtab_task, data_root}) to average over")
+    parser.add_argument("--trial-steps", type=int, help="optimiser steps of one trial (the trial budget; the final "
+                        "run keeps the config's full recipe)")
     parser.add_argument("--space", help="search-space file (JSON/YAML; schema in docs/search.md). Default: the paper's "
                         "Table 9 space (a short one for the built-in task)")
     parser.add_argument("--output-dir", default="runs/search", help="run folder: storage, trials, report, best config")
@@ -41,10 +46,17 @@ def add_parser(commands):
     parser.add_argument("--study-name", default="hybridpeft", help="study name inside the storage")
     parser.add_argument("--step1-trials", type=int, help="override the space's step-1 trial count")
     parser.add_argument("--step2-trials", type=int, help="override the space's step-2 trial count")
-    parser.add_argument("--no-prune", action="store_true", help="do not stop hopeless trials early")
+    parser.add_argument("--pruner", choices=("median", "successive-halving", "hyperband", "none"), default=None,
+                        help="how hopeless trials stop early: median (stop below the median of earlier trials at the "
+                        "same step), successive-halving or hyperband (multi-fidelity: keep the best half at each "
+                        "evaluation, so a fixed time buys more trials), none (default: the task's demo choice, "
+                        "else median)")
+    parser.add_argument("--no-prune", action="store_true", help="do not stop trials early (= --pruner none)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (each extra worker offsets it)")
     parser.add_argument("--worker", action="store_true", help="only help run trials: no report, no final run")
     parser.add_argument("--no-final", action="store_true", help="skip retraining the best configuration on the test data")
+    parser.add_argument("--no-baseline", action="store_true", help="skip training the task's default method with the "
+                        "same final recipe (the comparison the summary line shows)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier search in --output-dir")
     parser.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
     parser.add_argument("--grace", type=int, default=120, help="seconds of silence after which a running trial "
@@ -52,19 +64,30 @@ def add_parser(commands):
     parser.set_defaults(run=run)
 
 
-def load_run_config(path: str | None, task: str | None = None):
-    """(task kind, base run config, task overrides) from a run config file, or the built-in demo's."""
+def load_run_config(path: str | None, task: str | None = None, trial_steps: int | None = None):
+    """(task kind, the full recipe's run config, the trial budget's overrides, task overrides) from a run config file,
+    or the built-in demo's."""
     from ..train.config import RunConfig
     from ..train.tasks import kind_of
 
     raw = RunConfig.from_file(path) if path else {}
+    where = path or "the built-in demo"
     kind = kind_of(raw, task, path or "the command line")
     tasks = raw.pop("tasks", []) or []
     if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-        raise ConfigError(f"{path}: 'tasks' must be a list of objects such as {{\"data\": \"a.json\"}}")
+        raise ConfigError(f"{where}: 'tasks' must be a list of objects such as {{\"data\": \"a.json\"}}")
+    trial = raw.pop("trial", None) if path else dict(kind.search_builtin_trial)
+    if trial is not None and not isinstance(trial, dict):
+        raise ConfigError(f"{where}: 'trial' must be an object of run options for the trials, e.g. {{max_steps: 80}}")
+    trial = dict(trial or {})
+    if trial_steps is not None:
+        trial["max_steps"] = trial_steps
+        if "eval_steps" in {f for f in kind.Config.__dataclass_fields__}:
+            trial.setdefault("eval_steps", max(1, trial_steps // 2))
     raw.pop("task", None)
-    values = raw if path else dict(kind.search_builtin_trial)
-    return kind, kind.resolve(values, where=path or "the built-in demo"), tasks
+    base = kind.resolve(raw, where=where)
+    kind.Config.from_dict({**base.to_dict(), **trial}, where=f"{where}: trial")          # the budget is checked too
+    return kind, base, trial, tasks
 
 
 def default_space(kind, base):
@@ -127,11 +150,10 @@ def run(args) -> int:
     from ..search.objective import TrainingObjective, final_config
     from ..search.report import write_report
     from ..search.space import SearchSpace
-    from ..train.run import fine_tune
     from ..train.run_folder import FolderLock, write_atomic
 
     out = Path(args.output_dir)
-    kind, base, tasks = load_run_config(args.config, args.task)
+    kind, base, trial, tasks = load_run_config(args.config, args.task, args.trial_steps)
     space = SearchSpace.load(args.space) if args.space else default_space(kind, base)
     if args.step1_trials is not None:
         space.step1_trials = args.step1_trials
@@ -142,14 +164,15 @@ def run(args) -> int:
 
     storage_url = args.storage or f"sqlite:///{(out / 'search.db').resolve()}"
     seed = args.seed + (os.getpid() % 10_000 if args.worker else 0)
-    settings = SearchSettings(study_name=args.study_name, storage=storage_url, seed=seed, prune=not args.no_prune,
-                              heartbeat_interval=args.heartbeat, grace_period=args.grace)
+    pruner = "none" if args.no_prune else args.pruner or getattr(kind, "search_builtin_pruner", "median")
+    settings = SearchSettings(study_name=args.study_name, storage=storage_url, seed=seed, prune=pruner != "none",
+                              pruner=pruner, heartbeat_interval=args.heartbeat, grace_period=args.grace)
     lock = FolderLock(out, "search folder")
     if not args.worker:                 # workers join the main process's search; two main processes may not
         lock.acquire()
         try:
-            ready_folder(out, {"base": base.to_dict(), "tasks": tasks, "space": space.to_dict(),
-                               "study_name": args.study_name}, args.overwrite)
+            ready_folder(out, {"base": base.to_dict(), "trial": trial, "tasks": tasks, "space": space.to_dict(),
+                               "study_name": args.study_name, "pruner": pruner}, args.overwrite)
         except BaseException:
             lock.release()
             raise
@@ -158,9 +181,10 @@ def run(args) -> int:
             write_atomic(out / SEARCH_SPACE, json.dumps(space.to_dict(), indent=2) + "\n")
         else:
             out.mkdir(parents=True, exist_ok=True)
-        objective = TrainingObjective(base, tasks, out)
-        print(f"search: {len(space.step1)} methods, {space.step1_trials} + {space.step2_trials} trials; "
-              f"storage {storage_url} (study {args.study_name}); worker {socket.gethostname()}:{os.getpid()}")
+        objective = TrainingObjective(base, tasks, out, trial=trial)
+        print(f"search: {len(space.step1)} methods, {space.step1_trials} + {space.step2_trials} trials "
+              f"({budget_text(trial)} each, pruner {pruner}); the winner then trains with the full recipe "
+              f"({budget_text(base)}); storage {storage_url} (study {args.study_name}); worker {worker()}")
 
         def progress(step, done, total):
             print(f"step {step}: {done}/{total} trials finished", flush=True)
@@ -179,11 +203,56 @@ def run(args) -> int:
         config_file = out / "best_config.json"
         write_atomic(config_file, json.dumps(final.to_dict(), indent=2) + "\n")
         print(f"best configuration: {config_file} (mambapeft train --config {config_file})")
+        summary = {"trial_budget": trial, "final_recipe": budget_text(base), "pruner": pruner,
+                   "winner": {"methods": [c["method"] for c in result.best_config], "search_validation":
+                              result.best_score}}
         if not args.no_final:
-            results = fine_tune(final, overwrite=True)
-            if "fine_tuned" in results:
-                validation = results.get("best_validation")
-                print("final: " + (f"validation {validation:.4f}, " if validation is not None else "")
-                      + f"test accuracy {results['fine_tuned']['acc']:.1%}")
-        print(f"report: {report}/trials.md, {report}/importances.json, {report}/history.png, {report}/pareto.png")
+            summary["winner"].update(final_scores(final, "final"))
+            if not args.no_baseline:
+                default = [MethodSpec.parse(m).to_dict() for m in kind.Config().method]
+                baseline = final_config(objective, default, best_task, out / "baseline")
+                summary["default"] = {"methods": list(kind.Config().method), **final_scores(baseline, "baseline")}
+            print(summary_line(summary))
+        write_atomic(report / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(f"report: {report}/trials.md, {report}/summary.json, {report}/importances.json, {report}/history.png, "
+              f"{report}/pareto.png")
     return 0
+
+
+def worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def budget_text(values) -> str:
+    """How long a run trains, in words: "80 steps" / "8.0 epochs"."""
+    values = values if isinstance(values, dict) else values.to_dict()
+    if values.get("max_steps", -1) not in (None, -1):
+        return f"{values['max_steps']} steps"
+    return f"{values['epochs']} epochs" if "epochs" in values else "the base run's length"
+
+
+def final_scores(config, what: str) -> dict:
+    """Trains `config` (the full recipe) and returns its validation and test scores."""
+    from ..train.run import fine_tune
+
+    results = fine_tune(config, overwrite=True, log=lambda *_: None)
+    scores = {"validation": results.get("best_validation"), "steps": results.get("steps"),
+              "test": (results.get("fine_tuned") or {}).get("acc")}
+    val, test = scores["validation"], scores["test"]
+    print(f"{what} ({scores['steps']} steps, {' + '.join(config.method)}): "
+          + (f"validation {val:.4f}, " if val is not None else "")
+          + (f"test accuracy {test:.1%}" if test is not None else "no test set"))
+    return scores
+
+
+def summary_line(summary: dict) -> str:
+    def scores(entry):
+        val, test = entry.get("validation"), entry.get("test")
+        return (f"validation {val:.1%}" if val is not None else "no validation") + (
+            f", test {test:.1%}" if test is not None else "")
+
+    line = f"summary: search winner {' + '.join(summary['winner']['methods'])}: {scores(summary['winner'])}"
+    if "default" in summary:
+        line += (f"; the default {' + '.join(summary['default']['methods'])} with the same recipe: "
+                 f"{scores(summary['default'])}")
+    return line

@@ -21,7 +21,9 @@ DEFAULT_LR = 1e-3
 
 # presets that combine methods (Table 1 / Table 8, and SDT as its authors run it)
 HYBRID_PRESETS: dict[str, list[str]] = {
-    "sdt_lora": ["sdt", "lora_out_proj:r=8"],
+    # SDT + LoRA as its authors run it: LoRA r 8 on out_proj with lora_alpha = r (scale 1) and dropout 0.1
+    # (furiosa-ai/ssm-peft sd_lora.py L78-79), the warm-up a run of its own
+    "sdt_lora": ["sdt:warmup_steps=500,restart=true", "lora_out_proj:r=8,s=1,dropout=0.1"],
     "all_lora_r8": ["lora_in_proj:r=8", "lora_out_proj:r=8", "lora_x_proj:r=8", "lora_dt_proj:r=8", "lora_embed:r=8"],
     "lora_in_out_proj": ["lora_in_proj:r=8", "lora_out_proj:r=8"],
 }

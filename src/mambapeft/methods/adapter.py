@@ -1,11 +1,12 @@
 """Parallel adapter (He et al., 2022) beside out_proj, Mamba's counterpart of a Transformer's FFN (paper Section 3.1).
 
-    out = out_proj(y) + s * Up(ReLU(Down(y)))      y (b, L, E): the gated SSM output, out_proj's own input
-                                                   Down E -> dim (Kaiming), Up dim -> d (zeros: identity at start)
+    out = out_proj(y) + s * Up(Dropout(ReLU(Down(y))))   y (b, L, E): the gated SSM output, out_proj's own input
+                                                          Down E -> dim (Kaiming), Up dim -> d (zeros: identity)
 
-The ReLU makes it non-linear, so it cannot be folded into out_proj: after merging it stays as extra
-parameters (dim x (E + d) + dim + d per layer). Vision Mamba shares out_proj between its scan directions,
-so each block gets one adapter.
+As the official code builds it (`vim_peft_all.py` L592-618, L801-804): no biases and dropout 0.1 after the ReLU;
+`bias=true` adds the two biases our first version had (+dim + d per layer). The ReLU makes it non-linear, so it
+cannot be folded into out_proj: after merging it stays as extra parameters (dim x (E + d) per layer). Vision Mamba
+shares out_proj between its scan directions, so each block gets one adapter.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from .base import (
 class ParallelAdapterConfig(MethodConfig):
     dim: int = option(32, "bottleneck width of the adapter", minimum=1)
     s: float = option(0.1, "scale s of the adapter's output", exclusive_minimum=0)
+    dropout: float = option(0.1, "dropout after the ReLU (the official code's)", minimum=0, maximum=0.99)
+    bias: bool = option(False, "biases on Down and Up (the official adapter has none)")
 
 
 class ParallelBranch(nn.Module):
@@ -43,17 +46,19 @@ class ParallelBranch(nn.Module):
         super().__init__()
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.s = config.s
-        self.down = nn.Linear(base.in_features, config.dim, **factory)
-        self.up = nn.Linear(config.dim, base.out_features, **factory)
+        self.down = nn.Linear(base.in_features, config.dim, bias=config.bias, **factory)
+        self.up = nn.Linear(config.dim, base.out_features, bias=config.bias, **factory)
+        self.dropout = nn.Dropout(config.dropout)
         kaiming_(self.down.weight)
         with torch.no_grad():
             if self.down.weight.device.type != "meta":
-                self.down.bias.zero_()
                 self.up.weight.zero_()
-                self.up.bias.zero_()
+                for linear in (self.down, self.up):
+                    if linear.bias is not None:
+                        linear.bias.zero_()
 
     def forward(self, y, out):
-        return out + self.s * self.up(F.relu(self.down(y)))
+        return out + self.s * self.up(self.dropout(F.relu(self.down(y))))
 
 
 @register
@@ -64,8 +69,8 @@ class ParallelAdapter(Method):
     Config = ParallelAdapterConfig
     mergeable = False
     why_not_mergeable = "the ReLU between its two projections is not linear, so no weight can absorb it"
-    examples = (Example("parallel_adapter:dim=8"),)
-    presets = {"parallel_adapter": ["parallel_adapter:dim=32,s=0.1"]}
+    examples = (Example("parallel_adapter:dim=8"), Example("parallel_adapter:dim=8,bias=true,dropout=0"))
+    presets = {"parallel_adapter": ["parallel_adapter:dim=32,s=0.1,dropout=0.1,bias=false"]}
     scaled_update = True
     search_step1 = {"dim": 8, "s": 0.1}
     search_step2 = {"dim": {"int": [4, 16]}, "s": {"log": [1e-2, 1.0]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}

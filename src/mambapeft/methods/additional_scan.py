@@ -118,7 +118,7 @@ class AdditionalScan(Method):
             params += list(hook.parameters())
         return params
 
-    def param_groups(self, params, lr, weight_decay):
+    def param_groups(self, params, lr, weight_decay, flat_decay=True):
         """The new A columns get no weight decay (decay would pull A toward 0: states that never forget)."""
         lr = self.config.lr if self.config.lr is not None else lr
         wd = self.config.weight_decay if self.config.weight_decay is not None else weight_decay

@@ -120,8 +120,14 @@ class Method:
     def check_training(self, total_steps: int) -> None:
         """Raises ConfigError if the method cannot work in a run of `total_steps` optimiser steps."""
 
-    def on_step_end(self, model, step: int) -> None:
-        """Called after optimiser step `step` (1-based)."""
+    def on_step_end(self, model, step: int) -> str | None:
+        """Called after optimiser step `step` (1-based); "restart" asks the trainer to restart the other methods, the
+        optimiser and the learning-rate schedule (SDT's warm-up as a run of its own)."""
+        return None
+
+    def extra_steps(self) -> int:
+        """Optimiser steps this method adds to the run's length (a warm-up that is a run of its own)."""
+        return 0
 
     def phase_name(self) -> str:
         return ""
@@ -133,11 +139,21 @@ class Method:
         """How the trainable count comes about, when it is not plain (`mambapeft params` prints it)."""
         return None
 
-    def param_groups(self, params: dict[str, torch.Tensor], lr: float, weight_decay: float) -> list[dict]:
-        """Optimiser groups for this method's tensors; the config's lr and weight_decay override the run's."""
+    def param_groups(self, params: dict[str, torch.Tensor], lr: float, weight_decay: float,
+                     flat_decay: bool = True) -> list[dict]:
+        """Optimiser groups for this method's tensors; the config's lr and weight_decay override the run's.
+
+        flat_decay=False is the official vision recipe's rule (mmengine's bias_decay_mult = flat_decay_mult = 0):
+        where the run's decay applies, biases and 1-D tensors get none; a decay the method sets itself still applies.
+        """
         lr = self.config.lr if self.config.lr is not None else lr
-        wd = self.config.weight_decay if self.config.weight_decay is not None else weight_decay
-        return [{"params": list(params.values()), "lr": lr, "weight_decay": wd, "method": self.name}]
+        if self.config.weight_decay is not None or flat_decay:
+            wd = self.config.weight_decay if self.config.weight_decay is not None else weight_decay
+            return [{"params": list(params.values()), "lr": lr, "weight_decay": wd, "method": self.name}]
+        flat = [t for name, t in params.items() if t.dim() <= 1 or name.endswith(".bias")]
+        rest = [t for name, t in params.items() if not (t.dim() <= 1 or name.endswith(".bias"))]
+        return [{"params": rest, "lr": lr, "weight_decay": weight_decay, "method": self.name},
+                {"params": flat, "lr": lr, "weight_decay": 0.0, "method": self.name}]
 
     def clash(self, other: Method) -> str | None:
         """Why this method cannot be combined with `other`, or None."""

@@ -1,58 +1,77 @@
 """DoRA (Liu et al., 2024) on the X half of in_proj: `dora_p_x`, the paper's Table 6 follow-up to lora_p_x.
 
     V = W_X + s * Up @ Down            W_X (E, d): the X rows of in_proj
-    W_X' = m * V / ||V||               ||V|| the norm of each output row (E,); m (E,) starts at ||W_X||
 
-so the update starts as the identity and learns a direction (LoRA on V) and a magnitude (m) apart. As in the
-DoRA paper, ||V|| is treated as a constant in the backward pass (it saves memory and changes little).
-Because the normalisation covers the whole of W_X's rows, no other method may change the X rows too.
+    magnitude=output (ours, the DoRA paper's and Hugging Face peft's):  W_X' = m * V / ||V||_rows    m (E,)
+    magnitude=input  (the official MambaPEFT code):                     W_X' = V * m / ||V||_cols    m (d,)
+
+m starts at the same norms of W_X, so the update starts as the identity; the model learns a direction (LoRA on V)
+and a magnitude (m) apart. As in both codes, ||V|| is a constant in the backward pass. The official code normalises
+each *input column* of W_X (`vim_peft_all.py` L628, L643-645: the norm over dim 0) and applies no dropout; the
+`paper/dora_p_x` preset uses that. Because the normalisation covers the whole of W_X, no other method may change the
+X rows too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Example, Method, add_delta, projections, register, remove_delta
+from .base import Example, Method, add_delta, option, projections, register, remove_delta
 from .lora import LinearLoRA, LoRAConfig, LoRADelta, check_rank
 
 
-class DoRADelta(LoRADelta):
-    """out[..., rows] = m / ||V|| * (W_rows x + s * Up(Down(x))), V = W_rows + s * Up @ Down."""
+@dataclass
+class DoRAConfig(LoRAConfig):
+    magnitude: str = option("output", "what the learned magnitude scales: output (one value per row, the DoRA paper "
+                            "and HF peft) or input (one per input column, the official MambaPEFT code)",
+                            choices=("output", "input"))
 
-    def __init__(self, base: nn.Linear, start: int, stop: int, config: LoRAConfig):
+
+class DoRADelta(LoRADelta):
+    """The X rows as m-scaled, normalised V = W_rows + s * Up @ Down (see the module docstring for the two axes)."""
+
+    def __init__(self, base: nn.Linear, start: int, stop: int, config: DoRAConfig):
         super().__init__(base.in_features, start, stop, config, like=base.weight)
         self._base = [base]                        # a plain list: not a submodule, so not saved twice
-        self.magnitude = nn.Parameter(base.weight.detach()[start:stop].norm(dim=1))
+        self.axis = 1 if config.magnitude == "output" else 0     # the dimension the norm runs over
+        self.magnitude = nn.Parameter(base.weight.detach()[start:stop].norm(dim=self.axis))
 
-    def direction_norm(self) -> torch.Tensor:
-        weight = self._base[0].weight[self.start : self.stop]
-        return (weight + self.s * self.up @ self.down).norm(dim=1)                         # (rows,)
+    def direction(self) -> torch.Tensor:
+        return self._base[0].weight[self.start : self.stop] + self.s * self.up @ self.down          # V (rows, d)
+
+    def scale(self) -> torch.Tensor:
+        return self.magnitude / self.direction().norm(dim=self.axis).detach()           # (rows,) or (d,)
 
     def forward(self, x, out):
-        lora = self.s * F.linear(F.linear(self.dropout(x), self.down), self.up)           # (b, L, rows)
-        scale = self.magnitude / self.direction_norm().detach()                            # (rows,)
-        out[..., self.start : self.stop] = scale * (out[..., self.start : self.stop] + lora)
+        if self.axis == 1:                                                    # per output row
+            rows = out[..., self.start : self.stop] + self.branch(x)          # V x, computed as W x + LoRA(x)
+            out[..., self.start : self.stop] = self.scale() * rows
+            return out
+        xs = x * self.scale()                                                 # per input column: V diag(scale) x
+        out[..., self.start : self.stop] = F.linear(xs, self._base[0].weight[self.start : self.stop]) + self.branch(xs)
         return out
 
     @torch.no_grad()
     def merge_into(self, base: nn.Linear) -> None:
-        rows = base.weight[self.start : self.stop]
-        update = (rows + self.s * self.up @ self.down) * (self.magnitude / self.direction_norm())[:, None]
-        rows.copy_(update.to(base.weight.dtype))
+        scale = self.scale()
+        update = self.direction() * (scale[:, None] if self.axis == 1 else scale[None, :])
+        base.weight[self.start : self.stop].copy_(update.to(base.weight.dtype))
 
 
 @register
 class DoRAPartialX(Method):
     name = "dora_p_x"
     family = "LoRA"
-    description = "DoRA on the X half of in_proj (paper Table 6): LoRA direction plus a learned row magnitude"
-    Config = LoRAConfig
+    description = "DoRA on the X half of in_proj (paper Table 6): LoRA direction plus a learned magnitude"
+    Config = DoRAConfig
     targets = frozenset({("in_proj", "X")})
     exclusive = True
-    examples = (Example("dora_p_x:r=4"),)
-    presets = {"dora_p_x": ["dora_p_x:r=64"]}
+    examples = (Example("dora_p_x:r=4"), Example("dora_p_x:r=4,magnitude=input,dropout=0"))
+    presets = {"dora_p_x": ["dora_p_x:r=64,magnitude=input,dropout=0"]}     # the official axis, no dropout
     scaled_update = True
     search_step2 = LinearLoRA.search_step2
 

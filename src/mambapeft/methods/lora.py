@@ -2,8 +2,10 @@
 
     W' = W + s * Up @ Down          Down (r, in) Kaiming-uniform, Up (rows, r) zeros: the identity at start
 
-The scale is the plain `s` of the paper's official code (0.1), not alpha / r; dropout acts on the
-branch's input. Partial LoRA (paper Section 3.2) puts the delta on one output block only: the X or Z half
+The scale is the plain `s` of the paper's official code (0.1), not alpha / r. Dropout acts on the branch's input by
+default (ours: the layer sees the whole input, the update a dropped-out one); `dropout_at=bottleneck` puts it after
+Down, as the official code does where it calls LoRA as a module (X, Z, in_proj, out_proj; on x_proj, dt and the
+B/C/dt rows it merges the weights and so applies none): the `paper/...` presets follow that. Partial LoRA (paper Section 3.2) puts the delta on one output block only: the X or Z half
 of in_proj, or the dt, B or C rows of x_proj. In Vision Mamba, x_proj and dt_proj exist once per scan
 direction and each direction gets its own LoRA; in_proj and out_proj are shared and get one.
 """
@@ -38,22 +40,31 @@ from .base import (
 class LoRAConfig(MethodConfig):
     r: int = option(8, "rank of the low-rank update", minimum=1)
     s: float = option(0.1, "scale s of W + s * Up @ Down", exclusive_minimum=0)
-    dropout: float = option(0.1, "dropout on the LoRA branch's input", minimum=0, maximum=0.99)
+    dropout: float = option(0.1, "dropout on the LoRA branch (see dropout_at)", minimum=0, maximum=0.99)
+    dropout_at: str = option("input", "where the dropout acts: input (on x, before Down) or bottleneck (after Down, "
+                             "as the official MambaPEFT code)", choices=("input", "bottleneck"))
 
 
 class LoRADelta(nn.Module):
-    """out[..., start:stop] += s * Up(Down(dropout(x))) for a linear layer."""
+    """out[..., start:stop] += s * Up(Down(dropout(x))) for a linear layer (or Up(dropout(Down(x))))."""
 
     def __init__(self, in_features: int, start: int, stop: int, config: LoRAConfig, like: torch.Tensor):
         super().__init__()
         factory = {"device": like.device, "dtype": like.dtype}
         self.start, self.stop, self.s = start, stop, config.s
         self.dropout = nn.Dropout(config.dropout)
+        self.at_input = config.dropout_at == "input"
         self.down = nn.Parameter(kaiming_(torch.empty(config.r, in_features, **factory)))
         self.up = nn.Parameter(torch.zeros(stop - start, config.r, **factory))
 
+    def branch(self, x):
+        """s * Up(Down(x)) with the dropout where the config puts it."""
+        if self.at_input:
+            return self.s * F.linear(F.linear(self.dropout(x), self.down), self.up)
+        return self.s * F.linear(self.dropout(F.linear(x, self.down)), self.up)
+
     def forward(self, x, out):
-        delta = self.s * F.linear(F.linear(self.dropout(x), self.down), self.up)
+        delta = self.branch(x)
         if self.start == 0 and self.stop == out.shape[-1]:
             return out + delta
         out[..., self.start : self.stop] += delta
@@ -92,12 +103,15 @@ class ConvLoRADelta(nn.Module):
         like = base.weight
         self.s = config.s
         self.dropout = nn.Dropout(config.dropout)
+        self.at_input = config.dropout_at == "input"
         self.conv_args = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
         self.down = nn.Parameter(kaiming_(torch.empty(config.r, *like.shape[1:], device=like.device, dtype=like.dtype)))
         self.up = nn.Parameter(torch.zeros(like.shape[0], config.r, 1, 1, device=like.device, dtype=like.dtype))
 
     def forward(self, x, out):
-        return out + self.s * F.conv2d(F.conv2d(self.dropout(x), self.down, **self.conv_args), self.up)
+        if self.at_input:
+            return out + self.s * F.conv2d(F.conv2d(self.dropout(x), self.down, **self.conv_args), self.up)
+        return out + self.s * F.conv2d(self.dropout(F.conv2d(x, self.down, **self.conv_args)), self.up)
 
     @torch.no_grad()
     def merge_into(self, base: nn.Conv2d) -> None:
@@ -169,6 +183,8 @@ LORA_TARGETS = {
     "lora_p_b": ("B", ("x_proj", "B"), 64, 4, "partial LoRA on the B rows of x_proj"),
     "lora_p_c": ("C", ("x_proj", "C"), 64, 4, "partial LoRA on the C rows of x_proj"),
 }
+# where the official code calls LoRA as a module (with dropout), vision/.../vim_peft_all.py L122-171, L597-616
+MODULE_CALLED = ("in_proj", "out_proj", "X", "Z")
 # Table 7 (language): lora_p_x's learning rate by model size
 LORA_P_X_LR = {"mamba-130m": 1e-3, "mamba-370m": 5e-4, "mamba-790m": 5e-4, "mamba-1.4b": 1e-4}
 
@@ -176,7 +192,10 @@ for _name, (_role, _target, _rank, _step1_rank, _text) in LORA_TARGETS.items():
     register(type(_name, (LinearLoRA,), {
         "name": _name, "role": _role, "description": _text, "targets": frozenset({_target}),
         "examples": (Example(f"{_name}:r=4"),),
-        "presets": {_name: [f"{_name}:r={_rank}" + (",s=0.1" if _name == "lora_p_x" else "")]},
+        # the official placement: dropout 0.1 after Down where LoRA is called as a module (X, Z, in_proj, out_proj),
+        # none where the official code merges the weights (x_proj, dt_proj, the dt/B/C rows)
+        "presets": {_name: [f"{_name}:r={_rank},s=0.1," + ("dropout=0.1,dropout_at=bottleneck" if _role in MODULE_CALLED
+                                                             else "dropout=0")]},
         "search_step1": {"r": _step1_rank, "s": 0.1},
         "lr_by_size": LORA_P_X_LR if _name == "lora_p_x" else {},
         # Table 9 searches lora_p_b's rank in 4..12, the others in 4..16

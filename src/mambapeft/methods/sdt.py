@@ -10,6 +10,14 @@ The warm-up change is thrown away at selection (the authors' choice) unless `kee
 update trains from the pretrained weights. The selected indices are buffers of the adapter, so they are
 saved and loaded with it; an adapter saved during the warm-up carries its dense delta and phase and picks
 up where it was. The trainer tells the method where training stands through `on_step_end`.
+
+Two ways to run the phases. Ours (default): one schedule over the whole run, the warm-up steps counted in it, the
+other methods (e.g. LoRA on out_proj) and the optimiser carried across the selection. The authors' (`restart=true`,
+the `paper/sdt` presets): the warm-up is a run of its own (furiosa-ai/ssm-peft `train.py` L97-103, L229-230;
+`mamba_trainer.py` L62-63, L104-107), so at the selection the other methods' tensors go back to their initial values,
+the optimiser state is dropped and the learning-rate schedule starts again, for the run's full length on top of the
+warm-up, all in the same command (and resumable as any run). Counts round as the authors do:
+`dim - round((1 - fraction) * dim)` (31 channels on mamba-790m, 41 on mamba-1.4b).
 """
 
 from __future__ import annotations
@@ -34,11 +42,18 @@ class SDTConfig(MethodConfig):
     state_fraction: float = option(0.25, "fraction of the N states selected inside each selected channel (0, 1]",
                                    exclusive_minimum=0, maximum=1)
     keep_warmup: bool = option(False, "keep the warm-up change of A_log instead of discarding it at selection")
+    restart: bool = option(False, "run the warm-up as a run of its own (the authors'): at the selection the other "
+                           "methods restart from their initial values, with a fresh optimiser and schedule, for the "
+                           "run's full length on top of the warm-up")
 
 
 def selected_sizes(E: int, N: int, config: SDTConfig) -> tuple[int, int]:
-    """(channels, states per channel) kept: the fractions rounded down, at least one of each."""
-    return max(1, int(config.channel_fraction * E)), max(1, int(config.state_fraction * N))
+    """(channels, states per channel) kept, rounded as the authors' code does: dim - round((1 - fraction) * dim),
+    at least one of each (Python's round: halves to even, as theirs)."""
+    def kept(fraction: float, dim: int) -> int:
+        return max(1, dim - round((1 - fraction) * dim))
+
+    return kept(config.channel_fraction, E), kept(config.state_fraction, N)
 
 
 def select(dense: torch.Tensor, k_channels: int, k_states: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +126,9 @@ class SparseDimensionTuning(Method):
     exclusive = True                           # A_log can carry one delta: not with partial_a
     merge_order = -1                           # its x_proj delta is a parametrization: fold it before LoRA merges
     examples = (Example("sdt:warmup_steps=1,channel_fraction=0.2,state_fraction=0.4"),)
-    presets = {"sdt": ["sdt"]}
+    # the authors' released configs warm up about 500 steps at batch 4 (cfg/peft/sd_lora/{250it,500it}), as a run
+    # of its own
+    presets = {"sdt": ["sdt:warmup_steps=500,restart=true"]}
     # beyond Table 9 (the second reference paper): a warm-up short enough for short trials
     search_step1 = {"warmup_steps": 10}
     search_step2 = {"channel_fraction": {"log": [0.005, 0.1]}, "state_fraction": {"float": [0.1, 0.5]},
@@ -147,10 +164,17 @@ class SparseDimensionTuning(Method):
     def phase_name(self) -> str:
         return "sdt warm-up" if self.phase == WARMUP else "sdt sparse"
 
-    def on_step_end(self, model, step: int) -> None:
-        """Called by the trainer after optimiser step `step` (1-based): selects when the warm-up is over."""
+    def on_step_end(self, model, step: int) -> str | None:
+        """Called by the trainer after optimiser step `step` (1-based): selects when the warm-up is over, and then
+        asks for the restart of the other methods, the optimiser and the schedule when `restart`."""
         if self.phase == WARMUP and step >= self.config.warmup_steps:
             self.select_now()
+            return "restart" if self.config.restart else None
+        return None
+
+    def extra_steps(self) -> int:
+        """Optimiser steps the run takes beyond its own length: the warm-up, when it is a run of its own."""
+        return self.config.warmup_steps if self.config.restart else 0
 
     @torch.no_grad()
     def select_now(self) -> None:
@@ -174,7 +198,7 @@ class SparseDimensionTuning(Method):
 
     def check_training(self, total_steps: int) -> None:
         in_warmup = not getattr(self, "parts", None) or self.phase == WARMUP
-        if in_warmup and self.config.warmup_steps >= total_steps:
+        if in_warmup and not self.config.restart and self.config.warmup_steps >= total_steps:
             raise ConfigError(f"sdt: warmup_steps={self.config.warmup_steps} is not shorter than the run "
                               f"({total_steps} optimiser steps); nothing would be left for the sparse phase")
 
@@ -190,8 +214,10 @@ class SparseDimensionTuning(Method):
             mixer_counts[(k_c, k_s, bc.values.shape[0])] = mixer_counts.get((k_c, k_s, bc.values.shape[0]), 0) + 1
         parts = [f"{n} x ({k_c} channels x {k_s} states of A_log + {two_n} B/C rows x {k_c} channels = "
                  f"{k_c * k_s + two_n * k_c})" for (k_c, k_s, two_n), n in mixer_counts.items()]
+        dense = sum(a.dense.numel() for a, _ in self.parts)
         return (f"after the {self.config.warmup_steps}-step warm-up (a dense A_log delta, not counted): "
-                + " + ".join(parts) + f" = {self.trainable_after_setup():,}")
+                + " + ".join(parts) + f" = {self.trainable_after_setup():,}; the authors' parameter tool also counts "
+                f"the warm-up delta (+{dense:,}), which stops training at the selection")
 
     def merge(self, model):
         for slot, B, _, _ in _parts(model):

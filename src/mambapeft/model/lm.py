@@ -41,18 +41,31 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth: each sample's whole branch is dropped with probability `rate`, the kept ones scaled up."""
+    keep = 1.0 - rate
+    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep)
+    return branch * mask / keep
+
+
 class MambaBlock(nn.Module):
-    """Pre-norm residual block: h + mixer(norm(h)), the residual stream kept in float32."""
+    """Pre-norm residual block: h + mixer(norm(h)), the residual stream kept in float32.
+
+    `drop_path` (stochastic depth, training only) is what Vim's and VMamba's fine-tuning recipes use; 0 elsewhere."""
 
     def __init__(self, mixer: MambaMixer, eps: float, residual_in_fp32: bool = True, device=None, dtype=None):
         super().__init__()
         self.norm = RMSNorm(mixer.d_model, eps, device=device, dtype=dtype)
         self.mixer = mixer
         self.residual_in_fp32 = residual_in_fp32
+        self.drop_path = 0.0
 
     def forward(self, h, mask=None, state: MixerState | None = None):
         residual = h.float() if self.residual_in_fp32 else h
-        return residual + self.mixer(self.norm(h.to(self.norm.weight.dtype)), mask, state)
+        branch = self.mixer(self.norm(h.to(self.norm.weight.dtype)), mask, state)
+        if self.drop_path and self.training:
+            branch = drop_path(branch, self.drop_path)
+        return residual + branch
 
 
 class MambaBackbone(nn.Module):

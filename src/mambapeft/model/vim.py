@@ -10,8 +10,10 @@
 The released models (hustvl/Vim-{tiny,small,base}-midclstok; models_mamba.py, "bimambav2 ... midclstok_div2")
 fuse the residual add into the next norm ("Add -> Norm -> Mixer", residual kept in fp32); that is the same
 function as the pre-norm block above, which `MambaBlock` of the language model computes. The mixer averages the
-two directions, (y_fwd + flip(y_bwd)) / 2, before out_proj ("div2"). Drop-path and dropout are off, as at
-evaluation and in the paper's VTAB fine-tuning of the released weights.
+two directions, (y_fwd + flip(y_bwd)) / 2, before out_proj ("div2"). Drop path (stochastic depth, rising linearly
+over the blocks to `set_drop_path`'s rate, in training only) is off by default; the paper's VTAB fine-tuning uses 0.1
+(every official config, e.g. vision/configs/.../vim/vtab1k/1_small/2_small_lorap_X_64.py L26), which the vision
+recipe sets.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class VisionMamba(nn.Module, PeftModelInterface):
     position embedding to what the language model offers."""
 
     family = "vim"
+    paper_drop_path = 0.1                  # the rate of the paper's VTAB fine-tuning (every official Vim config)
     is_causal = False                      # bidirectional: a soft token anywhere reaches every output
     embedding_path = "patch_embed.proj"
     head_path = "head"
@@ -207,6 +210,14 @@ class VisionMamba(nn.Module, PeftModelInterface):
         if self.head.weight.device.type != "meta":
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 at the first block to `rate` at the last (timm's rule)."""
+        if not 0 <= rate < 1:
+            raise ConfigError(f"drop path rate {rate} must be in [0, 1)")
+        depth = len(self.layers)
+        for i, block in enumerate(self.layers):
+            block.drop_path = rate * i / max(1, depth - 1)
 
     @property
     def device(self) -> torch.device:

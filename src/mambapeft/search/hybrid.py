@@ -1,9 +1,12 @@
 """HybridPEFT: the paper's two-step search (Algorithm 1) on Optuna, resumable and shared by many workers.
 
-Step 1 switches each method of the space on or off at its smallest setting (TPE over booleans) and keeps the
-best combination. Step 2 searches, on that combination only, each kept method's hyperparameters plus the
-choice "remove one method, or none"; its first trial is the step-1 setting itself (Algorithm 1, line 20).
-Scores are validation scores; test scores are the objective's business for the final best only.
+Step 1 switches each method of the space on or off at its smallest setting (TPE over booleans; methods that cannot
+be combined are one choice among them, SearchSpace.exclusive_groups, so no trial is spent on a clash) and keeps the
+best combination. Step 2 searches, on that combination only, each kept method's hyperparameters plus the choice
+"remove one method, or none"; its first trial is exactly step 1's best configuration (Algorithm 1, line 20: the
+same methods, options, learning rates and decays, as the trial ran them), so step 2 cannot end below step 1.
+Scores are validation scores; test scores are the objective's business for the final best only. Trials may stop
+early: Optuna's median, successive-halving or Hyperband pruner (`SearchSettings.pruner`).
 
 Both steps are Optuna studies in one storage (a URL; default a SQLite file in the run folder), named
 `<name>-step1` and `<name>-step2`. Any number of worker processes, on one machine or many, may run `run_search`
@@ -47,12 +50,16 @@ class Objective(Protocol):
     def __call__(self, specs: list[MethodSpec], report: Callable[[int, float], None], tag: str) -> dict: ...
 
 
+PRUNERS = ("median", "successive-halving", "hyperband", "none")
+
+
 @dataclass
 class SearchSettings:
     study_name: str = "hybridpeft"
     storage: str = "sqlite:///search.db"
     seed: int | None = 0
     prune: bool = True
+    pruner: str = "median"                # how trials stop early (when prune): one of PRUNERS
     heartbeat_interval: int = 30          # seconds between heartbeats of a running trial
     grace_period: int = 120               # a running trial silent this long belongs to a dead worker
     poll_interval: float = 2.0            # how often a worker with nothing to do looks again
@@ -72,9 +79,25 @@ def open_storage(settings: SearchSettings) -> RDBStorage:
                           grace_period=settings.grace_period, heartbeat_stale_trial_callback=_retry_callback())
 
 
+def make_pruner(settings: SearchSettings):
+    """Median: stop a trial below the median of earlier ones at the same step. Successive halving / Hyperband
+    (multi-fidelity): keep only the best fraction of trials at each rung of evaluations, so a fixed time buys more
+    trials."""
+    name = settings.pruner if settings.prune else "none"
+    if name not in PRUNERS:
+        raise ConfigError(f"unknown pruner {name!r}; one of {', '.join(PRUNERS)}")
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2)
+    if name == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=2)
+    return optuna.pruners.NopPruner()
+
+
 def open_study(settings: SearchSettings, storage, step: int) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=settings.seed, constant_liar=True, multivariate=step == 2)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if settings.prune else optuna.pruners.NopPruner()
+    pruner = make_pruner(settings)
     return optuna.create_study(study_name=f"{settings.study_name}-step{step}", storage=storage, sampler=sampler,
                                pruner=pruner, direction="maximize", load_if_exists=True)
 
@@ -83,12 +106,56 @@ def _count(study: optuna.Study, states) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+WORKER = "worker"
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_gone(worker: str) -> bool:
+    """Whether the worker "host:pid" ran on this host and no longer runs."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def fail_orphans(study: optuna.Study, grace: float) -> None:
+    """Running trials whose process is gone: those with a stale heartbeat (Optuna's own check), those whose worker
+    on this host is dead, and those that never sent a heartbeat nor named their worker within the grace period (a
+    worker killed while starting the trial). Each is marked failed and retried with the same parameters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+        now = time.time()
+        storage = study._storage
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = trial.user_attrs.get(WORKER)
+            started = trial.datetime_start.timestamp() if trial.datetime_start else now
+            silent = worker is None and now - started > grace and not _has_heartbeat(storage, trial)
+            if (worker is not None and _process_gone(worker)) or silent:
+                if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    _retry_callback()(study, study._storage.get_trial(trial._trial_id))
+
+
+def _has_heartbeat(storage, trial) -> bool:
+    try:
+        return storage._get_heartbeat(trial._trial_id) is not None  # RDBStorage
+    except Exception:
+        return True                                                  # cannot tell: leave it to Optuna's check
+
+
 def run_step(study: optuna.Study, trial_fn, n_trials: int, settings: SearchSettings, progress=None) -> None:
     """Runs trials until the study has `n_trials` finished ones, waiting on other workers' running trials."""
     while True:
-        with warnings.catch_warnings():                   # dead workers' trials: failed, then retried
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        fail_orphans(study, settings.grace_period)        # dead workers' trials: failed, then retried
         done = _count(study, FINISHED)
         if progress is not None:
             progress(done, n_trials)
@@ -114,7 +181,8 @@ def _reporter(trial: optuna.Trial, prune: bool):
 
 def _evaluate(trial: optuna.Trial, specs: list[MethodSpec], objective: Objective, settings: SearchSettings,
               tag: str) -> float:
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    """Scores `specs`; the trial's "config" is what the objective says it ran (learning rates and decays resolved),
+    so that step 2 can start from exactly it."""
     trial.set_user_attr("config", [spec.to_dict() for spec in specs])
     trial.set_user_attr("methods", [spec.method for spec in specs])
     result = objective(specs, _reporter(trial, settings.prune), tag=f"{tag}-trial{trial.number}")
@@ -128,17 +196,30 @@ def _evaluate(trial: optuna.Trial, specs: list[MethodSpec], objective: Objective
 
 
 def step1_trial(space: SearchSpace, objective: Objective, settings: SearchSettings):
+    groups = space.exclusive_groups()
+    group_of = {m: (members, allowed) for members, allowed in groups for m in members}
+
     def trial_fn(trial: optuna.Trial) -> float:
-        on = [m for m in space.step1 if trial.suggest_categorical(f"use:{m}", [False, True])]
+        trial.set_user_attr(WORKER, worker_id())
+        on, asked = set(), set()
+        for method in space.step1:
+            if method not in group_of:
+                if trial.suggest_categorical(f"use:{method}", [False, True]):
+                    on.add(method)
+                continue
+            members, allowed = group_of[method]
+            if members[0] in asked:
+                continue
+            asked.add(members[0])
+            labels = ["+".join(subset) or NONE for subset in allowed]
+            choice = trial.suggest_categorical("choose:" + "|".join(members), labels)
+            on |= set() if choice == NONE else set(choice.split("+"))
+        on = [m for m in space.step1 if m in on]
         trial.set_user_attr("methods", on)
         if not on:
             raise optuna.TrialPruned("no method switched on")
         specs = [space.step1_spec(m) for m in on]
-        try:
-            check_combination([REGISTRY[s.method](s.config) for s in specs])
-        except ConfigError as err:                 # e.g. sdt with partial_a: not a combination that exists
-            trial.set_user_attr("skipped", str(err))
-            raise optuna.TrialPruned(str(err)) from None
+        check_combination([REGISTRY[s.method](s.config) for s in specs])     # by construction: cannot clash
         return _evaluate(trial, specs, objective, settings, "step1")
     return trial_fn
 
@@ -154,19 +235,34 @@ def best_combination(study1: optuna.Study) -> list[str]:
 # ------------------------------------------------------------------ step 2
 
 
-def _default_params(space: SearchSpace, combination: list[str]) -> dict:
-    """Algorithm 1's first step-2 trial: the step-1 settings, clipped into the step-2 ranges, no removal."""
-    params = {"remove": NONE} if space.remove_one and len(combination) > 1 else {}
-    for method in combination:
-        fixed = space.step1_spec(method).config
-        for option, rng in space.ranges(method).items():
-            current = getattr(fixed, option)
-            params[f"{method}.{option}"] = rng.middle() if current is None else rng.clip(current)
+START = "start"            # the user attribute that marks step 2's first trial: step 1's best, exactly
+
+
+def start_params(space: SearchSpace, config: list[dict]) -> dict:
+    """The step-2 parameters of step 1's best configuration (as it ran), for Optuna to record; options that were
+    left to the run (None) are not parameters of that trial."""
+    params = {"remove": NONE} if space.remove_one and len(config) > 1 else {}
+    for spec in config:
+        for option in space.ranges(spec["method"]):
+            if spec.get(option) is not None:
+                params[f"{spec['method']}.{option}"] = spec[option]
     return params
 
 
-def step2_trial(space: SearchSpace, combination: list[str], objective: Objective, settings: SearchSettings):
+def step2_trial(space: SearchSpace, combination: list[str], objective: Objective, settings: SearchSettings,
+                start: list[dict] | None = None):
     def trial_fn(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER, worker_id())
+        if start is not None and trial.user_attrs.get(START):
+            with warnings.catch_warnings():       # its values may lie outside the step-2 ranges: recorded as they are
+                warnings.simplefilter("ignore")
+                for name in start_params(space, start):
+                    if name == "remove":
+                        trial.suggest_categorical("remove", [NONE, *combination])
+                    else:
+                        _record(trial, space, name)
+            trial.set_user_attr("removed", NONE)
+            return _evaluate(trial, [MethodSpec.from_dict(c) for c in start], objective, settings, "step2")
         remove = NONE
         if space.remove_one and len(combination) > 1:
             remove = trial.suggest_categorical("remove", [NONE, *combination])
@@ -181,6 +277,12 @@ def step2_trial(space: SearchSpace, combination: list[str], objective: Objective
                 specs.append(MethodSpec.build(method, options))
         return _evaluate(trial, specs, objective, settings, "step2")
     return trial_fn
+
+
+def _record(trial: optuna.Trial, space: SearchSpace, name: str) -> None:
+    """Lets Optuna record an enqueued (fixed) parameter of the start trial with its distribution."""
+    method, option = name.split(".", 1)
+    space.ranges(method)[option].suggest(trial, name)
 
 
 # ------------------------------------------------------------------ both
@@ -203,22 +305,23 @@ def run_search(space: SearchSpace, objective: Objective, settings: SearchSetting
              progress and (lambda done, total: progress(1, done, total)))
     combination = best_combination(study1)
 
+    best, step = max(study1.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.value, -t.number)), 1
+    start = best.user_attrs["config"]
+
     study2 = open_study(settings, storage, 2)
     stored = study2.user_attrs.get("combination")
     if stored is None:
         study2.set_user_attr("combination", combination)
+        study2.set_user_attr("start", start)
         if space.step2_trials:
-            study2.enqueue_trial(_default_params(space, combination), skip_if_exists=True)
+            study2.enqueue_trial(start_params(space, start), user_attrs={START: True}, skip_if_exists=True)
     elif stored != combination:
         raise ConfigError(f"the storage's step 2 was built on {stored}, but step 1's best is now {combination}; "
                           f"use a new study name to search again")
-    best, step = max(study1.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.value, -t.number)), 1
     if space.step2_trials:
-        run_step(study2, step2_trial(space, combination, objective, settings), space.step2_trials, settings,
-                 progress and (lambda done, total: progress(2, done, total)))
+        run_step(study2, step2_trial(space, combination, objective, settings, study2.user_attrs.get("start", start)),
+                 space.step2_trials, settings, progress and (lambda done, total: progress(2, done, total)))
         done = study2.get_trials(states=(TrialState.COMPLETE,))
-        if done and study2.best_trial.value >= best.value:
+        if done and study2.best_trial.value > best.value:      # a tie keeps step 1's (step 2 started from it)
             best, step = study2.best_trial, 2
-        # else step 2 found nothing as good: its first trial is step 1's best with the learning rate and decay the
-        # step-1 run left to the base config taken from the step-2 ranges instead, which can score lower
     return SearchResult(combination, best.user_attrs["config"], best.value, best.number, step)

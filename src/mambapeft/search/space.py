@@ -177,6 +177,37 @@ class SearchSpace:
     def step1_spec(self, method: str) -> MethodSpec:
         return MethodSpec.build(method, self.step1[method])
 
+    def exclusive_groups(self) -> list[tuple[list[str], list[tuple[str, ...]]]]:
+        """Step-1 methods that cannot be combined, grouped: (members, the allowed subsets of them).
+
+        Two methods clash when they would change the same thing exclusively (their declared targets: sdt and
+        partial_a both tune A_log; DoRA needs the X rows alone). Each group of clashing methods becomes one choice
+        in step 1 ("what tunes A_log: none / partial_a / sdt") instead of independent on/off switches, so no
+        sampled combination can clash and no trial is spent on one. A group's options are every subset of it in
+        which no two methods clash (for a group of two: none, one, or the other).
+        """
+        from itertools import combinations
+
+        methods = {m: REGISTRY[m](self.step1_spec(m).config) for m in self.step1}
+        clashes = {m: {o for o in methods if o != m and (methods[m].clash(methods[o]) or methods[o].clash(methods[m]))}
+                   for m in methods}
+        groups, seen = [], set()
+        for start in methods:
+            if start in seen or not clashes[start]:
+                continue
+            members, todo = [], [start]
+            while todo:
+                m = todo.pop()
+                if m not in seen:
+                    seen.add(m)
+                    members.append(m)
+                    todo += sorted(clashes[m] - seen)
+            members = [m for m in methods if m in members]               # the space's order
+            allowed = [subset for k in range(len(members) + 1) for subset in combinations(members, k)
+                       if not any(b in clashes[a] for a, b in combinations(subset, 2))]
+            groups.append((members, allowed))
+        return groups
+
     def ranges(self, method: str) -> dict[str, Range]:
         """The step-2 ranges of `method` (fixed step-2 values are not ranges)."""
         return {option: r for option, value in self.step2.get(method, {}).items() if (r := Range.of(value))}

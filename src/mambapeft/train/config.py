@@ -37,6 +37,8 @@ class RunConfig:
     lr: float | None = option(None, "learning rate (default: the task's; see `mambapeft train --help`)",
                               exclusive_minimum=0)
     weight_decay: float = option(0.0, "AdamW weight decay (methods may set their own)", minimum=0)
+    flat_decay: bool = option(True, "the run's weight decay on biases and 1-D tensors too (false: the official vision "
+                              "recipe's bias_decay_mult = flat_decay_mult = 0)")
     scheduler: str = option("linear", "learning-rate decay after warm-up", choices=("linear", "cosine", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)", minimum=0)
     logging_steps: int = option(10, "log the training loss every this many steps", minimum=1)

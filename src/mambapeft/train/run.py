@@ -53,7 +53,8 @@ def fine_tune(config: RunConfig | dict, *, resume: bool = False, overwrite: bool
 
     out = Path(config.output_dir)
     with RunFolder(out).open(config, resume=resume, overwrite=overwrite, log=log):
-        results = {**prepared.describe, "methods": prepared.peft_config.to_dict()["methods"]}
+        results = {**prepared.describe, "methods": prepared.peft_config.to_dict()["methods"], "run_lr": prepared.lr,
+                   "run_weight_decay": config.weight_decay}
         if not resume and (before := task.score_test(prepared.model, prepared, config)):
             results["zero_shot"] = before
             log(f"zero-shot test accuracy: {format_scores(before)}")
@@ -65,14 +66,19 @@ def fine_tune(config: RunConfig | dict, *, resume: bool = False, overwrite: bool
             f"{counts['trainable']:,} of {counts['total']:,} ({counts['percent']:.2f}%)")
 
         has_validation = prepared.val_set is not None
+        extra = peft.extra_steps()                 # a warm-up run of its own (SDT restart) comes on top of the run
+        max_steps = total_steps(config, len(prepared.train_set)) + extra if extra else None
+        if extra:
+            log(f"{extra} warm-up steps of their own, then the run's {max_steps - extra} steps: {max_steps} in all")
         trainer = PeftTrainer(
             model=peft,
             args=trainer_arguments(config, lr=prepared.lr, warmup_steps=prepared.warmup_steps,
                                    eval_steps=prepared.eval_steps, has_validation=has_validation,
-                                   metric=prepared.metric, report_to=_report_to()),
+                                   metric=prepared.metric, report_to=_report_to(), max_steps=max_steps),
             train_dataset=prepared.train_set,
             eval_dataset=prepared.val_set,
             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MethodPhases(log), UpdateGuard(), *callbacks],
+            flat_decay=config.flat_decay,
             **prepared.trainer_kwargs,
         )
         resume_from = str(_resume_point(out, log)) if resume else None

@@ -93,8 +93,9 @@ def diverged(what: str, step: int, output_dir, lr: float) -> TrainingDiverged:
 
 
 class PeftTrainer(Trainer):
-    def __init__(self, *args, mc_items=None, tokenizer=None, **kwargs):
+    def __init__(self, *args, mc_items=None, tokenizer=None, flat_decay: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.flat_decay = flat_decay
         self.mc_items = mc_items or []
         self.mc_tokenizer = tokenizer
         callbacks = self.callback_handler.callbacks
@@ -103,9 +104,27 @@ class PeftTrainer(Trainer):
             if isinstance(callback, MethodPhases):
                 callback.progress = progress
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' schedule, except when a method runs a phase as a run of its own (SDT with restart): then
+        the schedule runs once over that phase and again, from its start, over the rest of the run."""
+        first = self.model.extra_steps() if hasattr(self.model, "extra_steps") else 0
+        if self.lr_scheduler is None and first:
+            from torch.optim.lr_scheduler import LambdaLR
+
+            warmup = self.args.get_warmup_steps(num_training_steps - first)
+            kind = self.args.lr_scheduler_type
+            kind = getattr(kind, "value", kind)
+            phase1 = schedule(kind, min(warmup, first // 2), first)
+            phase2 = schedule(kind, warmup, num_training_steps - first)
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
+                                         lambda step: phase1(step) if step < first else phase2(step - first))
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            groups = self.model.parameter_groups(self.args.learning_rate, self.args.weight_decay)
+            groups = self.model.parameter_groups(self.args.learning_rate, self.args.weight_decay, self.flat_decay)
             self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1,
                                                self.args.adam_beta2), eps=self.args.adam_epsilon)
         return self.optimizer
@@ -154,8 +173,23 @@ class PeftTrainer(Trainer):
         return output
 
 
+def schedule(kind: str, warmup: int, total: int):
+    """The learning-rate factor at a step: linear warm-up, then linear or cosine decay to 0 (or constant), as
+    transformers' schedulers of those names."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0
+    return factor
+
+
 def trainer_arguments(config, *, lr: float, warmup_steps: int, eval_steps: int, has_validation: bool, metric: str,
-                      report_to="none"):
+                      report_to="none", max_steps: int | None = None):
     """transformers' TrainingArguments from the fields the language and vision configs share, plus what each run
     derives itself (its rate, warm-up and evaluation interval in steps, its metric)."""
     from transformers import TrainingArguments
@@ -169,7 +203,7 @@ def trainer_arguments(config, *, lr: float, warmup_steps: int, eval_steps: int, 
         learning_rate=lr,
         weight_decay=config.weight_decay,
         num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
+        max_steps=config.max_steps if max_steps is None else max_steps,
         lr_scheduler_type=config.scheduler if config.scheduler != "constant" else "constant_with_warmup",
         warmup_steps=warmup_steps,
         max_grad_norm=config.max_grad_norm or None,
@@ -237,8 +271,12 @@ class MethodPhases(TrainerCallback):
         if self.phase:
             self.log(f"phase at step {state.global_step}: {self.phase}")
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        model.on_step_end(state.global_step)
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model.on_step_end(state.global_step):
+            if optimizer is not None:
+                optimizer.state.clear()               # a fresh optimiser for the next phase (its groups stay)
+            self.log(f"restart at step {state.global_step}: the other methods back at their initial values, a fresh "
+                     f"optimiser, the learning-rate schedule from its start")
         if model.phase() != self.phase:
             self.phase = model.phase()
             self.log(f"phase from step {state.global_step}: {self.phase}")

@@ -40,6 +40,7 @@ class VisionTrainConfig(RunConfig):
     max_grad_norm: float = default_of("max_grad_norm", 5.0)
     logging_steps: int = default_of("logging_steps", 20)
     eval_batch_size: int = default_of("eval_batch_size", 128)
+    flat_decay: bool = default_of("flat_decay", False, "(vision: false, the official recipe)")
     data_root: str | None = option(None, "VTAB-1k root holding <task>/ folders (default: the built-in tiny root)")
     vtab_task: str = option("digits_rotation", "task folder under data_root with train800/val200/train800val200/test.txt")
     num_classes: int | None = option(None, "classes of the task (needed for a task that is not one of the 19 of VTAB-1k; "
@@ -50,6 +51,8 @@ class VisionTrainConfig(RunConfig):
     warmup_epochs: float = option(10.0, "linear warm-up epochs before the cosine decay (paper: 10)", minimum=0)
     eval_epochs: float = option(5.0, "evaluate (search split) and save a checkpoint every this many epochs",
                                 exclusive_minimum=0)
+    drop_path: float | None = option(None, "stochastic depth while fine-tuning, rising over the blocks to this rate "
+                                     "(default: the paper's recipe for the model: Vim 0.1)", minimum=0, maximum=0.99)
 
 
 # The built-in demo: tiny-vim on digits_rotation; 20 epochs with 2 warm-up epochs (~640 steps) instead of 100/10,
@@ -148,6 +151,8 @@ class VisionTask(TaskKind):
         train_set, val_set, test_set, classes = prepare_vision_data(config, model.config.img_size)
         torch.manual_seed(config.seed)
         model.reset_head(classes)                 # always a fresh head for the task, even with the same class count
+        rate = config.drop_path if config.drop_path is not None else model.paper_drop_path
+        model.set_drop_path(rate)
         log(f"data: {config.vtab_task}, {len(train_set)} training images, {len(val_set) if val_set else 0} "
             f"validation, {len(test_set)} test; {classes} classes, {model.config.img_size} px")
         steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -158,7 +163,8 @@ class VisionTask(TaskKind):
                                 preprocess_logits_for_metrics=_logits_only),
             lr=config.lr, warmup_steps=math.ceil(config.warmup_epochs * steps_per_epoch),
             eval_steps=max(1, round(config.eval_epochs * steps_per_epoch)), metric="eval_acc",
-            describe={"model": config.model, "vtab_task": config.vtab_task, "split": config.split, "classes": classes},
+            describe={"model": config.model, "vtab_task": config.vtab_task, "split": config.split, "classes": classes,
+                      "drop_path": rate},
             test=test_set)
 
     def score_test(self, model, prepared: Prepared, config: VisionTrainConfig) -> dict:
