@@ -31,9 +31,9 @@ IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 # every method that applies to a language model, each at its first example, except those that cannot share:
-# full (trains everything), dora_p_x (alone on the X rows) and sdt (alone on A_log, and phased)
+# full (trains everything), DoRA (alone on its rows) and sdt (alone on A_log, and phased)
 ALL_AT_ONCE = [cls.examples[0].spec for name, cls in REGISTRY.items()
-               if name not in ("full", "dora_p_x", "sdt", "partial_cls_token", "partial_pos_embed")]
+               if name not in ("full", "sdt", "partial_cls_token", "partial_pos_embed") and not name.startswith("dora_")]
 
 
 def test_all_methods_at_once(tmp_path):
