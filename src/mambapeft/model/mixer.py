@@ -80,6 +80,19 @@ class PeftHook(nn.Module):
         """Extra state dimensions. x (b, L, E); A_log (E, N); B, C (b, L, N). Returns them with N' >= N states."""
         return A_log, B, C
 
+    def extend_initial(self, direction: int, h0: torch.Tensor) -> torch.Tensor:
+        """An initial state (E, N) made to cover the states `extend_state` adds (zeros there)."""
+        return h0
+
+    def initial_state(self, direction: int) -> torch.Tensor | None:
+        """A state (E, N) the scan of a fresh sequence starts from (initial-state tuning), or None (zeros)."""
+        return None
+
+    def state_offset(self, direction: int, C: torch.Tensor) -> torch.Tensor | None:
+        """A term added to the scan's output before the gate at every step (state-offset tuning): (b, L, E) or
+        broadcastable to it, from C (b, L, N) (the pretrained states' C), or None."""
+        return None
+
 
 def insert_tokens(t: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
     """Places `tokens` (n, w) at `positions` of the sequence t (b, L, w) made longer by n.
@@ -136,7 +149,7 @@ def _rms(t: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class MambaMixer(nn.Module, PeftMixerInterface):
-    peft_stages = frozenset({"before_in_proj", "after_in_proj", "extend_state"})
+    peft_stages = frozenset({"before_in_proj", "after_in_proj", "extend_state", "initial_state", "state_offset"})
 
     def __init__(
         self,
@@ -270,20 +283,38 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         dt_low, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)   # (b, L2, R | N | N)
         if self.bcdt_rms_eps is not None:
             dt_low, B, C = (_rms(t, self.bcdt_rms_eps) for t in (dt_low, B, C))
+        C_pretrained = C                                                            # state offsets read these
         for hook in self.hooks:
             A_log, B, C = hook.extend_state(direction, x, A_log, B, C)             # N -> n states
         dt = dt_proj(dt_low)                                                        # (b, L2, E)
         A = -torch.exp(A_log.float())                                               # (E, n)
 
+        fresh = state is None or state.ssm is None
+        h0 = self._initial_state(direction, x) if fresh else state.ssm             # (b, E, n) or None (zeros)
+        if fresh and h0 is not None and mask is not None:
+            # a learned initial state enters where the real tokens start: padding before them leaves it as it is
+            dt = dt.masked_fill(mask[:, :, None] == 0, -1e4)                        # softplus(-1e4) = 0: no decay
         out = selective_scan(
             x.mT, dt.mT, A, B.mT, C.mT, D=D.float(), z=z.mT, delta_softplus=True,
-            initial_state=state.ssm if state is not None else None,
-            return_last_state=state is not None,
+            initial_state=h0, return_last_state=state is not None,
         )
         if state is not None:
             out, state.ssm = out                                                    # (b, E, n)
         y = out.mT.to(x.dtype)                                                      # (b, L2, E)
+        offsets = [o for hook in self.hooks if (o := hook.state_offset(direction, C_pretrained)) is not None]
+        if offsets:
+            y = y + (sum(offsets) * F.silu(z)).to(y.dtype)                          # gated like the scan's output
         return drop_inserted(y, kept)                                               # soft tokens leave here
+
+    def _initial_state(self, direction: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The hooks' initial state for a fresh sequence, (b, E, n) with the added states' part zero, or None."""
+        starts = [h0 for hook in self.hooks if (h0 := hook.initial_state(direction)) is not None]
+        if not starts:
+            return None
+        h0 = sum(starts)                                                            # (E, N)
+        for hook in self.hooks:
+            h0 = hook.extend_initial(direction, h0)                                 # (E, n)
+        return h0.to(torch.promote_types(x.dtype, torch.float32)).expand(x.shape[0], -1, -1)
 
     def _causal_conv(self, conv1d: nn.Module, x: torch.Tensor, state: MixerState | None) -> torch.Tensor:
         """Depthwise conv over time that sees only the past; with a state, continues from its last inputs."""
