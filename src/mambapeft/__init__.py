@@ -3,6 +3,7 @@
 from .errors import CheckpointError, ConfigError, MambaPeftError
 from .model import (
     ARCHITECTURES,
+    Mamba2LM,
     MambaLM,
     MambaMixer,
     MambaState,
@@ -15,7 +16,7 @@ from .model import (
     save_pretrained,
     save_vim,
 )
-from .scan import selective_scan, selective_scan_reference
+from .scan import selective_scan, selective_scan_reference, ssd_scan, ssd_scan_reference
 
 __version__ = "0.1.0"
 
@@ -23,7 +24,7 @@ __all__ = [
     "ARCHITECTURES", "MambaLM", "MambaMixer", "MambaState", "MixerState", "PeftHook", "from_config",
     "from_pretrained", "save_pretrained", "selective_scan", "selective_scan_reference",
     "CheckpointError", "ConfigError", "MambaPeftError", "__version__",
-    "VisionMamba", "load_vim", "save_vim",
+    "VisionMamba", "load_vim", "save_vim", "Mamba2LM", "ssd_scan", "ssd_scan_reference",
 ]
 
 from .config import MethodSpec, PeftConfig  # noqa: E402

@@ -10,6 +10,8 @@ import torch
 from ..model.architectures import ALL_ARCHITECTURES, from_config
 from ..model.lm import MambaLM
 from ..model.loading import read_config, resolve_folder
+from ..model.mamba2 import Mamba2LM
+from ..model.mamba2_loading import is_mamba2_folder, read_mamba2_config
 from ..model.summary import MIXER_PARTS, architecture_summary, count_unique
 from ..model.vim import VimConfig, VisionMamba
 from ..model.vim_loading import looks_like_vim
@@ -36,9 +38,12 @@ def load_shapes(name: str):
                                       if k != "format"})
         return from_config(config, device="meta"), f"Vision Mamba checkpoint, {name}"
     folder = resolve_folder(name)
-    config, fmt = read_config(folder)
+    if is_mamba2_folder(folder):
+        (config, fmt), model_class = read_mamba2_config(folder), Mamba2LM
+    else:
+        (config, fmt), model_class = read_config(folder), MambaLM
     with torch.device("meta"):
-        model = MambaLM(config)
+        model = model_class(config)
     return model, f"checkpoint, {'Hugging Face' if fmt == 'hf' else 'mamba_ssm'} format, {folder}"
 
 
@@ -85,8 +90,13 @@ def run(args) -> int:
     print(f"{args.model}: {source}")
     print(f"  model_type   {summary['model_type']}")
     print(f"  d_model {summary['d_model']}   n_layer {summary['n_layer']}   vocab {summary['vocab_size']}")
-    print(f"  d_inner (E) {summary['d_inner']}   d_state (N) {summary['d_state']}   "
-          f"dt_rank (R) {summary['dt_rank']}   d_conv (K) {summary['d_conv']}")
+    if summary["model_type"] == "mamba2":
+        print(f"  d_inner (E) {summary['d_inner']}   heads (H) {summary['num_heads']} x head_dim (P) "
+              f"{summary['head_dim']}   groups (G) {summary['n_groups']}   d_state (N) {summary['d_state']}   "
+              f"d_conv (K) {summary['d_conv']}")
+    else:
+        print(f"  d_inner (E) {summary['d_inner']}   d_state (N) {summary['d_state']}   "
+              f"dt_rank (R) {summary['dt_rank']}   d_conv (K) {summary['d_conv']}")
     print(f"  bias: in/out_proj {yes[summary['use_bias']]}, conv1d {yes[summary['use_conv_bias']]};  "
           f"lm_head tied to embeddings: {yes[summary['tie_word_embeddings']]}")
     print(f"parameters     {p['total']:,}")

@@ -5,6 +5,8 @@ Formats read:
     "falcon_mamba") and model.safetensors (sharded or not) or pytorch_model.bin;
   * original mamba_ssm (e.g. state-spaces/mamba-130m): config.json with d_model, n_layer, vocab_size, ssm_cfg, ...
     and pytorch_model.bin whose embedding is named backbone.embedding (not embeddings).
+Mamba-2 folders (model_type "mamba2", or ssm_cfg {"layer": "Mamba2"}) load through the same `from_pretrained`
+into `Mamba2LM`; their configs are read by mamba2_loading.py, everything else here is shared.
 Every key and shape is checked: a missing, unexpected or misshapen tensor is an error that names it, never a
 silently random weight. Pickled .bin files are read with torch.load(weights_only=True): tensors only.
 """
@@ -48,6 +50,10 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
         from ..assets import BUILTIN_MODEL
 
         return BUILTIN_MODEL
+    if str(name_or_path) == "builtin-mamba2":           # the packaged tiny Mamba-2 (mambapeft/assets/tiny-mamba2)
+        from ..assets import BUILTIN_MAMBA2
+
+        return BUILTIN_MAMBA2
     name = str(name_or_path)
     if path.exists():
         raise CheckpointError(f"{name} is a file; pass the folder that holds config.json and the weights")
@@ -96,8 +102,8 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
 # ---------------------------------------------------------------- config
 
 
-def read_config(folder: Path):
-    """(transformers config, format) where format is "hf" or "mamba_ssm"."""
+def read_raw_config(folder: Path) -> tuple[dict, Path]:
+    """The parsed config.json of a checkpoint folder and its path; CheckpointError if missing or not a JSON object."""
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(
@@ -110,6 +116,12 @@ def read_config(folder: Path):
         raise CheckpointError(f"{file} is not valid JSON ({err}); the file is corrupt or truncated") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file} must hold a JSON object, it holds a {type(raw).__name__}")
+    return raw, file
+
+
+def read_config(folder: Path):
+    """(transformers config, format) where format is "hf" or "mamba_ssm"; Mamba-1 only (see mamba2_loading.py)."""
+    raw, file = read_raw_config(folder)
     model_type = raw.get("model_type")
     try:
         if model_type == "mamba":
@@ -123,7 +135,8 @@ def read_config(folder: Path):
     except Exception as err:  # transformers' own validation
         raise ConfigError(f"{file} is not a valid {model_type or 'mamba_ssm'} config: {err}") from None
     if model_type == "mamba2":
-        raise ConfigError(f"{file} describes a Mamba-2 model; mambapeft supports Mamba-1 (model_type 'mamba')")
+        raise ConfigError(f"{file} describes a Mamba-2 model: load it with mambapeft.from_pretrained, which "
+                          f"returns a Mamba2LM")
     described = f"a {model_type!r} model" if model_type else "no known model (no model_type, no d_model/n_layer)"
     raise ConfigError(
         f"{file} describes {described}, not Mamba-1. mambapeft loads Hugging Face Mamba checkpoints "
@@ -135,7 +148,8 @@ def _config_from_mamba_ssm(raw: dict, file: Path) -> MambaConfig:
     """mamba_ssm's MambaConfig dict -> transformers MambaConfig (vocab padded as mamba_ssm pads it)."""
     ssm = raw.get("ssm_cfg") or {}
     if ssm.get("layer", "Mamba1") != "Mamba1":
-        raise ConfigError(f"{file}: ssm_cfg.layer is {ssm['layer']!r}; mambapeft supports Mamba1 layers only")
+        raise ConfigError(f"{file}: ssm_cfg.layer is {ssm['layer']!r}; mambapeft supports Mamba1 and Mamba2 layers "
+                          f"only")
     if raw.get("d_intermediate", 0):
         raise ConfigError(f"{file}: d_intermediate > 0 (MLP layers between mixers) is not supported")
     if raw.get("attn_layer_idx"):
@@ -259,16 +273,23 @@ def load_state_dict_strict(model: MambaLM, state: dict, source: str) -> None:
 
 
 def from_pretrained(name_or_path, *, dtype: torch.dtype | str | None = torch.float32, device=None,
-                    revision: str | None = None, cache_dir=None, local_files_only: bool | None = None) -> MambaLM:
-    """Loads a Mamba-1 checkpoint (local folder or hub id; Hugging Face or mamba_ssm format) into `MambaLM`.
+                    revision: str | None = None, cache_dir=None, local_files_only: bool | None = None):
+    """Loads a Mamba checkpoint (local folder or hub id; Hugging Face or mamba_ssm format): Mamba-1 into
+    `MambaLM`, Mamba-2 into `Mamba2LM`.
 
     dtype: float32 by default (the CPU's fast type); "auto" keeps the checkpoint's dtype.
     """
+    from .mamba2 import Mamba2LM
+    from .mamba2_loading import is_mamba2_folder, read_mamba2_config
+
     folder = resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    config, _ = read_config(folder)
+    if is_mamba2_folder(folder):
+        (config, _), model_class = read_mamba2_config(folder), Mamba2LM
+    else:
+        (config, _), model_class = read_config(folder), MambaLM
     state = read_state_dict(folder)
     with torch.device("meta"):
-        model = MambaLM(config)
+        model = model_class(config)
     load_state_dict_strict(model, state, str(folder))
     if dtype != "auto":
         model.to(dtype=dtype)
@@ -279,7 +300,8 @@ def from_pretrained(name_or_path, *, dtype: torch.dtype | str | None = torch.flo
 
 
 def save_pretrained(model: MambaLM, folder) -> None:
-    """config.json + model.safetensors that transformers' MambaForCausalLM and our from_pretrained both load."""
+    """config.json + model.safetensors that transformers' MambaForCausalLM (Mamba2ForCausalLM for a Mamba2LM)
+    and our from_pretrained both load."""
     state = model.state_dict()
     expected = {k for k in _base_keys(model)}
     if set(state) != expected:
@@ -299,5 +321,5 @@ def save_pretrained(model: MambaLM, folder) -> None:
 
 def _base_keys(model: MambaLM) -> set[str]:
     with torch.device("meta"):
-        plain = MambaLM(model.config)
+        plain = type(model)(model.config)       # MambaLM or Mamba2LM, without adapters
     return set(plain.state_dict())
