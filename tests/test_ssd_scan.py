@@ -94,13 +94,18 @@ def test_dt_limit_clamps_like_the_reference():
     assert not torch.allclose(y, ssd_scan(**inputs, dt_softplus=True), atol=1e-3)
 
 
-def test_gradcheck_float64():
-    """Finite differences on a tiny case, every input: float64 inputs run the chunked form in float64."""
-    inputs = make_inputs(batch=1, length=9, heads=4, head_dim=3, groups=2, d_state=2, dtype=torch.float64, seed=11)
-    args = [inputs[k].clone().requires_grad_() for k in NAMES]
+@pytest.mark.parametrize("initial, final", [(True, True), (False, False), (True, False), (False, True)])
+def test_gradcheck_float64(initial, final):
+    """Finite differences on a tiny case, every input: float64 inputs run the chunked form in float64. With and
+    without an initial and a final state (the chunked form then skips the first chunk's entering state, or the
+    last chunk's added state)."""
+    inputs = make_inputs(batch=2, length=9, heads=4, head_dim=3, groups=2, d_state=2, initial=initial,
+                         dtype=torch.float64, seed=11)
+    names = [k for k in NAMES if k in inputs]
+    args = [inputs[k].clone().requires_grad_() for k in names]
 
     def scan(*a):
-        return ssd_scan(**dict(zip(NAMES, a)), dt_softplus=True, return_final_states=True)
+        return ssd_scan(**dict(zip(names, a)), dt_softplus=True, return_final_states=final)
 
     old = ssd._CHUNK
     try:
@@ -116,6 +121,23 @@ def test_state_passing_gradcheck():
     decay = torch.rand(2, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
     initial = torch.randn(2, 3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(ssd.PassStates.apply, (added, decay, initial))
+
+
+@pytest.mark.parametrize("length", [1, 64, 65, 200])
+@pytest.mark.parametrize("initial", [True, False])
+def test_output_alone_without_final_state(length, initial):
+    """The training path: no final state asked for (the last chunk's added state is skipped)."""
+    inputs = make_inputs(length=length, groups=3, initial=initial, seed=length + 1)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    leaves_ref = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y = ssd_scan(**leaves, dt_softplus=True)
+    y_ref = ssd_scan_reference(**leaves_ref, dt_softplus=True)
+    w = torch.randn(y.shape, dtype=torch.float64)
+    (y.double() * w).sum().backward()
+    (y_ref * w).sum().backward()
+    assert_rel_close(y, y_ref, what="y")
+    for name in inputs:
+        assert_rel_close(leaves[name].grad, leaves_ref[name].grad, what=f"grad of {name}")
 
 
 def test_final_state_alone_and_partial_requires_grad():

@@ -25,7 +25,8 @@ one number, exp(sum of dt*A between them), so inside a chunk of Q steps the recu
 the one numerical trap is the differences cs_t - cs_s of long cumulative sums, which lose digits in float32 when
 dt*A is large, so the cumulative sums and their differences are taken in float64 (tensors of size b*L*H and
 b*L*H*Q, small next to the matmuls) and only the finished exponents are rounded to float32. Gradients come from
-autograd through these operations, so they are the exact gradients of the same arithmetic.
+autograd through these operations (the sequential state passing has a hand-written backward, `PassStates`), so
+they are the exact gradients of the same arithmetic.
 """
 
 from __future__ import annotations
@@ -105,45 +106,49 @@ def choose_ssd_backend(x: torch.Tensor, backend: str | None = None) -> str:
 
 
 class PassStates(torch.autograd.Function):
-    """The sequential part of the chunked scan: state <- decay_c * state + added_c, chunk after chunk.
+    """The sequential part of the chunked scan: after_c = decay_c * after_{c-1} + added_c, with after_{-1} = initial.
 
-    added (b, c, ..., P, N); decay (b, c, ...); initial (b, ..., P, N). Returns the state entering every chunk
-    (b, c, ..., P, N) and the final state. Written by hand because the states are the largest tensors of the
-    scan: autograd through a Python loop would keep a second copy of them and build its gradient from c pieces;
-    here the forward writes them once into one tensor and the backward is one reverse loop.
+    added (b, n, ..., P, N); decay (b, n, ...); initial (b, ..., P, N). Returns the state after every chunk
+    (b, n, ..., P, N). Written by hand because the states are the largest tensors of the scan: autograd through a
+    Python loop would keep a second copy of them and assemble its gradient from n pieces; here the forward writes
+    them once into one tensor and the backward is one reverse loop.
     """
 
     @staticmethod
     def forward(ctx, added, decay, initial):
-        entering = torch.empty_like(added)
+        after = torch.empty_like(added)
         state = initial
         for c in range(added.shape[1]):
-            entering[:, c] = state
-            state = torch.addcmul(added[:, c], decay[:, c, ..., None, None], state)
+            state = torch.addcmul(added[:, c], decay[:, c, ..., None, None], state, out=after[:, c])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(decay, entering)
-        return entering, state
+        ctx.save_for_backward(decay, after, initial)
+        return after
 
     @staticmethod
-    def backward(ctx, grad_entering, grad_final):
-        decay, entering = ctx.saved_tensors
-        # g_added[:, c] = dLoss/d(state after chunk c), filled from the last chunk back
-        g_added = torch.empty_like(entering)
-        g = grad_final if grad_final is not None else entering.new_zeros(entering[:, 0].shape)
-        for c in range(entering.shape[1] - 1, -1, -1):
+    def backward(ctx, grad_after):
+        decay, after, initial = ctx.saved_tensors
+        if grad_after is None:
+            return None, None, None
+        # g_added[:, c] = dLoss/d(after_c): its own gradient plus what flows back through the next chunk's decay
+        g_added = torch.empty_like(after)
+        g = grad_after[:, -1]
+        for c in range(after.shape[1] - 1, -1, -1):
+            if c < after.shape[1] - 1:
+                g = torch.addcmul(grad_after[:, c], decay[:, c + 1, ..., None, None], g)
             g_added[:, c] = g
-            g = decay[:, c, ..., None, None] * g                   # through the decay: the state entering chunk c
-            if grad_entering is not None:
-                g = g + grad_entering[:, c]
-        g_decay = (g_added * entering).sum((-1, -2))                # (b, c, ...)
-        return g_added, g_decay, g
+        before = torch.cat([initial[:, None], after[:, :-1]], dim=1)                  # after_{c-1}
+        g_decay = (g_added * before).sum((-1, -2))                                  # (b, n, ...)
+        g_initial = decay[:, 0, ..., None, None] * g_added[:, 0] if ctx.needs_input_grad[2] else None
+        return g_added, g_decay, g_initial
 
 
-def ssd_chunked(x, dt, A, B, C, initial_states, chunk: int):
+def ssd_chunked(x, dt, A, B, C, initial_states, chunk: int, final_state: bool = True):
     """The core of the scan in chunks of `chunk` steps: no bias, softplus, D or gate (the caller applies them).
 
     x (b, L, H, P); dt (b, L, H), final step sizes; A (H,); B, C (b, L, G, N); initial_states (b, H, P, N) or None.
-    Returns y (b, L, H, P) and the final state (b, H, P, N), in x's dtype.
+    Returns y (b, L, H, P) and the final state (b, H, P, N) (None unless `final_state`), in x's dtype.
+    Work that cannot matter is skipped: without an initial state nothing enters the first chunk, and without
+    `final_state` the state the last chunk adds is never used.
     """
     b, length, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -160,9 +165,6 @@ def ssd_chunked(x, dt, A, B, C, initial_states, chunk: int):
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     seg = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf)      # (b, c, H, Q, Q) [t, s]
     decay_ts = seg.to(x.dtype).exp().view(b, nc, G, R, Q, Q)                          # exp(cs_t - cs_s), s <= t
-    decay_to_end = (cs[..., -1:] - cs).to(x.dtype).exp().view(b, nc, G, R, Q)         # exp(cs_Q - cs_s)
-    decay_from_start = cs.to(x.dtype).exp().view(b, nc, G, R, Q)                      # exp(cs_t)
-    decay_chunk = decay_from_start[..., -1]                                           # (b, c, G, R)
 
     xdt = (x * dt[..., None]).view(b, nc, Q, G, R, P).permute(0, 1, 3, 4, 2, 5)     # (b, c, G, R, Q, P)
     Bc = B.view(b, nc, Q, G, N).transpose(2, 3)[:, :, :, None]                       # (b, c, G, 1, Q, N)
@@ -172,19 +174,32 @@ def ssd_chunked(x, dt, A, B, C, initial_states, chunk: int):
     CB = Cc @ Bc.mT                                                                   # (b, c, G, 1, Q, Q)
     y = (decay_ts * CB) @ xdt                                                         # (b, c, G, R, Q, P)
 
-    # 2. the state each chunk adds by its end
-    added = (xdt * decay_to_end[..., None]).mT @ Bc                                   # (b, c, G, R, P, N)
+    # 2. the state each chunk adds by its end, for the chunks whose state is used (n of them)
+    n = nc if final_state else nc - 1
+    initial = initial_states.view(b, G, R, P, N).to(x.dtype) if initial_states is not None else None
+    if n == 0 and initial is None:
+        return y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * Q, H, P)[:, :length], None
+    cs_n = cs[:, :n]
+    decay_to_end = (cs_n[..., -1:] - cs_n).to(x.dtype).exp().view(b, n, G, R, Q)      # exp(cs_Q - cs_s)
+    added = (xdt[:, :n] * decay_to_end[..., None]).mT @ Bc[:, :n]                    # (b, n, G, R, P, N)
 
-    # 3. the states entering each chunk, passed along sequentially
-    initial = (initial_states.view(b, G, R, P, N).to(x.dtype) if initial_states is not None
-               else x.new_zeros(b, G, R, P, N))
-    entering, state = PassStates.apply(added, decay_chunk, initial)                   # (b, c, G, R, P, N)
+    # 3. the state after each chunk, passed along sequentially
+    decay_chunk = cs_n[..., -1].to(x.dtype).exp().view(b, n, G, R)                   # exp(cs_Q)
+    start = initial if initial is not None else x.new_zeros(b, G, R, P, N)
+    after = PassStates.apply(added, decay_chunk, start) if n else start[:, None][:, :0]  # (b, n, G, R, P, N)
 
-    # 4. what the entering state contributes to each output
-    y = y + (Cc @ entering.mT) * decay_from_start[..., None]                         # (b, c, G, R, Q, P)
+    # 4. what the state entering each chunk contributes to its outputs: exp(cs_t) C_t . h_start
+    entering = after[:, : nc - 1]                                                     # into chunks 1 .. nc-1
+    first = 1
+    if initial is not None:
+        entering, first = torch.cat([initial[:, None], entering], dim=1), 0
+    decay_from_start = cs[:, first:].to(x.dtype).exp().view(b, nc - first, G, R, Q)   # exp(cs_t)
+    y_off = (Cc[:, first:] @ entering.mT) * decay_from_start[..., None]              # (b, nc-first, G, R, Q, P)
+    y = torch.cat([y[:, :first], y[:, first:] + y_off], dim=1) if first else y + y_off
 
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * Q, H, P)
-    return y[:, :length], state.reshape(b, H, P, N)
+    last = after[:, -1].reshape(b, H, P, N) if final_state else None
+    return y[:, :length], last
 
 
 def ssd_scan(
@@ -236,7 +251,8 @@ def ssd_scan(
         y = x_c.new_zeros(x.shape)
         last = s0 if s0 is not None else x_c.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[3])
     else:
-        y, last = ssd_chunked(x_c, dt_c, A.to(compute), B.to(compute), C.to(compute), s0, chunk_length(x.shape[1]))
+        y, last = ssd_chunked(x_c, dt_c, A.to(compute), B.to(compute), C.to(compute), s0, chunk_length(x.shape[1]),
+                              final_state=return_final_states)
     if D is not None:
         D_c = D.to(compute)
         y = y + x_c * (D_c[:, None] if D.dim() == 1 else D_c)
