@@ -41,7 +41,7 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
 
     A short architecture name ("mamba-130m") stands for its official hub id ("state-spaces/mamba-130m-hf").
     """
-    from .architectures import ARCHITECTURES, HUB_IDS
+    from .architectures import ARCHITECTURES, HUB_IDS, MAMBA2_ARCHITECTURES
 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -64,11 +64,12 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
     if "/" not in name:
         import difflib
 
-        close = difflib.get_close_matches(name.lower(), ARCHITECTURES, n=1)
+        known = [*ARCHITECTURES, *MAMBA2_ARCHITECTURES]
+        close = difflib.get_close_matches(name.lower(), known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise CheckpointError(
             f"{name!r} is not a folder, a known architecture{hint} or a hub id of the form owner/name; "
-            f"known architectures: {', '.join(ARCHITECTURES)}"
+            f"known architectures: {', '.join(known)}"
         )
 
     from huggingface_hub import snapshot_download
