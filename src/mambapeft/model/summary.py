@@ -23,7 +23,8 @@ def architecture_summary(model: MambaLM) -> dict:
     first = model.backbone.layers[0]
     mixer = first.mixer
     mamba2 = config.model_type == "mamba2"
-    per_layer = {part: sum(p.numel() for p in getattr(mixer, part).parameters()) if part not in ("A_log", "D", "dt_bias")
+    tensors = ("A_log", "D", "dt_bias")     # parameters themselves, not modules
+    per_layer = {part: sum(p.numel() for p in getattr(mixer, part).parameters()) if part not in tensors
                  else getattr(mixer, part).numel() for part in (MAMBA2_MIXER_PARTS if mamba2 else MIXER_PARTS)}
     if mamba2:                       # the mixer's own (gated) norm; "norm" below is the block's
         per_layer["gated_norm"] = per_layer.pop("norm")
