@@ -33,7 +33,8 @@ IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 # every method that applies to a language model, each at its first example, except those that cannot share:
 # full (trains everything), DoRA (alone on its rows) and sdt (alone on A_log, and phased)
 ALL_AT_ONCE = [cls.examples[0].spec for name, cls in REGISTRY.items()
-               if name not in ("full", "sdt", "partial_cls_token", "partial_pos_embed") and not name.startswith("dora_")]
+               if name not in ("full", "sdt", "partial_cls_token", "partial_pos_embed", "partial_norm")
+               and not name.startswith("dora_")]
 
 
 def test_all_methods_at_once(tmp_path):
@@ -57,7 +58,7 @@ def test_all_methods_at_once(tmp_path):
     assert torch.equal(generated, tokens)
     merged = loaded.merge_and_unload().eval()
     assert_rel_close(merged(IDS).logits, expected, tol=1e-5, what="all at once")
-    assert {m.name for m in merged.methods} == {"parallel_adapter", "prompt", "affix"}
+    assert {m.name for m in merged.methods} == {"parallel_adapter", "prompt", "affix", "initial_state", "state_offset"}
 
 
 def test_parameter_groups_carry_method_settings():

@@ -197,3 +197,89 @@ def test_the_default_search_space_offers_them_and_a_search_runs_with_them(tmp_pa
     result = run_search(small, objective, settings)
     assert any({"initial_state", "state_offset"} <= r for r in ran)
     assert open_study(settings, open_storage(settings), 2).get_trials()[0].user_attrs["methods"] == result.combination
+
+
+# ------------------------------------------------------------------ Mamba-2: (H, P, N) states, offsets before the norm
+
+
+def mamba2_reference(mixer, h, h0=None, offset=None):
+    """The Mamba-2 mixer in float64 from its formula, one step at a time: s_t = exp(dt A_h) s + dt x_t B_t^T per head,
+    y_t = C_t s_t + D x_t (+ C_t h' or + y'), then the gated RMSNorm and out_proj."""
+    E, H, G, N, P = mixer.d_inner, mixer.num_heads, mixer.n_groups, mixer.d_state, mixer.head_dim
+    zxbcdt = F.linear(f64(h), f64(mixer.in_proj.weight))
+    z, xBC, dt = zxbcdt.split([E, E + 2 * G * N, H], dim=-1)
+    L = h.shape[1]
+    conv = mixer.conv1d
+    xBC = F.silu(F.conv1d(xBC.mT, f64(conv.weight), f64(conv.bias), padding=mixer.d_conv - 1,
+                          groups=xBC.shape[-1])[..., :L]).mT
+    x, B, C = xBC.split([E, G * N, G * N], dim=-1)
+    x = x.unflatten(-1, (H, P))
+    B = B.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)                   # (b, L, H, N)
+    C = C.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)
+    dt = F.softplus(dt + f64(mixer.dt_bias))                                        # (b, L, H)
+    A = -torch.exp(f64(mixer.A_log))
+    b = h.shape[0]
+    s = torch.zeros(b, H, P, N, dtype=torch.float64) if h0 is None else f64(h0).expand(b, -1, -1, -1).clone()
+    ys = []
+    for t in range(L):
+        s = torch.exp(dt[:, t] * A)[..., None, None] * s + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]
+        y = (s * C[:, t, :, None]).sum(-1) + f64(mixer.D)[:, None] * x[:, t]
+        if offset is not None and offset[0] == "h":
+            y = y + (f64(offset[1]) * C[:, t, :, None]).sum(-1)
+        if offset is not None and offset[0] == "y":
+            y = y + f64(offset[1])
+        ys.append(y.flatten(-2))
+    y = torch.stack(ys, 1) * F.silu(z)                                               # gated RMSNorm, one group here
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + mixer.norm.eps) * f64(mixer.norm.weight)
+    return F.linear(y, f64(mixer.out_proj.weight))
+
+
+@pytest.mark.parametrize("spec", ["initial_state", "state_offset", "state_offset:variant=y"])
+def test_mamba2_state_methods_are_their_formulas(spec):
+    model = mambapeft.from_config("mamba2-tiny", seed=0)
+    peft = get_peft_model(model, [spec]).double().eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in peft.base_model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.3)
+    mixer = peft.base_model.peft_mixers()[0]
+    value = hook_of(mixer).values[0]
+    assert value.shape == ((mixer.num_heads, mixer.head_dim) if "=y" in spec else mixer.state_shape)
+    h = torch.randn(2, 9, mixer.d_model, dtype=torch.float64)
+    if spec == "initial_state":
+        expected = mamba2_reference(mixer, h, h0=value)
+    else:
+        expected = mamba2_reference(mixer, h, offset=("y" if "=y" in spec else "h", value))
+    with torch.no_grad():
+        assert_rel_close(mixer(h), expected, tol=1e-7, what=spec)
+        assert not torch.allclose(expected, mamba2_reference(mixer, h))
+
+
+def test_mamba2_states_with_additional_scan_merge_pad_and_generate():
+    """initial_state + state_offset + additional_scan on Mamba-2: merging grows the state (H0 and h' pad with zeros,
+    exactly), left padding leaves the outputs, and decoding equals the full forwards."""
+    peft = get_peft_model(mambapeft.from_config("mamba2-tiny", seed=0),
+                          ["initial_state", "state_offset", "additional_scan:n=3,location=bottom"])
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in peft.base_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    peft.eval()
+    ids = torch.randint(1, 1000, (1, 8))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
+    with torch.no_grad():
+        alone = peft(ids).logits
+        assert_rel_close(peft(padded, attention_mask=mask).logits[:, 4:], alone, tol=1e-5, what="left padding")
+    tokens = ids[:, :4]
+    generated = peft.generate(tokens, max_new_tokens=4, eos_token_id=None)
+    with torch.no_grad():
+        for _ in range(4):
+            tokens = torch.cat([tokens, peft(tokens).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, tokens)
+    kept = peft.merge_and_unload().eval()
+    assert kept.base_model.peft_mixers()[0].d_state == 16 + 3
+    with torch.no_grad():
+        assert_rel_close(kept(ids).logits, alone, tol=1e-5, what="merged")

@@ -58,15 +58,19 @@ class StateTensors(PeftHook):
         self.values = nn.ParameterList(nn.Parameter(torch.zeros(*shape, device=like.device, dtype=like.dtype))
                                        for _ in range(mixer.num_directions))
 
+    @torch.no_grad()
+    def grow_state(self, direction, n, top):
+        if self.role in ("initial", "h"):
+            old = self.values[direction]
+            zeros = old.new_zeros(*old.shape[:-1], n)
+            self.values[direction] = nn.Parameter(torch.cat([zeros, old] if top else [old, zeros], -1),
+                                                  requires_grad=old.requires_grad)
+
     def initial_state(self, direction):
         return self.values[direction] if self.role == "initial" else None
 
-    def state_offset(self, direction, C):
-        if self.role == "h":
-            return C @ self.values[direction].mT.to(C.dtype)                    # (b, L, N) @ (N, E) -> (b, L, E)
-        if self.role == "y":
-            return self.values[direction].to(C.dtype)                           # (E,), broadcast over (b, L, E)
-        return None
+    def state_offset(self, direction):
+        return (self.role, self.values[direction]) if self.role in ("h", "y") else None
 
 
 class StateMethod(Method):
@@ -80,7 +84,7 @@ class StateMethod(Method):
         raise NotImplementedError
 
     def shape(self, mixer) -> tuple[int, ...]:
-        return (mixer.d_inner,) if self.role() == "y" else (mixer.d_inner, mixer.d_state)
+        return mixer.channel_shape if self.role() == "y" else mixer.state_shape
 
     def check(self, model):
         for mixer in model.peft_mixers():
@@ -93,6 +97,9 @@ class StateMethod(Method):
             mixer.hooks.append(hook)
             self.hooks.append(hook)
         return [t for hook in self.hooks for t in hook.values]
+
+    def collapse(self, model, tensors):
+        return [t for hook in self.hooks for t in hook.values]      # grown, if additional scan was merged
 
 
 @register
