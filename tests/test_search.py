@@ -8,13 +8,21 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 
 import optuna
 import pytest
 
 from mambapeft.assets import builtin_split
 from mambapeft.cli.main import main
-from mambapeft.search.hybrid import SearchSettings, open_storage, open_study
+from mambapeft.search.hybrid import (
+    SearchSettings,
+    SurplusTrial,
+    check_not_surplus,
+    fail_orphans,
+    open_storage,
+    open_study,
+)
 
 SPACE = {
     "step1": {"trials": 3, "methods": {"lora_p_x": {"r": 2}, "partial_d": {}, "lora_out_proj": {"r": 2}}},
@@ -134,3 +142,33 @@ def test_two_workers_complete_one_study(setup, tmp_path):
     assert optuna.trial.TrialState.RUNNING not in final
     workers = {t.user_attrs.get("worker") for t in finished if "worker" in t.user_attrs}
     assert len(workers) == 2                          # both processes ran trials of the same study
+
+
+def test_orphans_are_failed_once_and_retried_with_the_same_parameters(tmp_path):
+    """Without training: a trial whose worker died before its first heartbeat (Optuna's stale check skips it) is
+    failed after the grace period and retried with its parameters but without the dead worker's name; a trial
+    with a fresh heartbeat is left alone; a trial that starts when the step has its trials is surplus."""
+    settings = SearchSettings(storage=f"sqlite:///{tmp_path}/search.db", heartbeat_interval=1, grace_period=1)
+    study = open_study(settings, open_storage(settings), 1)
+    warnings.filterwarnings("ignore", "Heartbeat of storage")       # ask() outside optimize(), as a killed worker
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})       # RUNNING, never a heartbeat
+    orphan.set_user_attr("worker", "another-host:1")
+    alive = study.ask()
+    study._storage.record_heartbeat(alive._trial_id)
+    time.sleep(1.5)
+    study._storage.record_heartbeat(alive._trial_id)
+    fail_orphans(study, 1)
+    fail_orphans(study, 1)                            # a second look (another worker's) changes nothing
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[2].system_attrs["failed_trial"] == 0 and trials[2].params == trials[0].params
+    assert "worker" not in trials[2].user_attrs
+    study.tell(alive, 0.5)
+    retry = study.ask()                              # the waiting retry: it takes the failed trial's place
+    assert retry.number == 2 and retry.params == trials[0].params
+    check_not_surplus(retry, 2)
+    late = study.ask()                               # trial 3, while 1 is complete and 2 runs: one too many
+    with pytest.raises(SurplusTrial):
+        check_not_surplus(late, 2)
+    assert late.user_attrs == {"surplus": True}
+    check_not_surplus(late, 3)
