@@ -12,7 +12,9 @@ Both steps are Optuna studies in one storage (a URL; default a SQLite file in th
 `<name>-step1` and `<name>-step2`. Any number of worker processes, on one machine or many, may run `run_search`
 on the same storage at once. Each running trial sends a heartbeat; a trial whose worker died (killed, machine
 lost) is marked failed once its heartbeat is older than the grace period and is retried with the same
-parameters, so a restarted search loses no finished trial and leaves none stuck as running.
+parameters, so a restarted search loses no finished trial and leaves none stuck as running. Each step runs exactly
+its number of trials (one that two workers start at once is ended as surplus), and a step ends for every worker
+only when none of its trials runs, so all build step 2 on the same step 1.
 """
 
 from __future__ import annotations
