@@ -9,11 +9,14 @@ from .model import (
     MixerState,
     PeftHook,
     VisionMamba,
+    VMamba,
     from_config,
     from_pretrained,
     load_vim,
+    load_vmamba,
     save_pretrained,
     save_vim,
+    save_vmamba,
 )
 from .scan import selective_scan, selective_scan_reference
 
@@ -23,7 +26,7 @@ __all__ = [
     "ARCHITECTURES", "MambaLM", "MambaMixer", "MambaState", "MixerState", "PeftHook", "from_config",
     "from_pretrained", "save_pretrained", "selective_scan", "selective_scan_reference",
     "CheckpointError", "ConfigError", "MambaPeftError", "__version__",
-    "VisionMamba", "load_vim", "save_vim",
+    "VisionMamba", "load_vim", "save_vim", "VMamba", "load_vmamba", "save_vmamba",
 ]
 
 from .config import MethodSpec, PeftConfig  # noqa: E402

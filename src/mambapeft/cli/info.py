@@ -13,6 +13,8 @@ from ..model.loading import read_config, resolve_folder
 from ..model.summary import MIXER_PARTS, architecture_summary, count_unique
 from ..model.vim import VimConfig, VisionMamba
 from ..model.vim_loading import looks_like_vim
+from ..model.vmamba import VMamba, VMambaConfig
+from ..model.vmamba_loading import FORMAT as VMAMBA_FORMAT
 
 
 def add_parser(commands):
@@ -35,6 +37,10 @@ def load_shapes(name: str):
         config = VimConfig.from_dict({k: v for k, v in json.loads((Path(name) / "config.json").read_text()).items()
                                       if k != "format"})
         return from_config(config, device="meta"), f"Vision Mamba checkpoint, {name}"
+    if Path(name).is_dir() and (Path(name) / "config.json").is_file():
+        raw = json.loads((Path(name) / "config.json").read_text())
+        if isinstance(raw, dict) and raw.pop("format", None) == VMAMBA_FORMAT:
+            return from_config(VMambaConfig.from_dict(raw), device="meta"), f"VMamba checkpoint, {name}"
     folder = resolve_folder(name)
     config, fmt = read_config(folder)
     with torch.device("meta"):
@@ -60,8 +66,36 @@ def vim_summary(model: VisionMamba) -> dict:
     }
 
 
+def vmamba_summary(model: VMamba) -> dict:
+    c = model.config
+    return {
+        "model_type": "vmamba", "embed_dim": c.embed_dim, "depths": list(c.depths), "dims": c.dims,
+        "d_state": c.d_state, "ssm_ratio": c.ssm_ratio, "num_classes": c.num_classes,
+        "drop_path_rate": c.drop_path_rate,
+        "parameters": {
+            "total": count_unique(model.parameters()),
+            "without_head": count_unique(model.parameters()) - count_unique(model.classifier.head.parameters()),
+            "patch_embed": count_unique(model.patch_embed.parameters()),
+            **{f"stage_{i}": count_unique(stage.parameters()) for i, stage in enumerate(model.layers)},
+            "classifier_norm": count_unique(model.classifier.norm.parameters()),
+            "head": count_unique(model.classifier.head.parameters()),
+        },
+    }
+
+
 def run(args) -> int:
     model, source = load_shapes(args.model)
+    if isinstance(model, VMamba):
+        summary = {"model": args.model, "source": source, **vmamba_summary(model)}
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return 0
+        print(f"{args.model}: {source}")
+        print("  " + "   ".join(f"{k} {summary[k]}" for k in ("embed_dim", "depths", "d_state", "ssm_ratio",
+                                                             "num_classes", "drop_path_rate")))
+        for key, value in summary["parameters"].items():
+            print(f"  {key:<16} {value:,}")
+        return 0
     if isinstance(model, VisionMamba):
         summary = {"model": args.model, "source": source, **vim_summary(model)}
         if args.json:

@@ -13,6 +13,7 @@ from transformers import MambaConfig
 from ..errors import ConfigError
 from .lm import MambaLM
 from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba, build_vim
+from .vmamba import VMAMBA_ARCHITECTURES, VMamba, VMambaConfig, build_vmamba
 
 ARCHITECTURES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, vocab_size=1024),
@@ -23,8 +24,8 @@ ARCHITECTURES: dict[str, dict] = {
     "mamba-2.8b": dict(hidden_size=2560, num_hidden_layers=64),
 }
 HUB_IDS = {name: f"state-spaces/{name}-hf" for name in ARCHITECTURES if name != "tiny"}
-# every name from_config builds: the language ones above and the Vision Mamba ones of vim.py
-ALL_ARCHITECTURES = [*ARCHITECTURES, *VIM_ARCHITECTURES]
+# every name from_config builds: the language ones above, the Vision Mamba (vim.py) and VMamba (vmamba.py) ones
+ALL_ARCHITECTURES = [*ARCHITECTURES, *VIM_ARCHITECTURES, *VMAMBA_ARCHITECTURES]
 
 
 def arch_config(name: str, **overrides) -> MambaConfig:
@@ -35,20 +36,22 @@ def arch_config(name: str, **overrides) -> MambaConfig:
 
         close = difflib.get_close_matches(key, ARCHITECTURES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        if key in VIM_ARCHITECTURES:
-            raise ConfigError(f"{name!r} is a Vision Mamba architecture: build it with from_config({name!r})")
+        if key in VIM_ARCHITECTURES or key in VMAMBA_ARCHITECTURES:
+            raise ConfigError(f"{name!r} is a vision architecture: build it with from_config({name!r})")
         raise ConfigError(f"unknown architecture {name!r}{hint}; known: {', '.join(ALL_ARCHITECTURES)}")
     return MambaConfig(**{**ARCHITECTURES[key], **overrides})
 
 
-def from_config(config, *, device=None, dtype=None, seed: int | None = None) -> MambaLM | VisionMamba:
-    """A randomly initialised model from an architecture name ("mamba-130m", "tiny", "vim-small", ...) or a
-    MambaConfig or VimConfig.
+def from_config(config, *, device=None, dtype=None, seed: int | None = None) -> MambaLM | VisionMamba | VMamba:
+    """A randomly initialised model from an architecture name ("mamba-130m", "tiny", "vim-small", "vmamba-small",
+    ...) or a MambaConfig, VimConfig or VMambaConfig.
 
     device="meta" allocates nothing (shapes only), which makes even mamba-2.8b instant to build for counting.
     """
     if isinstance(config, VimConfig) or (isinstance(config, str) and config.lower() in VIM_ARCHITECTURES):
         return build_vim(config, device=device, dtype=dtype, seed=seed)
+    if isinstance(config, VMambaConfig) or (isinstance(config, str) and config.lower() in VMAMBA_ARCHITECTURES):
+        return build_vmamba(config, device=device, dtype=dtype, seed=seed)
     if isinstance(config, str):
         config = arch_config(config)
     if seed is not None and str(device) != "meta":
