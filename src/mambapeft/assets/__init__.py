@@ -2,6 +2,8 @@
 
     tiny-mamba/     Hugging Face Mamba checkpoint + tokenizer (scripts/pretrain_tiny_lm.py); `from_pretrained("builtin")`
     pydoc-topics/   train / validation / test JSON in LLM-Adapters' commonsense format (scripts/make_builtin_task.py)
+    tiny-vim/, tiny-vmamba/, vtab-tiny/   the vision defaults (scripts/pretrain_tiny_vim.py, pretrain_tiny_vmamba.py);
+                    `load_vim("tiny-vim")`, `load_vmamba("tiny-vmamba")`
 """
 
 from pathlib import Path
