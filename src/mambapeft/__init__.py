@@ -10,11 +10,14 @@ from .model import (
     MixerState,
     PeftHook,
     VisionMamba,
+    VMamba,
     from_config,
     from_pretrained,
     load_vim,
+    load_vmamba,
     save_pretrained,
     save_vim,
+    save_vmamba,
 )
 from .scan import selective_scan, selective_scan_reference, ssd_scan, ssd_scan_reference
 from .version import __version__
@@ -24,6 +27,7 @@ __all__ = [
     "from_pretrained", "save_pretrained", "selective_scan", "selective_scan_reference",
     "CheckpointError", "ConfigError", "MambaPeftError", "NotApplicable", "__version__",
     "VisionMamba", "load_vim", "save_vim", "Mamba2LM", "ssd_scan", "ssd_scan_reference",
+    "VMamba", "load_vmamba", "save_vmamba",
 ]
 
 from .config import MethodSpec, PeftConfig  # noqa: E402

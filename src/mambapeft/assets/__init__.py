@@ -4,6 +4,8 @@
     tiny-mamba2/    the same for Mamba-2, same text and tokenizer (scripts/pretrain_tiny_mamba2.py);
                     `from_pretrained("builtin-mamba2")`
     pydoc-topics/   train / validation / test JSON in LLM-Adapters' commonsense format (scripts/make_builtin_task.py)
+    tiny-vim/, tiny-vmamba/, vtab-tiny/   the vision defaults (scripts/pretrain_tiny_vim.py, pretrain_tiny_vmamba.py);
+                    `load_vim("tiny-vim")`, `load_vmamba("tiny-vmamba")`
 """
 
 from pathlib import Path

@@ -7,6 +7,7 @@ import json
 from ..model.factory import ALL_ARCHITECTURES, shapes_model
 from ..model.summary import architecture_summary, count_unique
 from ..model.vim import VisionMamba
+from ..model.vmamba import VMamba
 
 
 def add_parser(commands):
@@ -14,7 +15,7 @@ def add_parser(commands):
         "info",
         help="show a model's architecture and parameter counts",
         description="Show the architecture and parameter counts of a named architecture "
-        f"({', '.join(ALL_ARCHITECTURES)}), a built-in model (builtin, tiny-vim), a local checkpoint folder or a "
+        f"({', '.join(ALL_ARCHITECTURES)}), a built-in model (builtin, builtin-mamba2, tiny-vim, tiny-vmamba), a local checkpoint folder or a "
         "Hugging Face hub id. Reads only the config.",
     )
     parser.add_argument("model", nargs="?", default="tiny", help="architecture name, folder or hub id (default: tiny)")
@@ -40,8 +41,36 @@ def vim_summary(model: VisionMamba) -> dict:
     }
 
 
+def vmamba_summary(model: VMamba) -> dict:
+    c = model.config
+    return {
+        "model_type": "vmamba", "embed_dim": c.embed_dim, "depths": list(c.depths), "dims": c.dims,
+        "d_state": c.d_state, "ssm_ratio": c.ssm_ratio, "num_classes": c.num_classes,
+        "drop_path_rate": c.drop_path_rate,
+        "parameters": {
+            "total": count_unique(model.parameters()),
+            "without_head": count_unique(model.parameters()) - count_unique(model.classifier.head.parameters()),
+            "patch_embed": count_unique(model.patch_embed.parameters()),
+            **{f"stage_{i}": count_unique(stage.parameters()) for i, stage in enumerate(model.layers)},
+            "classifier_norm": count_unique(model.classifier.norm.parameters()),
+            "head": count_unique(model.classifier.head.parameters()),
+        },
+    }
+
+
 def run(args) -> int:
     model, source = shapes_model(args.model)
+    if isinstance(model, VMamba):
+        summary = {"model": args.model, "source": source, **vmamba_summary(model)}
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return 0
+        print(f"{args.model}: {source}")
+        print("  " + "   ".join(f"{k} {summary[k]}" for k in ("embed_dim", "depths", "d_state", "ssm_ratio",
+                                                             "num_classes", "drop_path_rate")))
+        for key, value in summary["parameters"].items():
+            print(f"  {key:<16} {value:,}")
+        return 0
     if isinstance(model, VisionMamba):
         summary = {"model": args.model, "source": source, **vim_summary(model)}
         if args.json:

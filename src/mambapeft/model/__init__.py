@@ -10,6 +10,8 @@ from .mamba2 import Mamba2LM, Mamba2Mixer, Mamba2MixerState
 from .mixer import DIRECTION_NAMES, MambaMixer, MixerState, PeftHook
 from .vim import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim, vim_config
 from .vim_loading import load_vim, save_vim
+from .vmamba import VMAMBA_ARCHITECTURES, VMamba, VMambaConfig, build_vmamba, vmamba_config
+from .vmamba_loading import load_vmamba, save_vmamba
 
 __all__ = [
     "ARCHITECTURES", "ALL_ARCHITECTURES", "HUB_IDS", "arch_config", "from_config", "shapes_model",
@@ -18,4 +20,5 @@ __all__ = [
     "DIRECTION_NAMES", "MambaMixer", "MixerState", "PeftHook",
     "MAMBA2_ARCHITECTURES", "mamba2_config", "Mamba2LM", "Mamba2Mixer", "Mamba2MixerState",
     "VIM_ARCHITECTURES", "VimConfig", "VimOutput", "VisionMamba", "build_vim", "vim_config", "load_vim", "save_vim",
+    "VMAMBA_ARCHITECTURES", "VMamba", "VMambaConfig", "build_vmamba", "vmamba_config", "load_vmamba", "save_vmamba",
 ]

@@ -1,8 +1,8 @@
 """Building and loading models by name, for every family: the one place front ends (CLI, training, search) ask.
 
-    from_config("mamba-130m" | "tiny" | "vim-small" | MambaConfig | VimConfig, device="meta")   random weights
+    from_config("mamba-130m" | "tiny" | "vim-small" | "vmamba-small" | a config, device="meta")   random weights
     shapes_model(name)        a meta-device model (no weights read) for any name `train` or `eval` accepts:
-                              an architecture, "builtin", "tiny-vim", a checkpoint folder or file, a hub id
+                              an architecture, a built-in model, a checkpoint folder or file, a hub id
 """
 
 from __future__ import annotations
@@ -18,21 +18,25 @@ from .architectures import ARCHITECTURES, MAMBA2_ARCHITECTURES, arch_config, mam
 from .lm import MambaLM
 from .mamba2 import Mamba2LM
 from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba, build_vim
+from .vmamba import VMAMBA_ARCHITECTURES, VMamba, VMambaConfig, build_vmamba
 
 # every name from_config builds, and the packaged pretrained models
-ALL_ARCHITECTURES = [*ARCHITECTURES, *MAMBA2_ARCHITECTURES, *VIM_ARCHITECTURES]
-BUILTIN_NAMES = ("builtin", "builtin-mamba2", "tiny-vim")
+ALL_ARCHITECTURES = [*ARCHITECTURES, *MAMBA2_ARCHITECTURES, *VIM_ARCHITECTURES, *VMAMBA_ARCHITECTURES]
+BUILTIN_NAMES = ("builtin", "builtin-mamba2", "tiny-vim", "tiny-vmamba")
 # every model family, by the small architecture that stands for it in checks (`mambapeft methods`, the conformance
 # test): adding a family is implementing model/interface.py and one line here
 FAMILIES = {"mamba": "mamba-micro", "mamba2": "mamba2-tiny", "vim": "vim-micro"}
 
 
-def from_config(config, *, device=None, dtype=None, seed: int | None = None) -> MambaLM | Mamba2LM | VisionMamba:
-    """A randomly initialised model from an architecture name ("mamba-130m", "mamba2-130m", "tiny", "vim-small", ...)
-    or a MambaConfig, Mamba2Config or VimConfig. device="meta" allocates nothing (shapes only): even mamba-2.8b builds
-    instantly."""
+def from_config(config, *, device=None, dtype=None,
+                seed: int | None = None) -> MambaLM | Mamba2LM | VisionMamba | VMamba:
+    """A randomly initialised model from an architecture name ("mamba-130m", "mamba2-130m", "tiny", "vim-small",
+    "vmamba-small", ...) or a MambaConfig, Mamba2Config, VimConfig or VMambaConfig. device="meta" allocates nothing
+    (shapes only): even mamba-2.8b builds instantly."""
     if isinstance(config, VimConfig) or (isinstance(config, str) and config.lower() in VIM_ARCHITECTURES):
         return build_vim(config, device=device, dtype=dtype, seed=seed)
+    if isinstance(config, VMambaConfig) or (isinstance(config, str) and config.lower() in VMAMBA_ARCHITECTURES):
+        return build_vmamba(config, device=device, dtype=dtype, seed=seed)
     if isinstance(config, str) and config.lower() in MAMBA2_ARCHITECTURES:
         config = mamba2_config(config)
     if isinstance(config, Mamba2Config):
@@ -86,6 +90,7 @@ def shapes_model(name: str):
     """(a meta-device model, where it came from) for an architecture name, a built-in model, a folder or a hub id."""
     from .loading import resolve_folder
     from .vim_loading import looks_like_vim, read_vim_shapes
+    from .vmamba_loading import looks_like_vmamba, read_vmamba_shapes
 
     if name.lower() in ALL_ARCHITECTURES:
         return from_config(name, device="meta"), "architecture (random weights)"
@@ -93,10 +98,12 @@ def shapes_model(name: str):
         raise ConfigError(f"unknown architecture {name!r}{did_you_mean(name.lower(), ALL_ARCHITECTURES)}; known: "
                           f"{', '.join(ALL_ARCHITECTURES)}; or a built-in model ({', '.join(BUILTIN_NAMES)}), a "
                           f"checkpoint folder or a hub id owner/name")
+    if looks_like_vmamba(name):        # before Vim: both families ship .pth files
+        return read_vmamba_shapes(name), f"VMamba checkpoint, {name}"
     if looks_like_vim(name):
         return read_vim_shapes(name), f"Vision Mamba checkpoint, {name}"
     if Path(name).expanduser().is_file():
-        raise ConfigError(f"{name} is a file: pass a checkpoint folder (or a Vision Mamba .pth)")
+        raise ConfigError(f"{name} is a file: pass a checkpoint folder (or a Vision Mamba or VMamba .pth)")
     folder = resolve_folder(name)
     config, fmt, model_class = language_config(folder)
     with torch.device("meta"):

@@ -69,7 +69,8 @@ class PeftHook(nn.Module):
 
         stage "embeddings": width d, in the model before the first block (prompt tuning);
         stage "before_in_proj": width d, shared by both directions (direction is 0);
-        stage "after_in_proj": width 2E ([X | Z]), asked once per direction.
+        stage "after_in_proj": width 2E ([X | Z]), asked once per direction;
+        stage "after_cross_scan" (VMamba's SS2D, vmamba.py): width E, asked once per scan direction k = 0..3.
         Returns None, or (tokens (n, width), positions (n,) long): where the tokens sit in the extended
         sequence of length `length + n`. `offset` counts the tokens the recurrent state has already seen (0 for
         a fresh sequence), so that a prefix is inserted once and not again at every generation step.
@@ -77,7 +78,9 @@ class PeftHook(nn.Module):
         return None
 
     def extend_state(self, direction: int, x: torch.Tensor, A_log: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
-        """Extra state dimensions. x (b, L, E); A_log (E, N); B, C (b, L, N). Returns them with N' >= N states."""
+        """Extra state dimensions. x (b, L, E); A_log (E, N); B, C (b, L, N). Returns them with N' >= N states.
+
+        Called once per direction: 0 and 1 for Vim, the four scan directions 0..3 for VMamba's SS2D."""
         return A_log, B, C
 
     def extend_initial(self, direction: int, h0: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ One time step at a time, straight from the recurrence of the Mamba paper:
     s_t = exp(delta_t * A) * s_{t-1} + delta_t * B_t * u_t
     y_t = <s_t, C_t> + D * u_t,        then y_t * silu(z_t)
 
-Autograd differentiates it, so it is also the oracle for the gradients. It is slow on purpose.
+B and C may also be grouped, (batch, G, N, L) as mamba_ssm accepts: channel e then uses group e // (E / G)
+(VMamba's four scan directions are four groups). Autograd differentiates it, so it is also the oracle for the
+gradients. It is slow on purpose.
 """
 
 from __future__ import annotations
@@ -35,15 +37,20 @@ def selective_scan_reference(
     if delta_softplus:
         delta = F.softplus(delta)
     batch, d_inner, length = u.shape
+    # B, C per channel: (b, E, N, L), whether given once for all channels (b, N, L) or per group (b, G, N, L)
+    if B.dim() == 3:
+        B, C = B[:, None], C[:, None]
+    B = B.repeat_interleave(d_inner // B.shape[1], dim=1)
+    C = C.repeat_interleave(d_inner // C.shape[1], dim=1)
     state = torch.zeros(batch, d_inner, A.shape[1], dtype=f64, device=u.device)
     if initial_state is not None:
         state = state + initial_state.to(f64)
     ys = []
     for t in range(length):
         decay = torch.exp(delta[:, :, t, None] * A)                                # (b, E, N)
-        drive = (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]       # (b, E, N)
+        drive = (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, :, :, t]          # (b, E, N)
         state = decay * state + drive
-        ys.append((state * C[:, None, :, t]).sum(-1))                              # (b, E)
+        ys.append((state * C[:, :, :, t]).sum(-1))                                 # (b, E)
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, d_inner, 0)
     if D is not None:
         y = y + u * D.to(f64)[:, None]
