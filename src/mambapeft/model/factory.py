@@ -1,6 +1,7 @@
 """Building and loading models by name, for every family: the one place front ends (CLI, training, search) ask.
 
-    from_config("mamba-130m" | "tiny" | "vim-small" | MambaConfig | VimConfig, device="meta")   random weights
+    from_config("mamba-130m" | "tiny" | "vim-small" | "s4d-theory" | MambaConfig | VimConfig | S4DConfig,
+                device="meta")   random weights
     shapes_model(name)        a meta-device model (no weights read) for any name `train` or `eval` accepts:
                               an architecture, "builtin", "tiny-vim", a checkpoint folder or file, a hub id
 """
@@ -14,21 +15,26 @@ import torch
 from ..errors import ConfigError, did_you_mean
 from .architectures import ARCHITECTURES, arch_config
 from .lm import MambaLM
+from .s4d import S4D_ARCHITECTURES, DeepS4D, S4DConfig, build_s4d
 from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba, build_vim
 
 # every name from_config builds, and the packaged pretrained models
 ALL_ARCHITECTURES = [*ARCHITECTURES, *VIM_ARCHITECTURES]
+ALL_ARCHITECTURES += [*S4D_ARCHITECTURES]
 BUILTIN_NAMES = ("builtin", "tiny-vim")
 # every model family, by the small architecture that stands for it in checks (`mambapeft methods`, the conformance
 # test): adding a family is implementing model/interface.py and one line here
 FAMILIES = {"mamba": "mamba-micro", "vim": "vim-micro"}
+FAMILIES["s4d"] = "s4d-micro"
 
 
-def from_config(config, *, device=None, dtype=None, seed: int | None = None) -> MambaLM | VisionMamba:
+def from_config(config, *, device=None, dtype=None, seed: int | None = None) -> MambaLM | VisionMamba | DeepS4D:
     """A randomly initialised model from an architecture name ("mamba-130m", "tiny", "vim-small", ...) or a
     MambaConfig or VimConfig. device="meta" allocates nothing (shapes only): even mamba-2.8b builds instantly."""
     if isinstance(config, VimConfig) or (isinstance(config, str) and config.lower() in VIM_ARCHITECTURES):
         return build_vim(config, device=device, dtype=dtype, seed=seed)
+    if isinstance(config, S4DConfig) or (isinstance(config, str) and config.lower() in S4D_ARCHITECTURES):
+        return build_s4d(config, device=device, dtype=dtype, seed=seed)
     if isinstance(config, str):
         if config.lower() not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {config!r}{did_you_mean(config.lower(), ALL_ARCHITECTURES)}; "
