@@ -54,7 +54,8 @@ class LowRankDelta(nn.Module):
 
     def update(self) -> torch.Tensor:
         if self.up.dim() == 3:                         # complex: (H, r) @ (r, N), back to real pairs
-            product = torch.complex(self.up[..., 0], self.up[..., 1]) @ torch.complex(self.down[..., 0], self.down[..., 1])
+            up, down = (torch.complex(t[..., 0], t[..., 1]) for t in (self.up, self.down))
+            product = up @ down
             return self.s * torch.stack([product.real, product.imag], dim=-1)
         return self.s * self.up @ self.down
 

@@ -230,8 +230,7 @@ class S4DSparseDimensionTuning:
                       for role in ("log_A_real", "A_imag")}                # under SDT's delta: the frozen tensors
             channels, states, usable = select(
                 *(now[role].value for role in ("C", "log_dt", "log_A_real", "A_imag")),
-                frozen["log_A_real"], frozen["A_imag"], horizon=self._horizon, usable_channels=n["usable_channels"], usable_states=n["usable_states"],
-                channels=n["channels"], states=n["states"])
+                frozen["log_A_real"], frozen["A_imag"], horizon=self._horizon, **n)
             selection.channels.copy_(channels)
             selection.states.copy_(states)
             selection.usable.copy_(usable)
@@ -256,7 +255,7 @@ class S4DSparseDimensionTuning:
 
     def explain_count(self) -> str:
         counts = {}
-        for mixer, selection, deltas, cols in self.layers:
+        for mixer, selection, _, cols in self.layers:
             k_c, k_s = selection.states.shape
             n = sizes(mixer.d_inner, mixer.d_state, self.config)
             key = (k_c, k_s, n["usable_channels"], n["usable_states"], cols.values.shape[0] if cols is not None else 0)
@@ -272,7 +271,7 @@ class S4DSparseDimensionTuning:
                 f"{dense:,}, not counted): " + "; ".join(parts) + f"; in all {self.trainable_after_setup():,}")
 
     def merge(self, model) -> None:
-        for mixer, _, deltas, cols in self.layers:
+        for mixer, _, _, cols in self.layers:
             for role in ROLES:
                 slot = mixer.tensors(role)[0]
                 parametrize.remove_parametrizations(slot.owner, slot.name, leave_parametrized=True)
