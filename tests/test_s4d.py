@@ -269,10 +269,13 @@ def hand_selection(layer, dense, horizon, u_c, u_s, k_c, k_s):
 
 def test_sdt_selection_equals_a_hand_computation():
     base = micro(dtype=torch.float64, d_model=7, d_state=6, n_layers=1)
-    peft = get_peft_model(base, ["sdt:warmup_steps=1,channel_fraction=0.3,state_fraction=0.34,"
-                                 "usable_channel_fraction=0.6,usable_state_fraction=0.5,horizon=9"])
     layer = base.layers[0]
     torch.manual_seed(7)
+    with torch.no_grad():          # steps and decays spread widely, so that the horizon reorders the states
+        layer.log_dt.uniform_(-3, 0)
+        layer.log_A_real.add_(torch.randn_like(layer.log_A_real))
+    peft = get_peft_model(base, ["sdt:warmup_steps=1,channel_fraction=0.3,state_fraction=0.34,"
+                                 "usable_channel_fraction=0.6,usable_state_fraction=0.5,horizon=9"])
     with torch.no_grad():
         dense = {name: getattr(layer.parametrizations, name)[0].dense for name in ("C", "log_A_real", "A_imag")}
         for t in dense.values():

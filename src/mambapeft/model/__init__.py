@@ -7,6 +7,7 @@ from .interface import PeftMixerInterface, PeftModelInterface, Projection, Tenso
 from .lm import MambaBlock, MambaLM, MambaLMOutput, MambaState, RMSNorm
 from .loading import from_pretrained, save_pretrained
 from .mixer import DIRECTION_NAMES, MambaMixer, MixerState, PeftHook
+from .s4d import S4D_ARCHITECTURES, DeepS4D, S4DConfig, S4DLayer, build_s4d
 from .vim import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim, vim_config
 from .vim_loading import load_vim, save_vim
 
@@ -17,3 +18,4 @@ __all__ = [
     "DIRECTION_NAMES", "MambaMixer", "MixerState", "PeftHook",
     "VIM_ARCHITECTURES", "VimConfig", "VimOutput", "VisionMamba", "build_vim", "vim_config", "load_vim", "save_vim",
 ]
+__all__ += ["S4D_ARCHITECTURES", "DeepS4D", "S4DConfig", "S4DLayer", "build_s4d"]

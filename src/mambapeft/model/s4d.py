@@ -136,11 +136,16 @@ def discretise(C: torch.Tensor, log_dt: torch.Tensor, log_A_real: torch.Tensor, 
 
 
 def s4d_kernel(C, log_dt, log_A_real, A_imag, length: int) -> torch.Tensor:
-    """K (H, L) = 2 Re sum_n C~[h, n] exp(dtA[h, n] l): the Vandermonde product of the authors' S4DKernel."""
+    """K (H, L) = 2 Re sum_n C~[h, n] exp(dtA[h, n] l): the Vandermonde product of the authors' S4DKernel.
+
+    Written in real arithmetic, exp(dtA l) = exp(Re(dtA) l) (cos + i sin)(Im(dtA) l): the same numbers as the complex
+    product, several times faster on a CPU (complex exp and complex batched products are slow paths there)."""
     dtA, C_tilde = discretise(C, log_dt, log_A_real, A_imag)
     steps = torch.arange(length, device=dtA.device, dtype=log_dt.dtype)
-    powers = torch.exp(dtA[..., None] * steps)                           # (H, N, L)
-    return 2 * torch.einsum("hn,hnl->hl", C_tilde, powers).real
+    decay = torch.exp(dtA.real[..., None] * steps)                       # (H, N, L)
+    angle = dtA.imag[..., None] * steps                                  # (H, N, L)
+    terms = C_tilde.real[..., None] * torch.cos(angle) - C_tilde.imag[..., None] * torch.sin(angle)
+    return 2 * (decay * terms).sum(1)                                    # (H, L)
 
 
 def fft_conv(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
