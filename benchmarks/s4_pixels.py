@@ -13,7 +13,7 @@ authors train them; + log_dt where they tune the SSM):
 
     head only        linear_probe
     head + D, dt, bias
-    LoRA (Proj)      lora_out_proj r 16
+    LoRA (Proj)      lora_out_proj r 16                     (and "LoRA (Proj) + dt", with log_dt as the SDT rows)
     LoRA (S4+Proj)   lora_ssm r 4 + lora_out_proj r 16
     SDT              sdt: 4 of 64 channels, 1 of 16 states (all usable), output columns, 1-epoch warm-up at lr 1e-2
     SDT + LoRA       the same sdt without the columns + lora_out_proj r 16
@@ -46,6 +46,8 @@ ROWS = {
     "head only": [HEAD],
     "head + D, dt, bias": [HEAD, *EXTRAS, "partial_log_dt"],
     "LoRA (Proj)": [HEAD, "lora_out_proj:r=16,s=1,dropout=0", *EXTRAS],
+    # not an authors' row: LoRA (Proj) with log_dt too, to tell what SDT's few SSM entries add beside dt
+    "LoRA (Proj) + dt": [HEAD, "lora_out_proj:r=16,s=1,dropout=0", *EXTRAS, "partial_log_dt"],
     "LoRA (S4+Proj)": [HEAD, "lora_ssm:r=4", "lora_out_proj:r=16,s=1,dropout=0", *EXTRAS, "partial_log_dt"],
     "SDT": [HEAD, SDT.replace("{out_proj}", "true"), *EXTRAS, "partial_log_dt"],
     "SDT + LoRA": [HEAD, SDT.replace("{out_proj}", "false"), "lora_out_proj:r=16,s=1,dropout=0", *EXTRAS,
@@ -154,7 +156,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (data split, head, order)")
     parser.add_argument("--seed", type=int, default=123, help="the pretraining seed")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", nargs="+", help="rows to run (default: all)")
+    parser.add_argument("--only", nargs="+", help="rows to run (default: all); the other rows of an existing .json "
+                        "made with the same settings are kept")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "s4_pixels.json"))
     args = parser.parse_args()
     setup_threads(args.threads)
@@ -164,7 +167,14 @@ def main() -> None:
     x, y = digits("column")
     splits = {seed: split(x, y, [5, 6, 7, 8, 9], seed=seed, test_fraction=0.5) for seed in range(args.seeds)}
     base = sum(t.numel() for t in pretrained["state"].values())
+    settings = {k: getattr(args, k) for k in ("epochs", "pretrain_epochs", "batch", "lr", "warmup_lr", "pretrain_lr",
+                                              "seeds", "seed")}
+    out = Path(args.out)
     rows = {}
+    if args.only and out.exists():
+        before = json.loads(out.read_text())
+        if before["settings"] == settings:
+            rows = {name: row for name, row in before["rows"].items() if name not in args.only}
     for name, specs in ROWS.items():
         if args.only and name not in args.only:
             continue
@@ -177,14 +187,12 @@ def main() -> None:
         print(f"{name:<20} {r['trainable']:>7,} ({r['percent']:5.1f}%)  test {r['test_accuracy_mean']:.1%} "
               f"± {r['test_accuracy_std']:.1%}  ({', '.join(f'{a:.1%}' for a in accs)})  "
               f"{sum(run['cpu_seconds'] for run in runs):.0f} s CPU", flush=True)
-    settings = {k: getattr(args, k) for k in ("epochs", "pretrain_epochs", "batch", "lr", "warmup_lr", "pretrain_lr",
-                                              "seeds", "seed")}
+    rows = {name: rows[name] for name in ROWS if name in rows}             # the table's order
     report = {"settings": settings, "machine": machine(), "base_parameters": base,
               "pretraining": {k: v for k, v in pretrained.items() if k != "state"},
               "fine_tuning": {"train": len(splits[0][0][1]), "test": len(splits[0][1][1])},
               "seconds": round(time.perf_counter() - start), "cpu_seconds": round(time.process_time() - cpu),
               "rows": rows}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out} in {report['seconds']} s ({report['cpu_seconds']} s of CPU)")
