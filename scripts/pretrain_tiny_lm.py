@@ -59,10 +59,12 @@ def mean_loss(model, stream: torch.Tensor, length: int, max_windows: int = 64) -
     return sum(model(w, labels=w).loss.item() for w in windows.split(16)) / len(windows.split(16))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "src/mambapeft/assets/tiny-mamba"), help="output folder")
-    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
+def parser(description: str, out: str, tokenizer_options: bool = True) -> argparse.ArgumentParser:
+    """The options of this script; scripts/pretrain_tiny_mamba2.py (which reuses the tokenizer) adds its own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help="output folder")
+    if tokenizer_options:
+        p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--d", type=int, default=128, help="model width")
     p.add_argument("--layers", type=int, default=4, help="number of Mamba blocks")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
@@ -71,33 +73,21 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (30 warm-up steps, cosine to 10%%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible, and fastest on a busy machine)")
-    args = p.parse_args(argv)
+    return p
 
-    from transformers import MambaConfig
 
-    from mambapeft import from_config
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    start = time.time()
-    documents = pretraining_documents()
-    tokenizer = train_tokenizer(documents, args.vocab)
+def token_streams(tokenizer, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pretraining token stream, held-out task text stream), documents separated by the end-of-text token."""
     eos = tokenizer.eos_token_id
     stream = []
     for doc in documents:
         stream += tokenizer(doc)["input_ids"] + [eos]
-    stream = torch.tensor(stream)
-    held_out = torch.tensor([t for ps in task_passages().values() for t in tokenizer(" ".join(ps))["input_ids"] + [eos]])
-    print(f"{len(documents)} documents, {sum(map(len, documents)):,} characters, {len(stream):,} tokens, "
-          f"vocab {len(tokenizer)}", flush=True)
+    held_out = [t for ps in task_passages().values() for t in tokenizer(" ".join(ps))["input_ids"] + [eos]]
+    return torch.tensor(stream), torch.tensor(held_out)
 
-    vocab = -(-len(tokenizer) // 8) * 8
-    config = MambaConfig(hidden_size=args.d, num_hidden_layers=args.layers, vocab_size=vocab,
-                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
-    model = from_config(config, seed=args.seed).train()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: d {args.d}, {args.layers} layers, vocab {vocab}, {n_params:,} parameters", flush=True)
 
+def pretrain(model, stream: torch.Tensor, held_out: torch.Tensor, args, start: float) -> None:
+    """The AdamW loop on random windows of the stream (warm-up, cosine to 10%, clipping at 1)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
@@ -131,6 +121,9 @@ def main(argv=None) -> None:
             print(f"step {step:4d}  loss {loss.item():.3f}  (smoothed {smoothed:.3f})  "
                   f"{time.time() - start:.0f}s", flush=True)
 
+
+def save_with_report(model, tokenizer, stream, held_out, args, argv, start: float, script: str, **extra) -> None:
+    """Saves model and tokenizer to args.out with pretraining.json (command, sizes, final losses, time)."""
     model.eval()
     train_loss = mean_loss(model, stream, args.length)
     held_loss = mean_loss(model, held_out, args.length)
@@ -138,8 +131,9 @@ def main(argv=None) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     report = {
-        "command": "python scripts/pretrain_tiny_lm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "python": sys.version.split()[0], "torch": torch.__version__, "parameters": n_params,
+        "command": f"python scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "python": sys.version.split()[0], "torch": torch.__version__,
+        "parameters": sum(p.numel() for p in model.parameters()), **extra,
         "pretraining_tokens": len(stream), "steps": args.steps, "batch": args.batch, "length": args.length,
         "lr": args.lr, "seed": args.seed, "final_train_loss": round(train_loss, 4),
         "held_out_task_text_loss": round(held_loss, 4), "wall_seconds": round(time.time() - start, 1),
@@ -147,6 +141,32 @@ def main(argv=None) -> None:
     (out / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
+
+def main(argv=None) -> None:
+    args = parser(__doc__, str(ROOT / "src/mambapeft/assets/tiny-mamba")).parse_args(argv)
+
+    from transformers import MambaConfig
+
+    from mambapeft import from_config
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = time.time()
+    documents = pretraining_documents()
+    tokenizer = train_tokenizer(documents, args.vocab)
+    eos = tokenizer.eos_token_id
+    stream, held_out = token_streams(tokenizer, documents)
+    print(f"{len(documents)} documents, {sum(map(len, documents)):,} characters, {len(stream):,} tokens, "
+          f"vocab {len(tokenizer)}", flush=True)
+
+    vocab = -(-len(tokenizer) // 8) * 8
+    config = MambaConfig(hidden_size=args.d, num_hidden_layers=args.layers, vocab_size=vocab,
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
+    model = from_config(config, seed=args.seed).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: d {args.d}, {args.layers} layers, vocab {vocab}, {n_params:,} parameters", flush=True)
+    pretrain(model, stream, held_out, args, start)
+    save_with_report(model, tokenizer, stream, held_out, args, argv, start, "pretrain_tiny_lm.py")
 
 if __name__ == "__main__":
     main()

@@ -25,20 +25,22 @@ def assert_rel_close(actual, expected, tol=1e-5, what=""):
 
 
 def twin_models(config, seed=0, jitter=0.1, embed_std=None):
-    """transformers' model for `config` with perturbed random weights, and ours with the same weights."""
-    from transformers import FalconMambaForCausalLM, MambaForCausalLM
+    """transformers' model for `config` with perturbed random weights, and ours with the same weights.
 
-    from mambapeft import MambaLM
+    Mamba, FalconMamba and Mamba-2 configs (ours is then MambaLM or Mamba2LM)."""
+    from transformers import FalconMambaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
+
+    from mambapeft import Mamba2LM, MambaLM
     from mambapeft.model.loading import load_state_dict_strict
 
     torch.manual_seed(seed)
-    cls = FalconMambaForCausalLM if config.model_type == "falcon_mamba" else MambaForCausalLM
+    cls = {"falcon_mamba": FalconMambaForCausalLM, "mamba2": Mamba2ForCausalLM}.get(config.model_type, MambaForCausalLM)
     hf = cls(config).eval()
     with torch.no_grad():
         for p in hf.parameters():      # no parameter left at a constant init (norms 1, D 1, ...)
             p.add_(torch.randn_like(p) * jitter)
         if embed_std is not None:
             hf.backbone.embeddings.weight.normal_(std=embed_std)
-    ours = MambaLM(config).eval()
+    ours = (Mamba2LM if config.model_type == "mamba2" else MambaLM)(config).eval()
     load_state_dict_strict(ours, hf.state_dict(), "test")
     return hf, ours

@@ -36,13 +36,13 @@ def jittered(model, seed):
 
 
 def load_in_transformers(folder):
-    from transformers import MambaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return MambaForCausalLM.from_pretrained(folder).eval()
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 # the family's reference implementation, loading a merged model saved with save_pretrained (where one exists)
-REFERENCES = {"mamba": load_in_transformers}
+REFERENCES = {"mamba": load_in_transformers, "mamba2": load_in_transformers}
 
 
 @dataclass

@@ -39,9 +39,10 @@ def applies_to_language_models(spec):
 
 
 # every method that applies to a language model, each at its first example, except those that cannot share:
-# full (trains everything), dora_p_x (alone on the X rows) and sdt (alone on A_log, and phased)
+# full (trains everything), DoRA (alone on its rows) and sdt (alone on A_log, and phased)
 ALL_AT_ONCE = [cls.examples[0].spec for name, cls in REGISTRY.items()
-               if name not in ("full", "dora_p_x", "sdt") and applies_to_language_models(cls.examples[0].spec)]
+               if name not in ("full", "sdt") and not name.startswith("dora_")
+               and applies_to_language_models(cls.examples[0].spec)]
 
 
 def test_all_methods_at_once(tmp_path):
@@ -65,7 +66,7 @@ def test_all_methods_at_once(tmp_path):
     assert torch.equal(generated, tokens)
     merged = loaded.merge_and_unload().eval()
     assert_rel_close(merged(IDS).logits, expected, tol=1e-5, what="all at once")
-    assert {m.name for m in merged.methods} == {"parallel_adapter", "prompt", "affix"}
+    assert {m.name for m in merged.methods} == {"parallel_adapter", "prompt", "affix", "initial_state", "state_offset"}
 
 
 def test_parameter_groups_carry_method_settings():

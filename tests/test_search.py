@@ -8,13 +8,21 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 
 import optuna
 import pytest
 
 from mambapeft.assets import builtin_split
 from mambapeft.cli.main import main
-from mambapeft.search.hybrid import SearchSettings, open_storage, open_study
+from mambapeft.search.hybrid import (
+    SearchSettings,
+    SurplusTrial,
+    check_not_surplus,
+    fail_orphans,
+    open_storage,
+    open_study,
+)
 
 SPACE = {
     "step1": {"trials": 3, "methods": {"lora_p_x": {"r": 2}, "partial_d": {}, "lora_out_proj": {"r": 2}}},
@@ -83,16 +91,18 @@ def test_killed_search_resumes_without_loss_or_duplicates(setup, tmp_path):
     proc = subprocess.Popen(command(setup, out, "--step1-trials", "4"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline:                     # kill it in its second trial, after one finished
-        time.sleep(0.5)
+    training = ("select state, exists(select 1 from trial_user_attributes a where a.trial_id = t.trial_id and "
+                "a.key = 'config') from trials t")
+    while time.time() < deadline:       # kill it in its second trial, after one finished, once it trains: its
+        time.sleep(0.5)                 # parameters are all chosen (a retry keeps those the dead trial had)
         if (out / "search.db").exists():
             with sqlite3.connect(out / "search.db") as db:
                 try:
-                    rows = db.execute("select state from trials").fetchall()
+                    rows = db.execute(training).fetchall()
                 except sqlite3.OperationalError:
                     continue
             done = sum(r[0] in ("COMPLETE", "PRUNED") for r in rows)
-            if done >= 1 and any(r[0] == "RUNNING" for r in rows):
+            if done >= 1 and any(r[0] == "RUNNING" and r[1] for r in rows):
                 break
     else:
         proc.kill()
@@ -130,7 +140,38 @@ def test_two_workers_complete_one_study(setup, tmp_path):
         assert proc.returncode == 0, output[-2000:]
     final, trials = states(out, 1)
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    assert 4 <= len(finished) <= 5                    # one study; at most one trial over when both start the last
-    assert optuna.trial.TrialState.RUNNING not in final
+    assert len(finished) == 4                         # one study, its trials exactly (if both start the last one,
+    assert optuna.trial.TrialState.RUNNING not in final   # the later is surplus: failed before training)
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state == optuna.trial.TrialState.FAIL)
     workers = {t.user_attrs.get("worker") for t in finished if "worker" in t.user_attrs}
     assert len(workers) == 2                          # both processes ran trials of the same study
+
+
+def test_orphans_are_failed_once_and_retried_with_the_same_parameters(tmp_path):
+    """Without training: a trial whose worker died before its first heartbeat (Optuna's stale check skips it) is
+    failed after the grace period and retried with its parameters but without the dead worker's name; a trial
+    with a fresh heartbeat is left alone; a trial that starts when the step has its trials is surplus."""
+    settings = SearchSettings(storage=f"sqlite:///{tmp_path}/search.db", heartbeat_interval=1, grace_period=1)
+    study = open_study(settings, open_storage(settings), 1)
+    warnings.filterwarnings("ignore", "Heartbeat of storage")       # ask() outside optimize(), as a killed worker
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})       # RUNNING, never a heartbeat
+    orphan.set_user_attr("worker", "another-host:1")
+    alive = study.ask()
+    study._storage.record_heartbeat(alive._trial_id)
+    time.sleep(1.5)
+    study._storage.record_heartbeat(alive._trial_id)
+    fail_orphans(study, 1)
+    fail_orphans(study, 1)                            # a second look (another worker's) changes nothing
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[2].system_attrs["failed_trial"] == 0 and trials[2].params == trials[0].params
+    assert "worker" not in trials[2].user_attrs
+    study.tell(alive, 0.5)
+    retry = study.ask()                              # the waiting retry: it takes the failed trial's place
+    assert retry.number == 2 and retry.params == trials[0].params
+    check_not_surplus(retry, 2)
+    late = study.ask()                               # trial 3, while 1 is complete and 2 runs: one too many
+    with pytest.raises(SurplusTrial):
+        check_not_surplus(late, 2)
+    assert late.user_attrs == {"surplus": True}
+    check_not_surplus(late, 3)

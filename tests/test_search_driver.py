@@ -102,7 +102,8 @@ def test_the_removed_method_is_left_out():
     trial = optuna.trial.FixedTrial({"remove": "partial_a", "lora_p_x.r": 12, "lora_p_x.s": 0.5,
                                      "lora_p_x.lr": 1e-3, "partial_a.weight_decay": 1e-4})
     score = step2_trial(space(), ["lora_p_x", "partial_a"], scored(calls), SearchSettings(prune=False))(trial)
-    assert calls == [[{"method": "lora_p_x", "r": 12, "s": 0.5, "dropout": 0.1, "lr": 1e-3, "weight_decay": None}]]
+    assert calls == [[{"method": "lora_p_x", "r": 12, "s": 0.5, "dropout": 0.1, "dropout_at": "input", "lr": 1e-3,
+                       "weight_decay": None}]]
     assert score == pytest.approx(1.0 + 0.12)
 
 

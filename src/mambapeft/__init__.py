@@ -3,6 +3,7 @@
 from .errors import CheckpointError, ConfigError, MambaPeftError, NotApplicable
 from .model import (
     ARCHITECTURES,
+    Mamba2LM,
     MambaLM,
     MambaMixer,
     MambaState,
@@ -15,14 +16,14 @@ from .model import (
     save_pretrained,
     save_vim,
 )
-from .scan import selective_scan, selective_scan_reference
+from .scan import selective_scan, selective_scan_reference, ssd_scan, ssd_scan_reference
 from .version import __version__
 
 __all__ = [
     "ARCHITECTURES", "MambaLM", "MambaMixer", "MambaState", "MixerState", "PeftHook", "from_config",
     "from_pretrained", "save_pretrained", "selective_scan", "selective_scan_reference",
     "CheckpointError", "ConfigError", "MambaPeftError", "NotApplicable", "__version__",
-    "VisionMamba", "load_vim", "save_vim",
+    "VisionMamba", "load_vim", "save_vim", "Mamba2LM", "ssd_scan", "ssd_scan_reference",
 ]
 
 from .config import MethodSpec, PeftConfig  # noqa: E402

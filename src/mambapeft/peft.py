@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .config import MethodSpec, PeftConfig
 from .errors import CheckpointError, ConfigError, NotApplicable
 from .methods import REGISTRY, Method
-from .model.architectures import ARCHITECTURES
+from .model.architectures import ARCHITECTURES, MAMBA2_ARCHITECTURES
 from .model.summary import count_unique
 from .version import __version__
 
@@ -33,9 +33,11 @@ FORMAT = "mambapeft-adapter"
 
 
 def guess_arch(model) -> str | None:
-    """The named architecture a model has the sizes of (for per-size preset learning rates), if any."""
+    """The named architecture a model has the sizes of (for per-size preset learning rates), if any: Mamba-1 names
+    for Mamba-1 models, Mamba-2 names for Mamba-2 ones."""
     config = getattr(model, "config", None)
-    for name, sizes in ARCHITECTURES.items():
+    tables = {"mamba": ARCHITECTURES, "falcon_mamba": ARCHITECTURES, "mamba2": MAMBA2_ARCHITECTURES}
+    for name, sizes in tables.get(getattr(config, "model_type", None), {}).items():
         if all(getattr(config, key, None) == value for key, value in sizes.items()):
             return name
     return None
@@ -318,7 +320,7 @@ def count_parameters(model_name: str, specs: list) -> dict:
 
     from .model.factory import shapes_model
 
-    arch = "builtin" if model_name == "builtin" else model_name.lower()
+    arch = "builtin" if model_name in ("builtin", "builtin-mamba2") else model_name.lower()
     model = shapes_model(model_name)[0]
     peft = get_peft_model(model, PeftConfig.parse(specs, arch=arch), arch=arch)
     notes = {str(spec): note for spec, method in zip(peft.peft_config.methods, peft.methods)

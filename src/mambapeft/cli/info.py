@@ -68,8 +68,13 @@ def run(args) -> int:
     print(f"{args.model}: {source}")
     print(f"  model_type   {summary['model_type']}")
     print(f"  d_model {summary['d_model']}   n_layer {summary['n_layer']}   vocab {summary['vocab_size']}")
-    print(f"  d_inner (E) {summary['d_inner']}   d_state (N) {summary['d_state']}   "
-          f"dt_rank (R) {summary['dt_rank']}   d_conv (K) {summary['d_conv']}")
+    if summary["model_type"] == "mamba2":
+        print(f"  d_inner (E) {summary['d_inner']}   heads (H) {summary['num_heads']} x head_dim (P) "
+              f"{summary['head_dim']}   groups (G) {summary['n_groups']}   d_state (N) {summary['d_state']}   "
+              f"d_conv (K) {summary['d_conv']}")
+    else:
+        print(f"  d_inner (E) {summary['d_inner']}   d_state (N) {summary['d_state']}   "
+              f"dt_rank (R) {summary['dt_rank']}   d_conv (K) {summary['d_conv']}")
     print(f"  bias: in/out_proj {yes[summary['use_bias']]}, conv1d {yes[summary['use_conv_bias']]};  "
           f"lm_head tied to embeddings: {yes[summary['tie_word_embeddings']]}")
     print(f"parameters     {p['total']:,}")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import __version__
 from ..errors import MambaPeftError
-from . import eval, info, methods, params, search, train
+from ..version import __version__
+from . import convert, eval, info, methods, params, search, train
 
-COMMANDS = (info, methods, params, train, eval, search)
+COMMANDS = (info, methods, params, train, eval, search, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,7 +54,8 @@ def add_parser(commands):
     parser.add_argument("--no-prune", action="store_true", help="do not stop trials early (= --pruner none)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (each extra worker offsets it)")
     parser.add_argument("--worker", action="store_true", help="only help run trials: no report, no final run")
-    parser.add_argument("--no-final", action="store_true", help="skip retraining the best configuration on the test data")
+    parser.add_argument("--no-final", action="store_true",
+                        help="skip retraining the best configuration on the test data")
     parser.add_argument("--no-baseline", action="store_true", help="skip training the task's default method with the "
                         "same final recipe (the comparison the summary line shows)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier search in --output-dir")
@@ -82,7 +83,7 @@ def load_run_config(path: str | None, task: str | None = None, trial_steps: int 
     trial = dict(trial or {})
     if trial_steps is not None:
         trial["max_steps"] = trial_steps
-        if "eval_steps" in {f for f in kind.Config.__dataclass_fields__}:
+        if "eval_steps" in kind.Config.__dataclass_fields__:
             trial.setdefault("eval_steps", max(1, trial_steps // 2))
     raw.pop("task", None)
     base = kind.resolve(raw, where=where)
@@ -146,7 +147,7 @@ def ready_folder(out: Path, settings: dict, overwrite: bool, log=print) -> None:
 
 
 def run(args) -> int:
-    from ..search.hybrid import SearchSettings, open_storage, open_study, run_search
+    from ..search.hybrid import SearchSettings, open_storage, open_study, run_search, study_name
     from ..search.objective import TrainingObjective, final_config
     from ..search.report import write_report
     from ..search.space import SearchSpace
@@ -184,7 +185,8 @@ def run(args) -> int:
         objective = TrainingObjective(base, tasks, out, trial=trial)
         print(f"search: {len(space.step1)} methods, {space.step1_trials} + {space.step2_trials} trials "
               f"({budget_text(trial)} each, pruner {pruner}); the winner then trains with the full recipe "
-              f"({budget_text(base)}); storage {storage_url} (study {args.study_name}); worker {worker()}")
+              f"({budget_text(base)}); storage {shown_url(storage_url)} (studies {study_name(args.study_name, 1)}, "
+              f"{study_name(args.study_name, 2)}); worker {worker()}", flush=True)
 
         def progress(step, done, total):
             print(f"step {step}: {done}/{total} trials finished", flush=True)
@@ -217,6 +219,17 @@ def run(args) -> int:
         print(f"report: {report}/trials.md, {report}/summary.json, {report}/importances.json, {report}/history.png, "
               f"{report}/pareto.png")
     return 0
+
+
+def shown_url(url: str) -> str:
+    """The storage URL as printed: a password in it is masked."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def worker() -> str:

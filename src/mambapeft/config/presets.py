@@ -38,13 +38,15 @@ def all_presets() -> dict[str, list[str]]:
     return presets
 
 
-def size_lr(method: str, arch: str | None) -> float | None:
-    """The learning rate of `method` on the named model size (Table 7, or the built-in model's column), if known."""
+def size_lr(method: str, arch: str | None, config=None) -> float | None:
+    """The learning rate of `method` (with `config`) on the named model size (Table 7, the released configs, or the
+    built-in model's column), if known."""
     cls = REGISTRY.get(method)
     if cls is None or arch is None:
         return None
-    if arch in cls.lr_by_size:
-        return cls.lr_by_size[arch]
+    rate = cls.size_lr(config if config is not None else cls.Config(), arch)
+    if rate is not None:
+        return rate
     if arch == "builtin" and cls.scaled_update:
         return BUILTIN_SCALED_LR
     return None

@@ -72,7 +72,7 @@ def expand_preset(name: str, arch: str | None = None) -> list[MethodSpec]:
         spec = MethodSpec.parse(text)
         spec.preset = name
         if spec.config.lr is None:
-            spec.config.lr = size_lr(spec.method, arch)
+            spec.config.lr = size_lr(spec.method, arch, spec.config)
         if (rank := size_rank(spec.method, arch)) is not None:
             spec.config.r = rank
         specs.append(spec)
@@ -83,7 +83,7 @@ def fill_size_rates(config: PeftConfig, arch: str | None) -> PeftConfig:
     """Without a run learning rate: every method with a rate for this model size (Table 7) gets it."""
     for spec in config.methods:
         if spec.config.lr is None:
-            spec.config.lr = size_lr(spec.method, arch)
+            spec.config.lr = size_lr(spec.method, arch, spec.config)
     return config
 
 

@@ -14,6 +14,11 @@ gradient of the method at zero for good: the new states and the C rows' gradient
 Merging grows the layers: A_log gets N + N' columns, x_proj's B and C blocks N + N' rows each and the config's
 state_size becomes N + N', a plain checkpoint of a slightly larger state that transformers loads as it is.
 Vision Mamba's mixers get one set per scan direction.
+
+Mamba-2 (`GroupExtraStates`): A is one scalar per head, so the added states share their head's A; each group gets
+N' more B and C channels, computed from in_proj's input by new in_proj rows and passed through a depthwise conv of
+their own (then SiLU), as the pretrained B and C are. The state becomes (H, P, N + N'). Merging adds those rows to
+in_proj's B and C blocks and those channels to conv1d, a plain Mamba-2 checkpoint of state size N + N'.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import NotApplicable
 from ..model.mixer import PeftHook
-from .base import TABLE9_DECAY, TABLE9_LR, Example, Method, MethodConfig, kaiming_, option, register
+from .base import TABLE9_DECAY, TABLE9_LR, Example, Method, MethodConfig, is_meta, kaiming_, option, register, unwrap
 
 
 @dataclass
@@ -71,6 +76,10 @@ class ExtraStates(PeftHook):
     def _join(self, old, new, dim):
         return torch.cat([new, old] if self.top else [old, new], dim=dim)
 
+    def extend_initial(self, direction, h0):
+        # (E, N) -> (E, N + N'), the added states starting at zero
+        return self._join(h0, h0.new_zeros(h0.shape[0], self.A_log[direction].shape[1]), 1)
+
     def extend_state(self, direction, x, A_log, B, C):
         # x (b, L, E); A_log (E, N); B, C (b, L, N) -> N + N' states
         B_new = F.linear(x, self.B_weight[direction])                              # (b, L, N')
@@ -79,10 +88,81 @@ class ExtraStates(PeftHook):
         return self._join(A_log, A_new, 1), self._join(B, B_new, -1), self._join(C, C_new, -1)
 
 
+class GroupExtraStates(PeftHook):
+    """Mamba-2's added states: per group N' more B and C channels from in_proj's input, with a conv of their own."""
+
+    def __init__(self, mixer, config: AdditionalScanConfig):
+        super().__init__()
+        self.top = config.location == "top"
+        G, n, K = mixer.n_groups, config.n, mixer.d_conv
+        self.groups, self.n, self.kernel = G, n, K
+        in_proj, conv = unwrap(mixer.in_proj), unwrap(mixer.conv1d)
+        like = {"device": in_proj.weight.device, "dtype": in_proj.weight.dtype}
+        self.weight = nn.Parameter(kaiming_(torch.empty(2 * G * n, mixer.d_model, **like)))     # rows [B | C]
+        if config.zero_init and not is_meta(self.weight):
+            with torch.no_grad():
+                self.weight[G * n:].zero_()
+        # a depthwise conv over the new channels, initialised as nn.Conv1d's own (fan-in K)
+        self.conv_weight = nn.Parameter(kaiming_(torch.empty(2 * G * n, 1, K, **like)))
+        self.conv_bias = nn.Parameter(torch.zeros(2 * G * n, **like)) if conv.bias is not None else None
+
+    def extra_channels(self, h):
+        return F.linear(h, self.weight)                                            # (b, L, 2Gn)
+
+    def extra_conv(self, channels, state):
+        """Causal depthwise conv of the new channels; with a state, continues from the inputs it keeps of them."""
+        length, past = channels.shape[1], self.kernel - 1
+        xt = channels.mT                                                           # (b, 2Gn, L)
+        if state is None:
+            return F.conv1d(xt, self.conv_weight, self.conv_bias, padding=past, groups=xt.shape[1])[..., :length].mT
+        before = state.extra.get(id(self))
+        before = xt.new_zeros(xt.shape[0], xt.shape[1], past) if before is None else before.to(xt.dtype)
+        full = torch.cat([before, xt], dim=-1)                                     # (b, 2Gn, K-1+L)
+        state.extra[id(self)] = full[..., full.shape[-1] - past:]
+        return F.conv1d(full, self.conv_weight, self.conv_bias, groups=xt.shape[1])[..., :length].mT
+
+    def join_states(self, B, C, more):
+        # B, C (b, L, G, N); more (b, L, 2Gn) -> B, C (b, L, G, N + n)
+        B_new, C_new = more.unflatten(-1, (2, self.groups, self.n)).unbind(-3)
+        return self._join(B, B_new.to(B.dtype), -1), self._join(C, C_new.to(C.dtype), -1)
+
+    def _join(self, old, new, dim):
+        return torch.cat([new, old] if self.top else [old, new], dim=dim)
+
+    def extend_initial(self, direction, h0):
+        # (H, P, N) -> (H, P, N + n), the added states starting at zero
+        return self._join(h0, h0.new_zeros(*h0.shape[:-1], self.n), -1)
+
+    @torch.no_grad()
+    def merge_into(self, mixer) -> None:
+        """The new rows into in_proj's B and C blocks, the new channels into conv1d, per group: state N + n."""
+        E, G, N, n = mixer.d_inner, self.groups, mixer.d_state, self.n
+        in_proj, conv = unwrap(mixer.in_proj), unwrap(mixer.conv1d)
+
+        def grow(t, new, start):                                  # t rows [.. | B (G*N) | C (G*N) | ..] from start
+            B, C = t[start:start + G * N], t[start + G * N:start + 2 * G * N]
+            B_new, C_new = new[: G * n], new[G * n:]
+            B = self._join(B.unflatten(0, (G, N)), B_new.unflatten(0, (G, n)), 1).flatten(0, 1)
+            C = self._join(C.unflatten(0, (G, N)), C_new.unflatten(0, (G, n)), 1).flatten(0, 1)
+            return torch.cat([t[:start], B, C, t[start + 2 * G * N:]])
+
+        in_proj.weight = nn.Parameter(grow(in_proj.weight.detach(), self.weight.detach(), 2 * E))
+        in_proj.out_features = in_proj.weight.shape[0]
+        if in_proj.bias is not None:
+            in_proj.bias = nn.Parameter(grow(in_proj.bias.detach(), torch.zeros(2 * G * n, dtype=in_proj.bias.dtype,
+                                                                               device=in_proj.bias.device), 2 * E))
+        conv.weight = nn.Parameter(grow(conv.weight.detach(), self.conv_weight.detach(), E))
+        if conv.bias is not None:
+            conv.bias = nn.Parameter(grow(conv.bias.detach(), self.conv_bias.detach(), E))
+        conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
+        mixer.d_state = N + n
+        mixer.conv_dim = conv.weight.shape[0]
+
+
 def _hooks(model):
     for mixer in model.peft_mixers():
         for hook in mixer.hooks:
-            if isinstance(hook, ExtraStates):
+            if isinstance(hook, (ExtraStates, GroupExtraStates)):
                 yield mixer, hook
 
 
@@ -110,10 +190,15 @@ class AdditionalScan(Method):
             mixer.tensors("A_log")
             mixer.projections("B")
 
+    @staticmethod
+    def per_head(mixer) -> bool:
+        """Mamba-2's layout (one A per head, state (H, P, N)) rather than Mamba-1's (A (E, N))."""
+        return len(mixer.state_shape) == 3
+
     def attach(self, model):
         params = []
         for mixer in model.peft_mixers():
-            hook = ExtraStates(mixer, self.config)
+            hook = (GroupExtraStates if self.per_head(mixer) else ExtraStates)(mixer, self.config)
             mixer.hooks.append(hook)
             params += list(hook.parameters())
         return params
@@ -123,14 +208,24 @@ class AdditionalScan(Method):
         lr = self.config.lr if self.config.lr is not None else lr
         wd = self.config.weight_decay if self.config.weight_decay is not None else weight_decay
         a = [t for name, t in params.items() if ".A_log." in name]
-        bc = [t for name, t in params.items() if ".A_log." not in name]
+        bc = [t for name, t in params.items() if ".A_log." not in name and (flat_decay or t.dim() > 1)]
+        flat = [t for name, t in params.items() if ".A_log." not in name and not flat_decay and t.dim() <= 1]
         return [{"params": a, "lr": lr, "weight_decay": 0.0, "method": self.name},
-                {"params": bc, "lr": lr, "weight_decay": wd, "method": self.name}]
+                {"params": bc, "lr": lr, "weight_decay": wd, "method": self.name},
+                {"params": flat, "lr": lr, "weight_decay": 0.0, "method": self.name}]
 
     @torch.no_grad()
     def merge(self, model):
         n = self.config.n
         for mixer, hook in list(_hooks(model)):
+            for other in mixer.hooks:                         # state-shaped tensors of other methods grow with it
+                if other is not hook:
+                    for direction in range(mixer.num_directions):
+                        other.grow_state(direction, n, hook.top)
+            if isinstance(hook, GroupExtraStates):
+                hook.merge_into(mixer)
+                del mixer.hooks[[i for i, h in enumerate(mixer.hooks) if h is hook][0]]
+                continue
             slots, B_rows, C_rows = mixer.tensors("A_log"), mixer.projections("B"), mixer.projections("C")
             for direction, (slot, B_proj, C_proj) in enumerate(zip(slots, B_rows, C_rows)):
                 A_log = slot.value

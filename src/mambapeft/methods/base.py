@@ -98,6 +98,12 @@ class Method:
     def __init__(self, config: MethodConfig):
         self.config = config
 
+    @classmethod
+    def size_lr(cls, config: MethodConfig, arch: str | None) -> float | None:
+        """This method's learning rate on a named model size (a method whose rate depends on its options overrides
+        this; config/presets.py adds the built-in model's column)."""
+        return cls.lr_by_size.get(arch)
+
     def check(self, model) -> None:
         """Raises NotApplicable (no meaning on this family) or ConfigError before anything is attached."""
 

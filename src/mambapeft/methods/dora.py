@@ -1,6 +1,8 @@
-"""DoRA (Liu et al., 2024) on the X half of in_proj: `dora_p_x`, the paper's Table 6 follow-up to lora_p_x.
+"""DoRA (Liu et al., 2024): `dora_p_x` on the X half of in_proj (the paper's Table 6 follow-up to lora_p_x), and DoRA on
+whole layers (`dora_in_proj`, `dora_x_proj`, `dora_dt_proj`, `dora_out_proj`: what Hugging Face peft's `use_dora`
+makes, so peft DoRA adapters import exactly).
 
-    V = W_X + s * Up @ Down            W_X (E, d): the X rows of in_proj
+    V = W_X + s * Up @ Down            W_X (E, d): the X rows of in_proj (or the whole layer)
 
     magnitude=output (ours, the DoRA paper's and Hugging Face peft's):  W_X' = m * V / ||V||_rows    m (E,)
     magnitude=input  (the official MambaPEFT code):                     W_X' = V * m / ||V||_cols    m (d,)
@@ -62,30 +64,47 @@ class DoRADelta(LoRADelta):
         base.weight[self.start : self.stop].copy_(update.to(base.weight.dtype))
 
 
-@register
-class DoRAPartialX(Method):
-    name = "dora_p_x"
+class DoRA(Method):
+    """DoRA on the `role` projection of every mixer. Subclassed once per target below."""
+
     family = "LoRA"
-    description = "DoRA on the X half of in_proj (paper Table 6): LoRA direction plus a learned magnitude"
     Config = DoRAConfig
-    targets = frozenset({("in_proj", "X")})
-    exclusive = True
-    examples = (Example("dora_p_x:r=4"), Example("dora_p_x:r=4,magnitude=input,dropout=0"))
-    presets = {"dora_p_x": ["dora_p_x:r=64,magnitude=input,dropout=0"]}     # the official axis, no dropout
+    role: str
+    exclusive = True                  # the normalisation covers the whole of its rows: nothing else may change them
     scaled_update = True
     search_step2 = LinearLoRA.search_step2
 
     def check(self, model):
-        check_rank(self.name, self.config.r, projections(model, "X"))
+        check_rank(self.name, self.config.r, projections(model, self.role))
 
     def attach(self, model):
         params = []
-        for p in projections(model, "X"):
+        for p in projections(model, self.role):
             delta = DoRADelta(p.layer, *p.rows, self.config)
             add_delta(p.owner, p.attr, self.name, delta)
             params += [delta.down, delta.up, delta.magnitude]
         return params
 
     def merge(self, model):
-        for p in projections(model, "X"):
+        for p in projections(model, self.role):
             remove_delta(p.owner, p.attr, self.name).merge_into(p.layer)
+
+
+# id: (role, (layer, row block) for clash checks, description)
+DORA_TARGETS = {
+    "dora_p_x": ("X", ("in_proj", "X"), "DoRA on the X half of in_proj (paper Table 6): LoRA direction plus a "
+                 "learned magnitude"),
+    "dora_in_proj": ("in_proj", ("in_proj", None), "DoRA on the whole in_proj (Hugging Face peft's use_dora)"),
+    "dora_x_proj": ("x_proj", ("x_proj", None), "DoRA on x_proj (one per direction in Vim)"),
+    "dora_dt_proj": ("dt_proj", ("dt_proj", None), "DoRA on dt_proj (one per direction in Vim)"),
+    "dora_out_proj": ("out_proj", ("out_proj", None), "DoRA on out_proj"),
+}
+
+for _name, (_role, _target, _text) in DORA_TARGETS.items():
+    register(type(_name, (DoRA,), {
+        "name": _name, "role": _role, "description": _text, "targets": frozenset({_target}),
+        "examples": ((Example(f"{_name}:r=4"), Example(f"{_name}:r=4,magnitude=input,dropout=0"))
+                     if _name == "dora_p_x" else (Example(f"{_name}:r=2"),)),
+        # the paper's Table 6 row; the official axis, no dropout
+        "presets": {_name: ["dora_p_x:r=64,magnitude=input,dropout=0"]} if _name == "dora_p_x" else {},
+    }))

@@ -103,6 +103,8 @@ PARTIAL_TARGETS = {
                        "Conv1d-tuning: a delta on the causal conv's kernel"),
     "partial_bias": ("dt_bias", PartialTuning, PartialBiasConfig, ("dt_proj.bias", None),
                      "Bias-tuning: a delta on the dt bias, the block's only bias"),
+    "partial_norm": ("norm", PartialTuning, PartialConfig, ("norm.weight", None),
+                     "a delta on the gated RMSNorm's weight (Mamba-2)"),
     "partial_cls_token": ("cls_token", ModelTensorTuning, ModelTensorConfig, ("cls_token", None),
                           "a delta on Vim's class token (d)"),
     "partial_pos_embed": ("pos_embed", ModelTensorTuning, ModelTensorConfig, ("pos_embed", None),

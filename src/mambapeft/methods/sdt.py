@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NotApplicable
 from .base import Example, Method, MethodConfig, option, register
 from .sdt_s4d import S4DSparseDimensionTuning, offers_s4d, refuse_s4d_options
 
@@ -162,6 +162,12 @@ class SparseDimensionTuning(Method):
             return S4DSparseDimensionTuning(self.config).check(model)
         refuse_s4d_options(self.config, model)
         for mixer in model.peft_mixers():
+            if len(mixer.state_shape) != 2:
+                raise NotApplicable(
+                    "SDT selects channels and states of an (E, N) A and the matching columns of x_proj's B and C rows; "
+                    f"{mixer.family_name} has one scalar A per head and takes B and C from in_proj, whose inputs are "
+                    "the residual width, not the channels, so neither selection has a counterpart (the SDT authors' "
+                    "Mamba-2 code was never released: furiosa-ai/ssm-peft#2)")
             mixer.tensors("A_log")
             B, C = mixer.projections("B"), mixer.projections("C")
             if any(b.layer is not c.layer for b, c in zip(B, C)):

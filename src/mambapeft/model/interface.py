@@ -81,6 +81,8 @@ class PeftMixerInterface(ABC):
     d_inner: int            # channels of the scan (E)
     d_state: int            # states per channel (N)
     num_directions: int     # scan directions (Vim 2, VMamba 4)
+    state_shape: tuple      # one direction's scan state without the batch: (E, N) for Mamba-1, (H, P, N) Mamba-2
+    channel_shape: tuple    # one direction's output channels: (E,) for Mamba-1, (H, P) for Mamba-2
 
     @abstractmethod
     def projections(self, role: str) -> list[Projection]:

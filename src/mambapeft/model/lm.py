@@ -23,11 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from ..errors import CheckpointError, NotApplicable
+from ..errors import NotApplicable
+from .checkpoint import write_hf_checkpoint
 from .interface import PeftModelInterface, TensorSlot
 from .mixer import MambaMixer, MixerState, drop_inserted, insert_from_hooks
 
-WEIGHTS_FILE = "model.safetensors"
 
 
 class RMSNorm(nn.Module):
@@ -69,7 +69,7 @@ class MambaBlock(nn.Module):
 
 
 class MambaBackbone(nn.Module):
-    def __init__(self, config, device=None, dtype=None):
+    def __init__(self, config, mixer_factory, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         # _weight skips nn.Embedding's own init (MambaLM.reset_parameters does it; on the meta device the
@@ -77,7 +77,7 @@ class MambaBackbone(nn.Module):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
                                        _weight=torch.empty(config.vocab_size, config.hidden_size, **factory))
         self.layers = nn.ModuleList(
-            MambaBlock(mixer_from_config(config, **factory), config.layer_norm_epsilon, config.residual_in_fp32, **factory)
+            MambaBlock(mixer_factory(config, **factory), config.layer_norm_epsilon, config.residual_in_fp32, **factory)
             for _ in range(config.num_hidden_layers)
         )
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, **factory)
@@ -133,13 +133,20 @@ class MambaLM(nn.Module, PeftModelInterface):
     is_causal = True                      # outputs see only the past: a suffix soft token would change nothing
     embedding_path = "backbone.embeddings"
     head_path = "lm_head"
+    # the config fields an adapter depends on (the head's tying does not matter to adapters)
+    fingerprint_keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "state_size", "conv_kernel",
+                        "expand", "time_step_rank", "use_bias", "use_conv_bias")
+
+    @staticmethod
+    def mixer_factory(config, device=None, dtype=None):
+        return mixer_from_config(config, device=device, dtype=dtype)
 
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"only silu activations are supported, the config asks for {config.hidden_act!r}")
         self.config = config
-        self.backbone = MambaBackbone(config, device=device, dtype=dtype)
+        self.backbone = MambaBackbone(config, self.mixer_factory, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         self.hooks = nn.ModuleList()   # model-level PeftHooks: soft prompt tokens at stage "embeddings"
         self.tie_weights()
@@ -168,12 +175,8 @@ class MambaLM(nn.Module, PeftModelInterface):
         if not self.config.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, std=0.02)
         for block in self.backbone.layers:
-            mixer = block.mixer
-            for linear in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
-                linear.reset_parameters()
-            mixer.conv1d.reset_parameters()
-            mixer.reset_ssm_parameters()
-            mixer.out_proj.weight /= n_layer**0.5     # GPT-2 style scaling of the residual branch
+            block.mixer.reset_parameters()
+            block.mixer.out_proj.weight /= n_layer**0.5     # GPT-2 style scaling of the residual branch
             block.norm.weight.fill_(1.0)
         self.backbone.norm_f.weight.fill_(1.0)
 
@@ -196,11 +199,8 @@ class MambaLM(nn.Module, PeftModelInterface):
         return {"input_ids": ids.to(self.device), "labels": ids.to(self.device)}
 
     def peft_fingerprint(self) -> dict:
-        """The architecture an adapter depends on (the head's tying does not matter to adapters)."""
-        c = self.config
-        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "state_size", "conv_kernel",
-                "expand", "time_step_rank", "use_bias", "use_conv_bias")
-        return {k: getattr(c, k) for k in keys}
+        """The architecture an adapter depends on."""
+        return {k: getattr(self.config, k) for k in self.fingerprint_keys}
 
     @property
     def d_model(self) -> int:
@@ -250,22 +250,5 @@ class MambaLM(nn.Module, PeftModelInterface):
 
     def save_pretrained(self, folder) -> None:
         """config.json + model.safetensors in the Hugging Face Mamba format, which transformers' MambaForCausalLM and
-        our from_pretrained both load. Refused while PEFT parts are attached (save the adapter, or merge first)."""
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
-        state = self.state_dict()
-        with torch.device("meta"):
-            plain = set(MambaLM(self.config).state_dict())
-        if set(state) != plain:
-            extra = sorted(set(state) - plain)[:4]
-            raise CheckpointError(f"the model carries PEFT adapters ({', '.join(extra)}, ...); save them with the "
-                                  f"adapter API or merge them into the weights first")
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config.save_pretrained(folder)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        our from_pretrained both load (refused while PEFT parts are attached: save the adapter, or merge first)."""
+        write_hf_checkpoint(self, folder)

@@ -5,6 +5,8 @@ Formats read:
     "falcon_mamba") and model.safetensors (sharded or not) or pytorch_model.bin;
   * original mamba_ssm (e.g. state-spaces/mamba-130m): config.json with d_model, n_layer, vocab_size, ssm_cfg, ...
     and pytorch_model.bin whose embedding is named backbone.embedding (not embeddings).
+Mamba-2 folders (model_type "mamba2", or ssm_cfg {"layer": "Mamba2"}) load through the same `from_pretrained`
+into `Mamba2LM`; their configs are read by mamba2_loading.py, everything else here is shared.
 Every key and shape is checked: a missing, unexpected or misshapen tensor is an error that names it, never a
 silently random weight. Pickled .bin files are read with torch.load(weights_only=True): tensors only.
 """
@@ -20,8 +22,9 @@ from safetensors.torch import load_file
 from transformers import FalconMambaConfig, MambaConfig
 
 from ..errors import CheckpointError, ConfigError, did_you_mean
-from .architectures import ARCHITECTURES, HUB_IDS
-from .lm import WEIGHTS_FILE, MambaLM
+from .architectures import ARCHITECTURES, HUB_IDS, MAMBA2_ARCHITECTURES
+from .checkpoint import WEIGHTS_FILE, write_hf_checkpoint
+from .lm import MambaLM
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = WEIGHTS_FILE
@@ -47,6 +50,10 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
         from ..assets import BUILTIN_MODEL
 
         return BUILTIN_MODEL
+    if str(name_or_path) == "builtin-mamba2":           # the packaged tiny Mamba-2 (mambapeft/assets/tiny-mamba2)
+        from ..assets import BUILTIN_MAMBA2
+
+        return BUILTIN_MAMBA2
     name = str(name_or_path)
     if path.exists():
         raise CheckpointError(f"{name} is a file; pass the folder that holds config.json and the weights")
@@ -55,10 +62,10 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
         raise CheckpointError(f"no folder {name}: pass an existing checkpoint folder or a Hugging Face hub id")
     name = HUB_IDS.get(name.lower(), name)
     if "/" not in name:
+        known = [*ARCHITECTURES, *MAMBA2_ARCHITECTURES]
         raise CheckpointError(
-            f"{name!r} is not a folder, a known architecture{did_you_mean(name.lower(), ARCHITECTURES)} or a hub id "
-            f"of the form owner/name; "
-            f"known architectures: {', '.join(ARCHITECTURES)}"
+            f"{name!r} is not a folder, a known architecture{did_you_mean(name.lower(), known)} or a hub id "
+            f"of the form owner/name; known architectures: {', '.join(known)}"
         )
 
     from huggingface_hub import snapshot_download
@@ -92,8 +99,8 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
 # ---------------------------------------------------------------- config
 
 
-def read_config(folder: Path):
-    """(transformers config, format) where format is "hf" or "mamba_ssm"."""
+def read_raw_config(folder: Path) -> tuple[dict, Path]:
+    """The parsed config.json of a checkpoint folder and its path; CheckpointError if missing or not a JSON object."""
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(
@@ -106,6 +113,12 @@ def read_config(folder: Path):
         raise CheckpointError(f"{file} is not valid JSON ({err}); the file is corrupt or truncated") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file} must hold a JSON object, it holds a {type(raw).__name__}")
+    return raw, file
+
+
+def read_config(folder: Path):
+    """(transformers config, format) where format is "hf" or "mamba_ssm"; Mamba-1 only (see mamba2_loading.py)."""
+    raw, file = read_raw_config(folder)
     model_type = raw.get("model_type")
     try:
         if model_type == "mamba":
@@ -119,7 +132,8 @@ def read_config(folder: Path):
     except Exception as err:  # transformers' own validation
         raise ConfigError(f"{file} is not a valid {model_type or 'mamba_ssm'} config: {err}") from None
     if model_type == "mamba2":
-        raise ConfigError(f"{file} describes a Mamba-2 model; mambapeft supports Mamba-1 (model_type 'mamba')")
+        raise ConfigError(f"{file} describes a Mamba-2 model: load it with mambapeft.from_pretrained, which "
+                          f"returns a Mamba2LM")
     described = f"a {model_type!r} model" if model_type else "no known model (no model_type, no d_model/n_layer)"
     raise ConfigError(
         f"{file} describes {described}, not Mamba-1. mambapeft loads Hugging Face Mamba checkpoints "
@@ -131,7 +145,8 @@ def _config_from_mamba_ssm(raw: dict, file: Path) -> MambaConfig:
     """mamba_ssm's MambaConfig dict -> transformers MambaConfig (vocab padded as mamba_ssm pads it)."""
     ssm = raw.get("ssm_cfg") or {}
     if ssm.get("layer", "Mamba1") != "Mamba1":
-        raise ConfigError(f"{file}: ssm_cfg.layer is {ssm['layer']!r}; mambapeft supports Mamba1 layers only")
+        raise ConfigError(f"{file}: ssm_cfg.layer is {ssm['layer']!r}; mambapeft supports Mamba1 and Mamba2 layers "
+                          f"only")
     if raw.get("d_intermediate", 0):
         raise ConfigError(f"{file}: d_intermediate > 0 (MLP layers between mixers) is not supported")
     if raw.get("attn_layer_idx"):
@@ -266,26 +281,7 @@ def load_state_dict_strict(model: MambaLM, state: dict, source: str) -> None:
     model.tie_weights()
 
 
-def from_pretrained(name_or_path, *, dtype: torch.dtype | str | None = torch.float32, device=None,
-                    revision: str | None = None, cache_dir=None, local_files_only: bool | None = None) -> MambaLM:
-    """Loads a Mamba-1 checkpoint (local folder or hub id; Hugging Face or mamba_ssm format) into `MambaLM`.
-
-    dtype: float32 by default (the CPU's fast type); "auto" keeps the checkpoint's dtype.
-    """
-    folder = resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    config, _ = read_config(folder)
-    state = read_state_dict(folder)
-    with torch.device("meta"):
-        model = MambaLM(config)
-    load_state_dict_strict(model, state, str(folder))
-    if dtype != "auto":
-        model.to(dtype=dtype)
-    if device is not None:
-        model.to(device)
-    model.name_or_path = str(name_or_path)
-    return model.eval()
-
-
 def save_pretrained(model: MambaLM, folder) -> None:
-    """config.json + model.safetensors (see MambaLM.save_pretrained)."""
-    model.save_pretrained(folder)
+    """config.json + model.safetensors that transformers' MambaForCausalLM (Mamba2ForCausalLM for a Mamba2LM) and our
+    from_pretrained both load."""
+    write_hf_checkpoint(model, folder)

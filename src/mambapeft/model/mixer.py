@@ -80,6 +80,30 @@ class PeftHook(nn.Module):
         """Extra state dimensions. x (b, L, E); A_log (E, N); B, C (b, L, N). Returns them with N' >= N states."""
         return A_log, B, C
 
+    def extend_initial(self, direction: int, h0: torch.Tensor) -> torch.Tensor:
+        """An initial state (E, N) made to cover the states `extend_state` adds (zeros there)."""
+        return h0
+
+    def initial_state(self, direction: int) -> torch.Tensor | None:
+        """A state the scan of a fresh sequence starts from (initial-state tuning), in the mixer's `state_shape`
+        ((E, N) here), or None (zeros)."""
+        return None
+
+    def state_offset(self, direction: int) -> tuple[str, torch.Tensor] | None:
+        """An offset added before the gate at every step (state-offset tuning), or None: ("h", h') with h' in the
+        mixer's `state_shape`, read through C_t of the pretrained states (y_t += C_t h'); or ("y", y') with y' in
+        its `channel_shape` (y_t += y'). The mixer does the contraction, in its own layout."""
+        return None
+
+    def grow_state(self, direction: int, n: int, top: bool) -> None:
+        """The mixer's state has grown by n dimensions (additional scan merged), at the top or the bottom: a hook that
+        holds state-shaped tensors pads them with zeros there, which leaves its effect as it was."""
+
+    def extra_channels(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Mamba-2's form of extra states: more B and C channels (b, L, 2 G n') computed from in_proj's input h, which
+        the hook then convolves (`extra_conv`) and joins to B and C (`join_states`); None: nothing to add."""
+        return None
+
 
 def insert_tokens(t: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
     """Places `tokens` (n, w) at `positions` of the sequence t (b, L, w) made longer by n.
@@ -136,7 +160,7 @@ def _rms(t: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class MambaMixer(nn.Module, PeftMixerInterface):
-    peft_stages = frozenset({"before_in_proj", "after_in_proj", "extend_state"})
+    peft_stages = frozenset({"before_in_proj", "after_in_proj", "extend_state", "initial_state", "state_offset"})
 
     def __init__(
         self,
@@ -202,6 +226,8 @@ class MambaMixer(nn.Module, PeftMixerInterface):
 
     def tensors(self, role: str) -> list[TensorSlot]:
         where = {"A_log": ("A_log", None), "D": ("D", None), "conv": ("conv1d", "weight"), "dt_bias": ("dt_proj", "bias")}
+        if role == "norm":
+            raise self.not_applicable("gated norm", "Mamba-1 gates with silu(z) alone; Mamba-2 has the norm")
         if role not in where:
             raise self.not_applicable(f"tensor {role!r}")
         name, inside = where[role]
@@ -210,6 +236,14 @@ class MambaMixer(nn.Module, PeftMixerInterface):
             attr = DIRECTION_NAMES[d][name]
             slots.append(TensorSlot(unwrap(getattr(self, attr)), inside, d) if inside else TensorSlot(self, attr, d))
         return slots
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (self.d_inner, self.d_state)
+
+    @property
+    def channel_shape(self) -> tuple[int, ...]:
+        return (self.d_inner,)
 
     def soft_token_width(self, stage: str) -> int:
         widths = {"before_in_proj": self.d_model, "after_in_proj": 2 * self.d_inner}
@@ -221,6 +255,16 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         """(conv1d, x_proj, dt_proj, A_log, D) of one direction, read now so wrappers and deltas apply."""
         names = DIRECTION_NAMES[direction]
         return tuple(getattr(self, names[k]) for k in ("conv1d", "x_proj", "dt_proj", "A_log", "D"))
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Every weight as mamba_ssm initialises it (nn.Linear / nn.Conv1d defaults, then the SSM parameters)."""
+        directions = [DIRECTION_NAMES[d] for d in range(self.num_directions)]
+        for layer in [self.in_proj] + [getattr(self, n["x_proj"]) for n in directions] + [self.out_proj]:
+            layer.reset_parameters()
+        for names in directions:
+            getattr(self, names["conv1d"]).reset_parameters()
+        self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4):
@@ -270,20 +314,49 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         dt_low, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)   # (b, L2, R | N | N)
         if self.bcdt_rms_eps is not None:
             dt_low, B, C = (_rms(t, self.bcdt_rms_eps) for t in (dt_low, B, C))
+        C_pretrained = C                                                            # state offsets read these
         for hook in self.hooks:
             A_log, B, C = hook.extend_state(direction, x, A_log, B, C)             # N -> n states
         dt = dt_proj(dt_low)                                                        # (b, L2, E)
         A = -torch.exp(A_log.float())                                               # (E, n)
 
+        fresh = state is None or state.ssm is None
+        h0 = self._initial_state(direction, x) if fresh else state.ssm             # (b, E, n) or None (zeros)
+        if fresh and h0 is not None and mask is not None:
+            # a learned initial state enters where the real tokens start: padding before them leaves it as it is
+            dt = dt.masked_fill(mask[:, :, None] == 0, -1e4)                        # softplus(-1e4) = 0: no decay
         out = selective_scan(
             x.mT, dt.mT, A, B.mT, C.mT, D=D.float(), z=z.mT, delta_softplus=True,
-            initial_state=state.ssm if state is not None else None,
-            return_last_state=state is not None,
+            initial_state=h0, return_last_state=state is not None,
         )
         if state is not None:
             out, state.ssm = out                                                    # (b, E, n)
         y = out.mT.to(x.dtype)                                                      # (b, L2, E)
+        offset = self._offset(direction, C_pretrained)                              # (b, L2, E) or None
+        if offset is not None:
+            y = y + (offset * F.silu(z)).to(y.dtype)                                # gated like the scan's output
         return drop_inserted(y, kept)                                               # soft tokens leave here
+
+    def _offset(self, direction: int, C: torch.Tensor) -> torch.Tensor | None:
+        """The hooks' state offsets before the gate: C_t h' (C (b, L, N) of the pretrained states, h' (E, N)) or y'."""
+        total = None
+        for hook in self.hooks:
+            found = hook.state_offset(direction)
+            if found is not None:
+                kind, value = found
+                term = C @ value.mT.to(C.dtype) if kind == "h" else value.to(C.dtype)
+                total = term if total is None else total + term
+        return total
+
+    def _initial_state(self, direction: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The hooks' initial state for a fresh sequence, (b, E, n) with the added states' part zero, or None."""
+        starts = [h0 for hook in self.hooks if (h0 := hook.initial_state(direction)) is not None]
+        if not starts:
+            return None
+        h0 = sum(starts)                                                            # (E, N)
+        for hook in self.hooks:
+            h0 = hook.extend_initial(direction, h0)                                 # (E, n)
+        return h0.to(torch.promote_types(x.dtype, torch.float32)).expand(x.shape[0], -1, -1)
 
     def _causal_conv(self, conv1d: nn.Module, x: torch.Tensor, state: MixerState | None) -> torch.Tensor:
         """Depthwise conv over time that sees only the past; with a state, continues from its last inputs."""

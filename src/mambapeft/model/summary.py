@@ -5,6 +5,7 @@ from __future__ import annotations
 from .lm import MambaLM
 
 MIXER_PARTS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
+MAMBA2_MIXER_PARTS = ("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj")
 
 
 def count_unique(parameters) -> int:
@@ -21,8 +22,12 @@ def architecture_summary(model: MambaLM) -> dict:
     config = model.config
     first = model.backbone.layers[0]
     mixer = first.mixer
-    per_layer = {part: sum(p.numel() for p in getattr(mixer, part).parameters()) if part not in ("A_log", "D")
-                 else getattr(mixer, part).numel() for part in MIXER_PARTS}
+    mamba2 = config.model_type == "mamba2"
+    tensors = ("A_log", "D", "dt_bias")     # parameters themselves, not modules
+    per_layer = {part: sum(p.numel() for p in getattr(mixer, part).parameters()) if part not in tensors
+                 else getattr(mixer, part).numel() for part in (MAMBA2_MIXER_PARTS if mamba2 else MIXER_PARTS)}
+    if mamba2:                       # the mixer's own (gated) norm; "norm" below is the block's
+        per_layer["gated_norm"] = per_layer.pop("norm")
     per_layer["norm"] = first.norm.weight.numel()
     layer_total = count_unique(first.parameters())
     tied = config.tie_word_embeddings
@@ -33,8 +38,9 @@ def architecture_summary(model: MambaLM) -> dict:
         "vocab_size": config.vocab_size,
         "d_inner": mixer.d_inner,
         "d_state": mixer.d_state,
-        "dt_rank": mixer.dt_rank,
+        "dt_rank": None if mamba2 else mixer.dt_rank,
         "d_conv": mixer.d_conv,
+        **({"num_heads": mixer.num_heads, "head_dim": mixer.head_dim, "n_groups": mixer.n_groups} if mamba2 else {}),
         "use_bias": bool(config.use_bias),
         "use_conv_bias": bool(config.use_conv_bias),
         "tie_word_embeddings": bool(tied),

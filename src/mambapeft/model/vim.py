@@ -187,13 +187,8 @@ class VisionMamba(nn.Module, PeftModelInterface):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for block in self.layers:
-            mixer = block.mixer
-            for linear in (mixer.in_proj, mixer.x_proj, mixer.x_proj_b, mixer.out_proj):
-                linear.reset_parameters()
-            mixer.conv1d.reset_parameters()
-            mixer.conv1d_b.reset_parameters()
-            mixer.reset_ssm_parameters()
-            mixer.out_proj.weight /= len(self.layers) ** 0.5      # GPT-2 style scaling of the residual branch
+            block.mixer.reset_parameters()
+            block.mixer.out_proj.weight /= len(self.layers) ** 0.5      # GPT-2 style scaling of the residual branch
             block.norm.weight.fill_(1.0)
         self.norm_f.weight.fill_(1.0)
         self.reset_head()

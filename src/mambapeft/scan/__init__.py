@@ -8,6 +8,8 @@ Backends:
   * "reference": the float64 oracle of `reference.py`, for tests and debugging.
 
 The environment variable MAMBAPEFT_SCAN_BACKEND forces one of them.
+
+The Mamba-2 scan (scalar A per head, grouped B and C) is `ssd_scan` of ssd.py, with its own backends.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import torch.nn.functional as F
 from . import cuda
 from .reference import selective_scan_reference
 from .sequential import SequentialScan
+from .ssd import ssd_scan
+from .ssd_reference import ssd_scan_reference
 
 BACKENDS = ("sequential", "cuda", "reference")
 
-__all__ = ["selective_scan", "selective_scan_reference", "BACKENDS", "choose_backend"]
+__all__ = ["selective_scan", "selective_scan_reference", "BACKENDS", "choose_backend", "ssd_scan",
+           "ssd_scan_reference"]
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):

@@ -12,13 +12,18 @@ Both steps are Optuna studies in one storage (a URL; default a SQLite file in th
 `<name>-step1` and `<name>-step2`. Any number of worker processes, on one machine or many, may run `run_search`
 on the same storage at once. Each running trial sends a heartbeat; a trial whose worker died (killed, machine
 lost) is marked failed once its heartbeat is older than the grace period and is retried with the same
-parameters, so a restarted search loses no finished trial and leaves none stuck as running.
+parameters, so a restarted search loses no finished trial and leaves none stuck as running. Each step runs exactly
+its number of trials (one that two workers start at once is ended as surplus), and a step ends for every worker
+only when none of its trials runs, so all build step 2 on the same step 1.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import math
 import os
+import random
 import socket
 import time
 import warnings
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
@@ -66,17 +72,55 @@ class SearchSettings:
 
 
 def _retry_callback():
-    """Optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback; older releases RetryFailedTrialCallback."""
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    return retry(max_retry=3)
+    """Retries a dead worker's trial with the same parameters (a new WAITING trial, system attribute "failed_trial"
+    naming the dead one). The retry does not inherit the dead worker's name: until the process that picks it up
+    names itself, it would look like a trial of a dead process and be failed again. Optuna >= 4.9 names the
+    callback RetryHeartbeatStaleTrialCallback; older releases RetryFailedTrialCallback."""
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    retry = (retry or optuna.storages.RetryFailedTrialCallback)(max_retry=3)
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != WORKER}
+        retry(study, trial)
+    return callback
+
+
+POSTGRES_DRIVERS = ("psycopg2", "psycopg")      # in order of preference; `pip install mambapeft[postgres]`: psycopg2
+
+
+def with_driver(url: str) -> str:
+    """A PostgreSQL URL naming no driver (`postgresql://...`) gets the one installed: SQLAlchemy's own default
+    changed (psycopg2 up to 2.0, psycopg 3 from 2.1), so the plain URL would otherwise need one or the other."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme != "postgresql":
+        return url
+    for driver in POSTGRES_DRIVERS:
+        if importlib.util.find_spec(driver) is not None:
+            return f"postgresql+{driver}://{rest}"
+    raise ConfigError("a PostgreSQL storage needs a database driver: pip install psycopg2-binary "
+                      "(or the extra mambapeft[postgres])")
 
 
 def open_storage(settings: SearchSettings) -> RDBStorage:
-    engine = {"connect_args": {"timeout": 60}} if settings.storage.startswith("sqlite") else None
-    with warnings.catch_warnings():         # heartbeats and the retry callback are marked experimental in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(settings.storage, engine_kwargs=engine, heartbeat_interval=settings.heartbeat_interval,
-                          grace_period=settings.grace_period, heartbeat_stale_trial_callback=_retry_callback())
+    url = with_driver(settings.storage)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    for attempt in range(10):
+        with warnings.catch_warnings():     # heartbeats and the retry callback are marked experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=settings.heartbeat_interval,
+                                  grace_period=settings.grace_period, heartbeat_stale_trial_callback=_retry_callback())
+            except ImportError as err:
+                raise ConfigError(f"storage {url.partition('://')[0]}://...: its database driver is not installed "
+                                  f"({err.__cause__ or err}); for PostgreSQL: pip install psycopg2-binary (or the "
+                                  f"extra mambapeft[postgres])") from None
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # workers started together on an empty database all create Optuna's tables: on PostgreSQL all but
+                # one fail ("duplicate key ... pg_type_typname_nsp_index"); a moment later the tables are there
+                if attempt == 9:
+                    raise
+                time.sleep(0.2 + random.random())
 
 
 def make_pruner(settings: SearchSettings):
@@ -95,10 +139,15 @@ def make_pruner(settings: SearchSettings):
     return optuna.pruners.NopPruner()
 
 
+def study_name(name: str, step: int) -> str:
+    """The Optuna study of one step of the search `name`: `optuna.load_study(study_name=..., storage=URL)`."""
+    return f"{name}-step{step}"
+
+
 def open_study(settings: SearchSettings, storage, step: int) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=settings.seed, constant_liar=True, multivariate=step == 2)
     pruner = make_pruner(settings)
-    return optuna.create_study(study_name=f"{settings.study_name}-step{step}", storage=storage, sampler=sampler,
+    return optuna.create_study(study_name=study_name(settings.study_name, step), storage=storage, sampler=sampler,
                                pruner=pruner, direction="maximize", load_if_exists=True)
 
 
@@ -129,8 +178,9 @@ def _process_gone(worker: str) -> bool:
 
 def fail_orphans(study: optuna.Study, grace: float) -> None:
     """Running trials whose process is gone: those with a stale heartbeat (Optuna's own check), those whose worker
-    on this host is dead, and those that never sent a heartbeat nor named their worker within the grace period (a
-    worker killed while starting the trial). Each is marked failed and retried with the same parameters."""
+    on this host is dead, and those that sent no heartbeat within the grace period (a worker killed while starting
+    the trial: Optuna's check skips them). Each is marked failed and retried with the same parameters. Several
+    workers may find the same orphan at once: the first marks it, the others leave it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -139,34 +189,69 @@ def fail_orphans(study: optuna.Study, grace: float) -> None:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = trial.user_attrs.get(WORKER)
             started = trial.datetime_start.timestamp() if trial.datetime_start else now
-            silent = worker is None and now - started > grace and not _has_heartbeat(storage, trial)
-            if (worker is not None and _process_gone(worker)) or silent:
-                if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                    _retry_callback()(study, study._storage.get_trial(trial._trial_id))
+            silent = now - started > grace and not _has_heartbeat(storage, trial._trial_id)
+            if not silent and not (worker is not None and _process_gone(worker)):
+                continue
+            try:
+                failed = storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                failed = False                              # another worker failed it first (or it just ended)
+            if failed:
+                _retry_callback()(study, storage.get_trial(trial._trial_id))
 
 
-def _has_heartbeat(storage, trial) -> bool:
-    try:
-        return storage._get_heartbeat(trial._trial_id) is not None  # RDBStorage
-    except Exception:
-        return True                                                  # cannot tell: leave it to Optuna's check
+def _has_heartbeat(storage, trial_id: int) -> bool:
+    """Whether the trial has sent a heartbeat: a row in the RDB storage's heartbeat table (Optuna has no public
+    query for it). The study's storage is a cache around the RDBStorage."""
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, RDBStorage):
+        return True                                      # no heartbeats to look at: leave it to Optuna's check
+    with backend.engine.connect() as db:
+        row = db.execute(sqlalchemy.text("SELECT 1 FROM trial_heartbeats WHERE trial_id = :id"), {"id": trial_id})
+        return row.first() is not None
+
+
+class SurplusTrial(Exception):
+    """A trial started when the step already had its trials (two workers started the last one at once)."""
+
+
+def check_not_surplus(trial: optuna.Trial, n_trials: int) -> None:
+    """Makes the step run exactly `n_trials` trials when workers race: trial numbers order the trials, and a trial
+    with `n_trials` earlier ones finished, running or waiting is one too many. It ends at once, failed, before
+    any training, with the user attribute "surplus". (A failed trial does not count: its retry takes its place.)"""
+    earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING,
+                                                                          TrialState.WAITING))
+               if t.number < trial.number]
+    if len(earlier) >= n_trials:
+        trial.set_user_attr("surplus", True)
+        raise SurplusTrial(f"trial {trial.number} not run: the step already has its {n_trials} trials")
 
 
 def run_step(study: optuna.Study, trial_fn, n_trials: int, settings: SearchSettings, progress=None) -> None:
-    """Runs trials until the study has `n_trials` finished ones, waiting on other workers' running trials."""
+    """Runs trials until the study has `n_trials` finished ones, waiting on other workers' running trials; returns
+    once no trial of the step runs or waits, so every worker then reads the same finished step (a retry still
+    waiting then is surplus: it ends as such)."""
+    shown = None
     while True:
         fail_orphans(study, settings.grace_period)        # dead workers' trials: failed, then retried
         done = _count(study, FINISHED)
-        if progress is not None:
+        if progress is not None and done != shown:
             progress(done, n_trials)
-        if done >= n_trials:
-            return
+            shown = done
         waiting = _count(study, (TrialState.WAITING,))
         running = _count(study, (TrialState.RUNNING,))
+        if done >= n_trials and not running and not waiting:
+            return
         if done + running >= n_trials and not waiting:
             time.sleep(settings.poll_interval)             # others are finishing the last trials
             continue
-        study.optimize(trial_fn, n_trials=1, catch=(), gc_after_trial=True)
+        study.optimize(lambda trial: _unless_surplus(trial, trial_fn, n_trials), n_trials=1,
+                       catch=(SurplusTrial,), gc_after_trial=True)
+
+
+def _unless_surplus(trial: optuna.Trial, trial_fn, n_trials: int) -> float:
+    check_not_surplus(trial, n_trials)
+    return trial_fn(trial)
 
 
 def _reporter(trial: optuna.Trial, prune: bool):

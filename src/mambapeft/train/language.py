@@ -17,6 +17,8 @@ from ..options import option
 from .config import RunConfig, default_of
 from .tasks import Prepared, TaskKind, task_kind
 
+# the packaged tiny language models (Mamba-1, Mamba-2): the same size, the same column of learning rates
+BUILTIN_MODELS = (BUILTIN_NAME, "builtin-mamba2")
 # A text every real tokenizer turns into several tokens; one that cannot is not a tokenizer for this model.
 PROBE = "The quick brown fox jumps over the lazy dog."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
@@ -118,7 +120,7 @@ def arch_of(config: TrainConfig, model) -> str | None:
     """The model size's name, for per-size learning rates ("builtin" for the packaged model)."""
     from ..peft import guess_arch
 
-    return BUILTIN_NAME if config.model == BUILTIN_NAME else guess_arch(model)
+    return BUILTIN_NAME if config.model in BUILTIN_MODELS else guess_arch(model)
 
 
 def method_config(config: TrainConfig, model):
@@ -135,7 +137,7 @@ def training_arguments(config: TrainConfig, has_validation: bool, metric: str):
     """transformers' TrainingArguments of a language run (kept for the tests and for callers who build a Trainer)."""
     from .trainer import trainer_arguments
 
-    arch = BUILTIN_NAME if config.model == BUILTIN_NAME else None
+    arch = BUILTIN_NAME if config.model in BUILTIN_MODELS else None
     return trainer_arguments(config, lr=config.lr or run_lr(arch), warmup_steps=config.warmup_steps,
                              eval_steps=config.eval_steps, has_validation=has_validation, metric=metric)
 
@@ -156,7 +158,7 @@ class LanguageTask(TaskKind):
         return values.get("data", BUILTIN_NAME) == BUILTIN_NAME
 
     def is_builtin_model(self, config) -> bool:
-        return config.data == BUILTIN_NAME and config.model == BUILTIN_NAME
+        return config.data == BUILTIN_NAME and config.model in BUILTIN_MODELS
 
     def prepare(self, config: TrainConfig, log=print) -> Prepared:
         from .. import from_pretrained

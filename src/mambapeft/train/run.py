@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +29,15 @@ from .tasks import Prepared, get_task, total_steps
 
 
 def check_run(config: RunConfig, prepared: Prepared) -> None:
-    """The methods' combination and fit to the model, and phased methods against the run's length."""
+    """The methods' combination and fit to the model, phased methods against the run's length, the batch against the
+    processes training together (data parallel: batch_size = micro_batch_size x accumulation x processes)."""
+    from .trainer import world_size
+
+    world = world_size()
+    if config.batch_size % (config.micro_batch_size * world):
+        raise ConfigError(f"batch_size {config.batch_size} is not a multiple of micro_batch_size "
+                          f"{config.micro_batch_size} x {world} processes; the effective batch is micro_batch_size x "
+                          f"gradient accumulation x processes")
     methods = [REGISTRY[spec.method](spec.config) for spec in prepared.peft_config.methods]
     check_combination(methods)
     check_methods(prepared.model, methods)
@@ -39,8 +48,19 @@ def check_run(config: RunConfig, prepared: Prepared) -> None:
 
 def fine_tune(config: RunConfig | dict, *, resume: bool = False, overwrite: bool = False, callbacks=(),
               log=print) -> dict:
-    """Runs `config` (a dict goes through its task kind's defaults); returns the results (also in results.json)."""
-    from .trainer import JsonlMetrics, MethodPhases, PeftTrainer, UpdateGuard, trainer_arguments
+    """Runs `config` (a dict goes through its task kind's defaults); returns the results (also in results.json).
+
+    Under torchrun / accelerate launch every process trains and only rank 0 touches the run folder, scores and writes.
+    """
+    from .trainer import (
+        JsonlMetrics,
+        MethodPhases,
+        PeftTrainer,
+        UpdateGuard,
+        is_main_process,
+        trainer_arguments,
+        world_size,
+    )
 
     if isinstance(config, dict):
         config = get_task(config.get("task")).resolve({k: v for k, v in config.items() if k != "task"}, "the config")
@@ -48,14 +68,18 @@ def fine_tune(config: RunConfig | dict, *, resume: bool = False, overwrite: bool
     start = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
+    main = is_main_process()
+    if not main:
+        log = _silent
     prepared = task.prepare(config, log)
     check_run(config, prepared)
 
     out = Path(config.output_dir)
-    with RunFolder(out).open(config, resume=resume, overwrite=overwrite, log=log):
+    folder = RunFolder(out).open(config, resume=resume, overwrite=overwrite, log=log) if main else nullcontext()
+    with folder:
         results = {**prepared.describe, "methods": prepared.peft_config.to_dict()["methods"], "run_lr": prepared.lr,
-                   "run_weight_decay": config.weight_decay}
-        if not resume and (before := task.score_test(prepared.model, prepared, config)):
+                   "run_weight_decay": config.weight_decay, "processes": world_size()}
+        if not resume and main and (before := task.score_test(prepared.model, prepared, config)):
             results["zero_shot"] = before
             log(f"zero-shot test accuracy: {format_scores(before)}")
 
@@ -87,6 +111,9 @@ def fine_tune(config: RunConfig | dict, *, resume: bool = False, overwrite: bool
         train_start = time.time()
         trainer.train(resume_from_checkpoint=resume_from)
         steps = trainer.state.global_step
+        results["processes"] = trainer.args.world_size
+        if not main:
+            return {"steps": steps}
         peft.save_pretrained(out / "adapter")
         results.update(best_checkpoint=trainer.state.best_model_checkpoint, best_validation=trainer.state.best_metric,
                        metric=prepared.metric if has_validation else None, steps=steps,
@@ -107,6 +134,10 @@ def fine_tune_vision(config, **kwargs) -> dict:
     if isinstance(config, dict):
         config = {"task": "vision", **config}
     return fine_tune(config, **kwargs)
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of processes other than rank 0."""
 
 
 def format_scores(scores: dict) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -173,6 +174,16 @@ class PeftTrainer(Trainer):
         return output
 
 
+def world_size() -> int:
+    """Processes training together (torchrun / accelerate launch set WORLD_SIZE); 1 otherwise."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def is_main_process() -> bool:
+    """Rank 0 writes the run's files; the other processes only train."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def schedule(kind: str, warmup: int, total: int):
     """The learning-rate factor at a step: linear warm-up, then linear or cosine decay to 0 (or constant), as
     transformers' schedulers of those names."""
@@ -199,7 +210,7 @@ def trainer_arguments(config, *, lr: float, warmup_steps: int, eval_steps: int, 
         output_dir=config.output_dir,
         per_device_train_batch_size=config.micro_batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
-        gradient_accumulation_steps=config.batch_size // config.micro_batch_size,
+        gradient_accumulation_steps=config.batch_size // (config.micro_batch_size * world_size()),
         learning_rate=lr,
         weight_decay=config.weight_decay,
         num_train_epochs=config.epochs,
@@ -293,7 +304,7 @@ class JsonlMetrics(TrainerCallback):
         self.path = Path(path)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.path.is_file():
+        if state.is_world_process_zero and self.path.is_file():
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if json.loads(line).get("step", 0) <= state.global_step]
             self.path.write_text("".join(line + "\n" for line in kept))
