@@ -409,3 +409,13 @@ def test_info_describes_an_s4d_architecture(capsys):
     assert main(["info", "s4d-theory", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["parameters"]["total"] == 33_536 and summary["form"] == "theory"
+
+
+@pytest.mark.parametrize("magnitude", ["output", "input"])
+def test_dora_on_a_biased_layer_merges_to_what_it_computes(magnitude):
+    """S4D's output linear has a bias: DoRA scales the weight's output, not the bias (as merging leaves it)."""
+    peft = get_peft_model(micro(), [f"dora_out_proj:r=2,magnitude={magnitude},dropout=0"])
+    randomize(peft)
+    inputs = peft.base_model.peft_inputs()
+    expected = out(peft, inputs)
+    assert_rel_close(out(peft.merge_and_unload(), inputs), expected, tol=1e-5, what=f"dora {magnitude}")
