@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-METHODS = ["lora_p_x:r=4", "additional_scan:n=2", "affix:n=2", "state_offset", "partial_a"]
+METHODS = ["lora_p_x:r=4", "additional_scan:n=2", "affix:n=2", "state_offset", "partial_a",
+           "lora_ssm:r=2"]            # lora_ssm: S4D's (none of the others applies there)
 
 
 @dataclass

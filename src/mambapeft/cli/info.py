@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..model.factory import ALL_ARCHITECTURES, shapes_model
+from ..model.s4d import DeepS4D
 from ..model.summary import architecture_summary, count_unique
 from ..model.vim import VisionMamba
 from ..model.vmamba import VMamba
@@ -60,6 +61,8 @@ def vmamba_summary(model: VMamba) -> dict:
 
 def run(args) -> int:
     model, source = shapes_model(args.model)
+    if isinstance(model, DeepS4D):
+        return s4d_info(args, model, source)
     if isinstance(model, VMamba):
         summary = {"model": args.model, "source": source, **vmamba_summary(model)}
         if args.json:
@@ -109,4 +112,16 @@ def run(args) -> int:
     print(f"  all layers   {p['layers']:,}")
     print(f"  norm_f       {p['norm_f']:,}")
     print(f"  lm_head      {'tied' if summary['tie_word_embeddings'] else format(p['lm_head'], ',')}")
+    return 0
+
+
+def s4d_info(args, model: DeepS4D, source: str) -> int:
+    summary = {"model": args.model, "source": source, **model.summary()}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{args.model}: {source}")
+    print("  " + "   ".join(f"{k} {summary[k]}" for k in ("form", "d_model", "n_layers", "d_state", "l_max", "A_init")))
+    for key, value in summary["parameters"].items():
+        print(f"  {key:<12} {value:,}")
     return 0

@@ -49,12 +49,16 @@ class DoRADelta(LoRADelta):
         return self.magnitude / self.direction().norm(dim=self.axis).detach()           # (rows,) or (d,)
 
     def forward(self, x, out):
+        # a bias (S4D's output linear has one) is added after the scaling, as HF peft does and as merging leaves it
+        bias = self._base[0].bias
+        bias = 0 if bias is None else bias[self.start : self.stop]
         if self.axis == 1:                                                    # per output row
-            rows = out[..., self.start : self.stop] + self.branch(x)          # V x, computed as W x + LoRA(x)
-            out[..., self.start : self.stop] = self.scale() * rows
+            rows = out[..., self.start : self.stop] - bias + self.branch(x)   # V x, computed as W x + LoRA(x)
+            out[..., self.start : self.stop] = self.scale() * rows + bias
             return out
         xs = x * self.scale()                                                 # per input column: V diag(scale) x
-        out[..., self.start : self.stop] = F.linear(xs, self._base[0].weight[self.start : self.stop]) + self.branch(xs)
+        out[..., self.start : self.stop] = (F.linear(xs, self._base[0].weight[self.start : self.stop]) + self.branch(xs)
+                                            + bias)
         return out
 
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """Partial tuning (paper Section 3.3): train a zero-initialised delta on one small tensor of every mixer.
 
     A_log -> A_log + delta        D, the conv kernel and the dt bias (dt_proj's, the block's only bias) likewise
+                                  (S4D: log_dt and the output linear's bias too)
 
 The delta rides on the tensor through `torch.nn.utils.parametrize`, so the mixer reads A_log + delta
 wherever it reads A_log and merging is `remove_parametrizations(leave_parametrized=True)`. Weight decay on
@@ -88,6 +89,12 @@ class ModelTensorTuning(PartialTuning):
         return [model.model_tensor(self.role)]
 
 
+class S4DTensorTuning(PartialTuning):
+    """A delta on a tensor only S4D has (model/s4d.py); not in the default search space, which serves Mamba and Vim."""
+
+    search_step1 = None
+
+
 # id: (role, whose tensor, config, (layer, block) it changes, description). One line here adds a partial target.
 PARTIAL_TARGETS = {
     "partial_a": ("A_log", PartialTuning, PartialConfig, ("A_log", None), "A-tuning: a delta on A_log (E x N per direction)"),
@@ -102,6 +109,10 @@ PARTIAL_TARGETS = {
                           "a delta on Vim's class token (d)"),
     "partial_pos_embed": ("pos_embed", ModelTensorTuning, ModelTensorConfig, ("pos_embed", None),
                           "a delta on Vim's position embedding ((M + 1) x d)"),
+    "partial_log_dt": ("log_dt", S4DTensorTuning, PartialConfig, ("log_dt", None),
+                       "dt-tuning on S4D: a delta on log_dt (H per layer)"),
+    "partial_out_bias": ("out_bias", S4DTensorTuning, PartialConfig, ("output_linear.bias", None),
+                         "a delta on S4D's output-linear bias (H per layer)"),
 }
 
 for _name, (_role, _base, _config, _target, _text) in PARTIAL_TARGETS.items():

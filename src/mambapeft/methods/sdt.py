@@ -18,6 +18,9 @@ the `paper/sdt` presets): the warm-up is a run of its own (furiosa-ai/ssm-peft `
 the optimiser state is dropped and the learning-rate schedule starts again, for the run's full length on top of the
 warm-up, all in the same command (and resumable as any run). Counts round as the authors do:
 `dim - round((1 - fraction) * dim)` (31 channels on mamba-790m, 41 on mamba-1.4b).
+
+On S4D models (model/s4d.py) `sdt` runs the S4 experiments' version instead (methods/sdt_s4d.py, docs/s4d.md): the
+strategy is chosen in `check` / `attach` by what the mixers offer, and the Mamba path below is unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, NotApplicable
 from .base import Example, Method, MethodConfig, option, register
+from .sdt_s4d import S4DSparseDimensionTuning, offers_s4d, refuse_s4d_options
 
 WARMUP, SPARSE = 0, 1
 
@@ -45,6 +49,16 @@ class SDTConfig(MethodConfig):
     restart: bool = option(False, "run the warm-up as a run of its own (the authors'): at the selection the other "
                            "methods restart from their initial values, with a fresh optimiser and schedule, for the "
                            "run's full length on top of the warm-up")
+    # S4D only (methods/sdt_s4d.py); on other families these must stay at their defaults
+    usable_channel_fraction: float = option(1.0, "S4D: fraction of the H channels kept usable per layer, by "
+                                            "|C~ exp(dtA L/2)|; C is zeroed in the others (0, 1]",
+                                            exclusive_minimum=0, maximum=1)
+    usable_state_fraction: float = option(1.0, "S4D: fraction of the N states kept usable in each usable channel; "
+                                          "C is zeroed in the others (0, 1]", exclusive_minimum=0, maximum=1)
+    out_proj: bool = option(False, "S4D: also tune the output linear's columns of the updatable channels (the "
+                            "paper's SDT row; with lora_out_proj instead, SDT + LoRA)")
+    horizon: int | None = option(None, "S4D: the sequence length L of the usable score (default: the model's l_max)",
+                                 minimum=1)
 
 
 def selected_sizes(E: int, N: int, config: SDTConfig) -> tuple[int, int]:
@@ -120,21 +134,33 @@ class SparseDimensionTuning(Method):
     name = "sdt"
     family = "sparse dimension tuning"
     description = ("SDT: dense A_log warm-up, then only the selected channels x states of A_log and those "
-                   "channels' B, C columns of x_proj train")
+                   "channels' B, C columns of x_proj train (S4D: of C, log_A_real, A_imag; docs/s4d.md)")
     Config = SDTConfig
-    targets = frozenset({("A_log", None)})
-    exclusive = True                           # A_log can carry one delta: not with partial_a
+    targets = frozenset({("A_log", None)} | {(role, None) for role in ("C", "log_A_real", "A_imag")})
+    exclusive = True                           # A_log can carry one delta: not with partial_a (S4D: not with lora_ssm)
     merge_order = -1                           # its x_proj delta is a parametrization: fold it before LoRA merges
-    examples = (Example("sdt:warmup_steps=1,channel_fraction=0.2,state_fraction=0.4"),)
+    examples = (Example("sdt:warmup_steps=1,channel_fraction=0.2,state_fraction=0.4"),
+                # S4D only: C masked outside the usable pairs (the output changes at the start), output columns
+                Example("sdt:warmup_steps=1,channel_fraction=0.2,state_fraction=0.4,usable_channel_fraction=0.5,"
+                        "usable_state_fraction=0.6,out_proj=true,horizon=6", identity=False))
     # the authors' released configs warm up about 500 steps at batch 4 (cfg/peft/sd_lora/{250it,500it}), as a run
     # of its own
-    presets = {"sdt": ["sdt:warmup_steps=500,restart=true"]}
+    presets = {"sdt": ["sdt:warmup_steps=500,restart=true"],
+               # the S4 synthetic experiment's (run_s4.py defaults, H 64 and N 16): 16 of 64 channels and 8 of 16
+               # states usable and updatable, output columns tuned, a 20-step warm-up as a run of its own
+               "sdt_s4d": ["sdt:warmup_steps=20,restart=true,channel_fraction=0.25,state_fraction=0.5,"
+                           "usable_channel_fraction=0.25,usable_state_fraction=0.5,out_proj=true"]}
     # beyond Table 9 (the second reference paper): a warm-up short enough for short trials
     search_step1 = {"warmup_steps": 10}
     search_step2 = {"channel_fraction": {"log": [0.005, 0.1]}, "state_fraction": {"float": [0.1, 0.5]},
                     "lr": {"log": [1e-4, 5e-3]}}
 
+    s4d: S4DSparseDimensionTuning | None = None     # the S4D strategy, when the mixers offer S4D's tensor roles
+
     def check(self, model):
+        if offers_s4d(model):
+            return S4DSparseDimensionTuning(self.config).check(model)
+        refuse_s4d_options(self.config, model)
         for mixer in model.peft_mixers():
             if len(mixer.state_shape) != 2:
                 raise NotApplicable(
@@ -148,6 +174,9 @@ class SparseDimensionTuning(Method):
                 raise ConfigError("sdt: this family keeps B and C in different layers, which SDT does not support")
 
     def attach(self, model):
+        if offers_s4d(model):
+            self.s4d = S4DSparseDimensionTuning(self.config)
+            return self.s4d.attach(model)
         self.parts = []
         params = []
         for slot, B, C, mixer in _parts(model):
@@ -165,6 +194,8 @@ class SparseDimensionTuning(Method):
 
     @property
     def phase(self) -> int:
+        if self.s4d is not None:
+            return self.s4d.phase
         return self.parts[0][0].current if self.parts else SPARSE
 
     def phase_name(self) -> str:
@@ -184,6 +215,8 @@ class SparseDimensionTuning(Method):
 
     @torch.no_grad()
     def select_now(self) -> None:
+        if self.s4d is not None:
+            return self.s4d.select_now()
         for sparse_a, sparse_bc in self.parts:
             channels, states = select(sparse_a.dense, *sparse_a.values.shape)
             sparse_a.channels.copy_(channels)
@@ -197,13 +230,15 @@ class SparseDimensionTuning(Method):
 
     def after_load(self) -> None:
         """Takes the phase from the loaded buffers; past its warm-up an adapter trains only the sparse parts."""
+        if self.s4d is not None:
+            return self.s4d.after_load()
         for sparse_a, _ in self.parts:
             sparse_a.current = int(sparse_a.phase)
             if sparse_a.current == SPARSE:
                 sparse_a.dense.requires_grad_(False)
 
     def check_training(self, total_steps: int) -> None:
-        in_warmup = not getattr(self, "parts", None) or self.phase == WARMUP
+        in_warmup = not (getattr(self, "parts", None) or self.s4d) or self.phase == WARMUP
         if in_warmup and not self.config.restart and self.config.warmup_steps >= total_steps:
             raise ConfigError(f"sdt: warmup_steps={self.config.warmup_steps} is not shorter than the run "
                               f"({total_steps} optimiser steps); nothing would be left for the sparse phase")
@@ -211,9 +246,13 @@ class SparseDimensionTuning(Method):
     # ----------------------------------------------------------- counting
 
     def trainable_after_setup(self) -> int:
+        if self.s4d is not None:
+            return self.s4d.trainable_after_setup()
         return sum(a.values.numel() + bc.values.numel() for a, bc in self.parts)
 
     def explain_count(self) -> str:
+        if self.s4d is not None:
+            return self.s4d.explain_count()
         mixer_counts = {}
         for a, bc in self.parts:
             k_c, k_s = a.values.shape
@@ -226,6 +265,8 @@ class SparseDimensionTuning(Method):
                 f"the warm-up delta (+{dense:,}), which stops training at the selection")
 
     def merge(self, model):
+        if self.s4d is not None:
+            return self.s4d.merge(model)
         for slot, B, _, _ in _parts(model):
             parametrize.remove_parametrizations(slot.owner, slot.name, leave_parametrized=True)
             parametrize.remove_parametrizations(B.layer, "weight", leave_parametrized=True)

@@ -8,6 +8,7 @@ from .lm import MambaBlock, MambaLM, MambaLMOutput, MambaState, RMSNorm
 from .loading import save_pretrained
 from .mamba2 import Mamba2LM, Mamba2Mixer, Mamba2MixerState
 from .mixer import DIRECTION_NAMES, MambaMixer, MixerState, PeftHook
+from .s4d import S4D_ARCHITECTURES, DeepS4D, S4DConfig, S4DLayer, build_s4d
 from .vim import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim, vim_config
 from .vim_loading import load_vim, save_vim
 from .vmamba import VMAMBA_ARCHITECTURES, VMamba, VMambaConfig, build_vmamba, vmamba_config
@@ -22,3 +23,4 @@ __all__ = [
     "VIM_ARCHITECTURES", "VimConfig", "VimOutput", "VisionMamba", "build_vim", "vim_config", "load_vim", "save_vim",
     "VMAMBA_ARCHITECTURES", "VMamba", "VMambaConfig", "build_vmamba", "vmamba_config", "load_vmamba", "save_vmamba",
 ]
+__all__ += ["S4D_ARCHITECTURES", "DeepS4D", "S4DConfig", "S4DLayer", "build_s4d"]

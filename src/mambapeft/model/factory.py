@@ -1,6 +1,7 @@
 """Building and loading models by name, for every family: the one place front ends (CLI, training, search) ask.
 
-    from_config("mamba-130m" | "tiny" | "vim-small" | "vmamba-small" | a config, device="meta")   random weights
+    from_config("mamba-130m" | "tiny" | "vim-small" | "vmamba-small" | "s4d-theory" | a config, device="meta")
+                              random weights
     shapes_model(name)        a meta-device model (no weights read) for any name `train` or `eval` accepts:
                               an architecture, a built-in model, a checkpoint folder or file, a hub id
 """
@@ -17,26 +18,30 @@ from ..errors import ConfigError, did_you_mean
 from .architectures import ARCHITECTURES, MAMBA2_ARCHITECTURES, arch_config, mamba2_config
 from .lm import MambaLM
 from .mamba2 import Mamba2LM
+from .s4d import S4D_ARCHITECTURES, DeepS4D, S4DConfig, build_s4d
 from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba, build_vim
 from .vmamba import VMAMBA_ARCHITECTURES, VMamba, VMambaConfig, build_vmamba
 
 # every name from_config builds, and the packaged pretrained models
-ALL_ARCHITECTURES = [*ARCHITECTURES, *MAMBA2_ARCHITECTURES, *VIM_ARCHITECTURES, *VMAMBA_ARCHITECTURES]
+ALL_ARCHITECTURES = [*ARCHITECTURES, *MAMBA2_ARCHITECTURES, *VIM_ARCHITECTURES, *VMAMBA_ARCHITECTURES,
+                     *S4D_ARCHITECTURES]
 BUILTIN_NAMES = ("builtin", "builtin-mamba2", "tiny-vim", "tiny-vmamba")
 # every model family, by the small architecture that stands for it in checks (`mambapeft methods`, the conformance
 # test): adding a family is implementing model/interface.py and one line here
-FAMILIES = {"mamba": "mamba-micro", "mamba2": "mamba2-tiny", "vim": "vim-micro"}
+FAMILIES = {"mamba": "mamba-micro", "mamba2": "mamba2-tiny", "vim": "vim-micro", "s4d": "s4d-micro"}
 
 
 def from_config(config, *, device=None, dtype=None,
-                seed: int | None = None) -> MambaLM | Mamba2LM | VisionMamba | VMamba:
+                seed: int | None = None) -> MambaLM | Mamba2LM | VisionMamba | VMamba | DeepS4D:
     """A randomly initialised model from an architecture name ("mamba-130m", "mamba2-130m", "tiny", "vim-small",
-    "vmamba-small", ...) or a MambaConfig, Mamba2Config, VimConfig or VMambaConfig. device="meta" allocates nothing
-    (shapes only): even mamba-2.8b builds instantly."""
+    "vmamba-small", "s4d-theory", ...) or a MambaConfig, Mamba2Config, VimConfig, VMambaConfig or S4DConfig.
+    device="meta" allocates nothing (shapes only): even mamba-2.8b builds instantly."""
     if isinstance(config, VimConfig) or (isinstance(config, str) and config.lower() in VIM_ARCHITECTURES):
         return build_vim(config, device=device, dtype=dtype, seed=seed)
     if isinstance(config, VMambaConfig) or (isinstance(config, str) and config.lower() in VMAMBA_ARCHITECTURES):
         return build_vmamba(config, device=device, dtype=dtype, seed=seed)
+    if isinstance(config, S4DConfig) or (isinstance(config, str) and config.lower() in S4D_ARCHITECTURES):
+        return build_s4d(config, device=device, dtype=dtype, seed=seed)
     if isinstance(config, str) and config.lower() in MAMBA2_ARCHITECTURES:
         config = mamba2_config(config)
     if isinstance(config, Mamba2Config):

@@ -12,6 +12,8 @@ Roles name the parts of a mixer by what they do, not by where a family keeps the
                   (Mamba-1: X, Z are halves of in_proj and dt, B, C row blocks of x_proj; a family without
                   x_proj finds B and C elsewhere or declares them not applicable)
     tensors       "A_log", "D", "conv" (the conv kernel), "dt_bias"   small tensors, read at every call
+                  S4D (model/s4d.py): "C" (H, N, 2: complex as real pairs), "log_A_real", "A_imag" (H, N),
+                  "log_dt" (H), "out_bias" (the output linear's bias), and "D"
     stages        where `PeftHook`s are called: "embeddings" (the model), "before_in_proj", "after_in_proj"
                   (soft tokens), "extend_state" (extra state dimensions), "initial_state" and "state_offset"
 
@@ -31,6 +33,7 @@ from ..errors import NotApplicable
 
 PROJECTION_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "X", "Z", "dt", "B", "C")
 TENSOR_ROLES = ("A_log", "D", "conv", "dt_bias")
+TENSOR_ROLES += ("C", "log_A_real", "A_imag", "log_dt", "out_bias")      # S4D's time-invariant SSM (model/s4d.py)
 
 
 def unwrap(layer: nn.Module) -> nn.Module:
