@@ -10,7 +10,12 @@ from mambapeft.search.space import SearchSpace, paper_space
 
 def test_paper_space_is_table_9():
     space = paper_space()
-    assert len(space.step1) == 21                              # the 20 switches of Table 9, step 1, and sdt
+    table9 = {"parallel_adapter", "additional_scan", "prompt", "affix", "lora_in_proj", "lora_x_proj", "lora_dt_proj",
+              "lora_out_proj", "lora_p_x", "lora_p_z", "lora_p_dt", "lora_p_b", "lora_p_c", "lora_embed", "partial_a",
+              "partial_d", "partial_conv1d", "partial_bias", "partial_cls_token", "partial_pos_embed", "sdt"}
+    # the 20 switches of Table 9's step 1 (sdt included), and the methods added since: partial_norm (Mamba-2's gated
+    # norm) and the state-based methods
+    assert set(space.step1) == table9 | {"partial_norm", "initial_state", "state_offset"}, set(space.step1) ^ table9
     assert space.step1["sdt"] == {"warmup_steps": 10}
     assert space.step1["lora_dt_proj"] == {"r": 4, "s": 0.1} and space.step1["affix"] == {"n": 1}
     assert space.step2["lora_p_b"]["r"] == {"int": [4, 12]} and space.step2["lora_p_x"]["r"] == {"int": [4, 16]}
@@ -70,3 +75,22 @@ def test_unreadable_file(tmp_path):
         SearchSpace.load(path)
     with pytest.raises(ConfigError, match="no search-space file"):
         SearchSpace.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("model, absent, present", [
+    ("mamba-130m", {"partial_norm"}, {"sdt", "lora_p_x", "initial_state"}),
+    ("mamba2-130m", {"sdt", "lora_x_proj", "lora_dt_proj"}, {"partial_norm", "lora_p_x", "state_offset"}),
+])
+def test_the_default_space_leaves_out_what_the_family_lacks(model, absent, present):
+    """`mambapeft search` on a model whose family lacks a method of the registry's space searches without it (and
+    says so), instead of failing the space check."""
+    from mambapeft.cli.search import check_space_fits_model, default_space
+    from mambapeft.train.tasks import get_task
+
+    kind = get_task("language")
+    base = kind.resolve({"model": model})
+    said = []
+    space = default_space(kind, base, log=said.append)
+    assert not absent & set(space.step1) and present <= set(space.step1)
+    assert all(m in said[0] for m in absent)
+    check_space_fits_model(space, base)

@@ -91,11 +91,26 @@ def load_run_config(path: str | None, task: str | None = None, trial_steps: int 
     return kind, base, trial, tasks
 
 
-def default_space(kind, base):
-    """The paper's space from the registry; the built-in demos search a restricted space with few trials."""
+def default_space(kind, base, log=print):
+    """The paper's space from the registry, less the methods that do not apply to the model's family (partial_norm
+    outside Mamba-2, say); the built-in demos search a restricted space with few trials."""
+    from ..errors import NotApplicable
+    from ..model.factory import shapes_model
+    from ..peft import get_peft_model
     from ..search.space import paper_space
 
     space = paper_space(vision=kind.search_vision_methods)
+    model = shapes_model(base.model)[0]
+    skipped = []
+    for method in space.step1:
+        try:
+            get_peft_model(model, [space.step1_spec(method)])
+        except NotApplicable:
+            skipped.append(method)
+    if skipped:
+        log(f"search space: {', '.join(skipped)} left out (not applicable to {base.model}; `mambapeft methods` "
+            f"says why)")
+        space = space.restricted_to([m for m in space.step1 if m not in skipped])
     if kind.is_builtin_model(base):
         space = space.restricted_to(kind.search_builtin_methods)
         space.step1_trials, space.step2_trials = 5, 3
