@@ -61,7 +61,8 @@ def main(argv=None) -> None:
         if name == "prompt":                             # the preset's prefix+suffix is Vim's; causal LMs: prefix
             specs = ["prompt:n=8,position=prefix"]
         if name in ("sdt", "sdt_lora"):                  # SDT's warm-up: the first quarter of the budget
-            specs = [f"sdt:warmup_steps={max(1, args.max_steps // 4)}"] + (["lora_out_proj:r=8"] if name == "sdt_lora" else [])
+            specs = [f"sdt:warmup_steps={max(1, args.max_steps // 4)}"]
+            specs += ["lora_out_proj:r=8"] if name == "sdt_lora" else []
         config = TrainConfig.from_dict(dict(
             model="builtin", data="builtin", test_data="builtin", method=specs, output_dir=str(out / name),
             max_length=192, epochs=100.0, max_steps=args.max_steps, batch_size=8, micro_batch_size=8, lr=args.lr,
@@ -79,13 +80,15 @@ def main(argv=None) -> None:
         rows.append({"method": name, "config": method_specs(result),
                      "trainable": counts["trainable"], "percent": counts["percent"],
                      "val_acc": result["best_validation"], "test_acc": result["fine_tuned"]["acc"],
-                     "zero_shot": result["zero_shot"]["acc"], "s_per_step": (time.time() - start) / max(1, result["steps"])})
+                     "zero_shot": result["zero_shot"]["acc"],
+                     "s_per_step": (time.time() - start) / max(1, result["steps"])})
         r = rows[-1]
         print(f"{name:18s} {r['trainable']:>10,} {r['percent']:7.2f}%  val {r['val_acc']:.3f}  test {r['test_acc']:.3f}"
               f"  {r['s_per_step']:.2f} s/step", flush=True)
         results.write_text(json.dumps(rows, indent=2) + "\n")     # after every row: an interrupted run resumes
     results.write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| method | settings | trainable | % | val acc | test acc | s/step |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | settings | trainable | % | val acc | test acc | s/step |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['method']} | {' + '.join(r['config'])} | {r['trainable']:,} | {r['percent']:.2f} | "
               f"{r['val_acc']:.3f} | {r['test_acc']:.3f} | {r['s_per_step']:.2f} |" for r in rows]
     lines.append(f"\nzero-shot test accuracy of the built-in model: {rows[0]['zero_shot']:.3f} (chance 0.25)")

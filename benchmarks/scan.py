@@ -62,14 +62,16 @@ def main():
     else:
         print("mambapy is not installed (pip install mambapy): pscan skipped")
 
-    print(f"selective scan forward+backward, fp32, batch {args.batch}, E {args.d_inner}, L {args.length}, N {args.d_state}")
+    print(f"selective scan forward+backward, fp32, batch {args.batch}, E {args.d_inner}, L {args.length}, "
+          f"N {args.d_state}")
     print(f"machine: {machine()}")
     y_ref, g_ref = forward_backward(lambda **t: selective_scan_reference(**t, **common), inputs, weights.double())
 
     results = {}
     for name, scan in candidates.items():
         repeats = 1 if "loop" in name else args.repeats
-        seconds, (y, grads) = timed(lambda: forward_backward(scan, inputs, weights), repeats, warmup=0 if "loop" in name else 1)
+        seconds, (y, grads) = timed(lambda scan=scan: forward_backward(scan, inputs, weights), repeats,
+                                    warmup=0 if "loop" in name else 1)
         error = max([rel_err(y, y_ref)] + [rel_err(grads[k], g_ref[k]) for k in NAMES])
         results[name] = (seconds, error)
 

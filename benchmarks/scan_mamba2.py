@@ -17,7 +17,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-
 from _common import machine, rel_err, setup_threads, timed
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias")
@@ -88,8 +87,8 @@ def main():
     results = {}
     for name, scan in candidates.items():
         slow = "loop" in name
-        seconds, (y, grads) = timed(lambda: forward_backward(scan, inputs, weights), 1 if slow else args.repeats,
-                                    warmup=0 if slow else 1)
+        seconds, (y, grads) = timed(lambda scan=scan: forward_backward(scan, inputs, weights),
+                                    1 if slow else args.repeats, warmup=0 if slow else 1)
         grad_error, worst = max((rel_err(grads[k], g_ref[k]), k) for k in NAMES)
         results[name] = (seconds, rel_err(y, y_ref), grad_error, worst)
 

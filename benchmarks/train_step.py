@@ -12,12 +12,12 @@ measured on this machine. Targets: at least 4x faster than transformers for Mamb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 
 import torch
 from _common import machine, peak_memory, rel_err, setup_threads, timed
-
 
 # Mamba-2: transformers' CPU path is itself a chunked (matmul) scan, so the projections both models share bound
 # the ratio: it cannot exceed transformers' time over the matmul-bound estimate printed below (about 3x measured).
@@ -51,7 +51,7 @@ def gemm_rate(shapes, repeats=5) -> float:
     flops, seconds = 0.0, 0.0
     for m, k, n in shapes:
         a, b = torch.randn(m, k), torch.randn(k, n)
-        t, _ = timed(lambda: torch.mm(a, b), repeats)
+        t, _ = timed(lambda a=a, b=b: torch.mm(a, b), repeats)
         flops += 2 * m * k * n
         seconds += t
     return flops / seconds / 1e9
@@ -59,10 +59,8 @@ def gemm_rate(shapes, repeats=5) -> float:
 
 def trim():
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)   # give freed heap back so the next peak is measured from a low base
-    except OSError:
-        pass
 
 
 def main():
@@ -103,21 +101,22 @@ def benchmark(arch: str, args) -> None:
     print(f"\none training step, {arch}, batch 1 x {args.tokens} tokens, only in_proj trainable, fp32")
     results = {}
     for name, model, repeats in (("mambapeft", ours, args.repeats), ("transformers", theirs, max(1, args.repeats - 1))):
-        seconds, loss = timed(lambda: step(model), repeats)
+        seconds, loss = timed(lambda model=model: step(model), repeats)
         trim()
         model.zero_grad(set_to_none=True)
         trim()
-        memory, _ = peak_memory(lambda: step(model))
+        memory, _ = peak_memory(lambda model=model: step(model))
         grads = [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
         results[name] = (seconds, memory, loss, grads)
 
-    (t_ours, m_ours, l_ours, g_ours), (t_hf, m_hf, l_hf, g_hf) = results["mambapeft"], results["transformers"]
+    (t_ours, _, l_ours, g_ours), (t_hf, _, l_hf, g_hf) = results["mambapeft"], results["transformers"]
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
     print(f"{'model':14s} {'step (s)':>9s} {'tokens/s':>9s} {'peak memory':>12s}")
     for name, (seconds, memory, _, _) in results.items():
         print(f"{name:14s} {seconds:9.2f} {args.tokens / seconds:9.0f} {mib(memory):>12s}")
     grad_err = max(rel_err(a, b) for a, b in zip(g_ours, g_hf))
-    print(f"same result: loss {l_ours.item():.6f} vs {l_hf.item():.6f}, max rel. diff of in_proj gradients {grad_err:.1e}")
+    print(f"same result: loss {l_ours.item():.6f} vs {l_hf.item():.6f}, "
+          f"max rel. diff of in_proj gradients {grad_err:.1e}")
     speedup = t_hf / t_ours
     target = TARGETS[config.model_type]
     print(f"speed-up {speedup:.1f}x (target >= {target}x): {'ok' if speedup >= target else 'MISSED'}")
@@ -129,7 +128,8 @@ def benchmark(arch: str, args) -> None:
     E = config.expand * d
     shaped = gemm_rate([(args.tokens, d, rows), (args.tokens, E, d), (args.tokens, d, V), (d, args.tokens, rows)])
     total = forward + backward
-    print(f"matmul work of the step: {total / 1e9:.1f} GFLOP (forward {forward / 1e9:.1f}, backward {backward / 1e9:.1f})")
+    print(f"matmul work of the step: {total / 1e9:.1f} GFLOP "
+          f"(forward {forward / 1e9:.1f}, backward {backward / 1e9:.1f})")
     print(f"GEMM rate measured: {peak:.0f} GFLOP/s on 2048^3, {shaped:.0f} GFLOP/s on this step's shapes")
     print(f"matmul-bound estimate: {total / peak / 1e9:.2f} s at the peak rate, {total / shaped / 1e9:.2f} s at the "
           f"step's shapes; ours takes {t_ours:.2f} s = {t_ours / (total / shaped / 1e9):.2f}x the shape-aware bound")

@@ -3,17 +3,17 @@
     .venv/bin/python scripts/pretrain_tiny_lm.py            # about 13 min on one core; deterministic (seed 0, 1 thread)
     .venv/bin/python scripts/pretrain_tiny_lm.py --steps 20 --out /tmp/tiny   # a quick smoke run
 
-Text (mambapeft.data.pydoc_text.pretraining_documents, 1.76 M characters, 486k tokens): `pydoc_data.topics`
-minus the held-out topics of the built-in task, plus the standard library's docstrings, minus anything sharing
-8 consecutive words with the task topics, so the task's passages are never seen in pretraining. Tokenizer: byte-level BPE trained with the `tokenizers`
-library on the same text, saved as tokenizer.json (+ tokenizer_config.json) that transformers'
-AutoTokenizer / PreTrainedTokenizerFast load. Model: Mamba-1, d 128, 4 layers, saved in the Hugging Face
-format (config.json + model.safetensors) that `mambapeft.from_pretrained` and transformers'
-MambaForCausalLM both load. 2,000 steps of 8 x 128 tokens (about 4 passes over the text); the loss on the
-held-out task text levels off at about 5.3 from step 1,500. (The first version, 200 steps on the pydoc topics
-alone, 76k tokens, gave a model that PEFT could not teach the built-in task: longer runs memorised the text.) The loop is a plain AdamW loop on random
-windows of the token stream: a one-off asset build, not the fine-tuning path (mambapeft.train, on the Trainer).
-The final losses are written to the output folder's pretraining.json.
+Text (mambapeft.data.pydoc_text.pretraining_documents, 1.76 M characters, 486k tokens): `pydoc_data.topics` minus the
+held-out topics of the built-in task, plus the standard library's docstrings, minus anything sharing 8 consecutive
+words with the task topics, so the task's passages are never seen in pretraining. Tokenizer: byte-level BPE trained
+with the `tokenizers` library on the same text, saved as tokenizer.json (+ tokenizer_config.json) that transformers'
+AutoTokenizer / PreTrainedTokenizerFast load. Model: Mamba-1, d 128, 4 layers, saved in the Hugging Face format
+(config.json + model.safetensors) that `mambapeft.from_pretrained` and transformers' MambaForCausalLM both load. 2,000
+steps of 8 x 128 tokens (about 4 passes over the text); the loss on the held-out task text levels off at about 5.3
+from step 1,500. (The first version, 200 steps on the pydoc topics alone, 76k tokens, gave a model that PEFT could not
+teach the built-in task: longer runs memorised the text.) The loop is a plain AdamW loop on random windows of the
+token stream: a one-off asset build, not the fine-tuning path (mambapeft.train, on the Trainer). The final losses are
+written to the output folder's pretraining.json.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def parser(description: str, out: str, tokenizer_options: bool = True) -> argpar
     p.add_argument("--length", type=int, default=128, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (30 warm-up steps, cosine to 10%%)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible, and fastest on a busy machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: reproducible, and fastest on a busy machine)")
     return p
 
 

@@ -59,7 +59,8 @@ def test_bad_input_is_a_message_not_a_traceback(capsys, tmp_path):
 
 
 def test_console_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "mambapeft", "info", "tiny"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "mambapeft", "info", "tiny"], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0 and "parameters     131,008" in result.stdout
 
 
@@ -68,7 +69,8 @@ def test_info_vision_mamba_small(capsys):
     info = json.loads(out)
     p = info["parameters"]
     assert code == 0 and (info["d_model"], info["depth"], info["tokens"], info["d_inner"]) == (384, 24, 197, 768)
-    assert p["pos_embed"] == 197 * 384 and p["patch_embed"] == 3 * 16 * 16 * 384 + 384 and p["head"] == 384 * 1000 + 1000
+    assert p["pos_embed"] == 197 * 384 and p["patch_embed"] == 3 * 16 * 16 * 384 + 384
+    assert p["head"] == 384 * 1000 + 1000
     assert p["total"] == p["patch_embed"] + 384 + p["pos_embed"] + p["layers"] + 384 + p["head"]
     code, out, _ = run_cli(capsys, "info", "vim-tiny")
     assert code == 0 and "class token in the middle" in out
@@ -79,4 +81,5 @@ def test_train_task_vision_runs_the_builtin_vision_fine_tune(capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 0 and "adding linear_probe" in out and "fine-tuned" in out
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["parameters"]["trainable"] == 6_404 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert results["parameters"]["trainable"] == 6_404
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

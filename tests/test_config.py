@@ -66,7 +66,8 @@ def test_presets_carry_the_paper_settings():
     (spec,) = expand_preset("paper/additional_scan", "mamba-1.4b")
     assert (spec.config.n, spec.config.location, spec.config.init, spec.config.lr) == (6, "top", "neighbour", 1e-4)
     (spec,) = expand_preset("paper/affix", "mamba-370m")
-    assert (spec.config.n, spec.config.where, spec.config.projection, spec.config.lr) == (3, "after_in_proj", False, 1e-5)
+    assert (spec.config.n, spec.config.where, spec.config.projection, spec.config.lr) == \
+        (3, "after_in_proj", False, 1e-5)
     (spec,) = expand_preset("paper/full", "mamba-790m")
     assert spec.config.lr == 5e-5
     (spec,) = expand_preset("paper/sll_lora", "mamba-1.4b")

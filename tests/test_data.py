@@ -18,15 +18,16 @@ def write(path, records):
     return path
 
 
-RECORD = {"instruction": "Is water wet?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is true",
-          "answer": "true"}
+RECORD = {"instruction": "Is water wet?\n\nAnswer format: true/false", "input": "",
+          "output": "the correct answer is true", "answer": "true"}
 
 
 def test_commonsense_record_uses_llm_adapters_template(tmp_path):
     (ex,) = load_examples(write(tmp_path / "d.json", [RECORD]))
     # LLM-Adapters' generate_prompt, written out by hand
     assert ex.prompt == ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                         "the request.\n\n### Instruction:\nIs water wet?\n\nAnswer format: true/false\n\n### Response:\n")
+                         "the request.\n\n### Instruction:\nIs water wet?\n\nAnswer format: true/false\n\n"
+                         "### Response:\n")
     assert ex.response == "the correct answer is true" and ex.answer == "true" and ex.choices == ["true", "false"]
     with_input = format_prompt("Do it", "some context")
     assert "paired with an input" in with_input and with_input.endswith("### Input:\nsome context\n\n### Response:\n")
@@ -183,7 +184,8 @@ def test_builtin_task_is_reproducible():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("make_task", Path(__file__).parents[1] / "scripts/make_builtin_task.py")
+    spec = importlib.util.spec_from_file_location("make_task",
+                                                  Path(__file__).parents[1] / "scripts/make_builtin_task.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for name, records in module.build().items():

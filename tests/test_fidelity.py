@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_rel_close
 
 import mambapeft
 from mambapeft import get_peft_model
 from mambapeft.cli.main import main
 from mambapeft.config import expand_preset
+
+from conftest import assert_rel_close
 
 
 def micro(seed=0):
@@ -30,7 +31,8 @@ IDS = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
 # ------------------------------------------------------------------ SDT
 
 
-@pytest.mark.parametrize("arch, channels, states", [("mamba-130m", 15, 4), ("mamba-790m", 31, 4), ("mamba-1.4b", 41, 4)])
+@pytest.mark.parametrize("arch, channels, states",
+                         [("mamba-130m", 15, 4), ("mamba-790m", 31, 4), ("mamba-1.4b", 41, 4)])
 def test_sdt_selects_as_many_channels_as_the_authors_code(arch, channels, states, capsys):
     """dim - round((1 - fraction) * dim): 31 on mamba-790m (E 3072) and 41 on mamba-1.4b (E 4096), where rounding down
     gives 30 and 40."""

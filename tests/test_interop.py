@@ -9,13 +9,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_rel_close
 
 import mambapeft
 from mambapeft import ConfigError, PeftModel, get_peft_model
 from mambapeft.assets import BUILTIN_MODEL
 from mambapeft.cli.main import main
 from mambapeft.interop import export_peft, import_peft
+
+from conftest import assert_rel_close
 
 peft_lib = pytest.importorskip("peft")
 from transformers import AutoTokenizer, MambaForCausalLM  # noqa: E402

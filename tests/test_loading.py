@@ -171,7 +171,8 @@ def test_shape_mismatch_is_named(tmp_path, hf_model):
     config_file = tmp_path / "m" / "config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "state_size": 16}))
-    with pytest.raises(CheckpointError, match=r"backbone\.layers\.0\.mixer\.A_log has shape \(80, 8\), the config implies \(80, 16\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"backbone\.layers\.0\.mixer\.A_log has shape \(80, 8\), the config implies \(80, 16\)"):
         mambapeft.from_pretrained(tmp_path / "m")
 
 

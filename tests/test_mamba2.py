@@ -17,6 +17,7 @@ import mambapeft
 import mambapeft.scan.ssd as ssd
 from mambapeft.model.mamba2 import GatedRMSNorm, Mamba2LM
 from mambapeft.model.mixer import PeftHook
+
 from conftest import assert_rel_close, twin_models
 
 # chunk_size is transformers' chunk (its torch path pads to a multiple of it); ours is 64 unless patched

@@ -9,6 +9,7 @@ from transformers import Mamba2Config, Mamba2ForCausalLM
 
 import mambapeft
 from mambapeft import CheckpointError, ConfigError, Mamba2LM
+
 from conftest import assert_rel_close, twin_models
 
 SIZES = dict(hidden_size=24, num_heads=8, head_dim=6, n_groups=2, state_size=5, num_hidden_layers=2, vocab_size=96,

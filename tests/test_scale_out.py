@@ -67,7 +67,8 @@ def test_two_processes_equal_one_with_the_same_effective_batch_and_resume(data, 
     # only rank 0 wrote the run's files: the same as the one-process run, no lock left behind; each process adds its
     # RNG state to a checkpoint (the Trainer's rng_state_<rank>.pth), which an exact resume needs
     def files(out):
-        return {re.sub(r"rng_state(_\d+)?\.pth", "rng_state.pth", p.relative_to(out).as_posix()) for p in out.rglob("*")}
+        return {re.sub(r"rng_state(_\d+)?\.pth", "rng_state.pth", p.relative_to(out).as_posix())
+                for p in out.rglob("*")}
 
     assert files(tmp_path / "two") == files(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoint-2").glob("rng_state*")) == ["rng_state_0.pth",

@@ -14,7 +14,10 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 def make_inputs(batch, d_inner, length, d_state, softplus, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
-    delta = r(batch, d_inner, length) * 0.5 if softplus else torch.rand(batch, d_inner, length, generator=g, dtype=dtype) * 0.5
+    if softplus:
+        delta = r(batch, d_inner, length) * 0.5
+    else:
+        delta = torch.rand(batch, d_inner, length, generator=g, dtype=dtype) * 0.5
     return {
         "u": r(batch, d_inner, length),
         "delta": delta,

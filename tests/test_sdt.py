@@ -96,7 +96,7 @@ def test_save_load_reproduces_outputs_and_selection(tmp_path):
     peft.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(base_model(), tmp_path).eval()
     assert torch.equal(loaded(IDS).logits, expected)
-    for (a, bc), (a2, bc2) in zip(peft.methods[0].parts, loaded.methods[0].parts):
+    for (a, _), (a2, _) in zip(peft.methods[0].parts, loaded.methods[0].parts):
         assert torch.equal(a.channels, a2.channels) and torch.equal(a.states, a2.states)
         assert a2.current == 1 and not a2.dense.requires_grad and a2.values.requires_grad
     assert loaded.parameter_counts() == peft.parameter_counts()

@@ -137,7 +137,7 @@ def test_no_sampled_trial_of_the_default_space_clashes():
         assert any(set(members) == {"partial_a", "sdt"} for members, _ in space.exclusive_groups())
         seen = []
 
-        def objective(specs, report, tag):
+        def objective(specs, report, tag, seen=seen):
             check_combination([REGISTRY[s.method](s.config) for s in specs])     # raises on a clash
             seen.append({s.method for s in specs})
             return {"score": float(len(specs)), "trainable": 1}

@@ -41,12 +41,16 @@ def base():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s["step1"]["methods"].update(lora_p_q={}), r"step1.methods.lora_p_q: unknown method 'lora_p_q' \(did you mean 'lora_p_"),
+    (lambda s: s["step1"]["methods"].update(lora_p_q={}),
+     r"step1.methods.lora_p_q: unknown method 'lora_p_q' \(did you mean 'lora_p_"),
     (lambda s: s["step2"]["methods"].update(partial_d={}), "step2.methods.partial_d: partial_d is not among step1"),
-    (lambda s: s["step2"]["methods"]["lora_p_x"].update(r={"int": [16, 4]}), r"lora_p_x.r: the range \[16, 4\] is empty"),
+    (lambda s: s["step2"]["methods"]["lora_p_x"].update(r={"int": [16, 4]}),
+     r"lora_p_x.r: the range \[16, 4\] is empty"),
     (lambda s: s["step2"]["methods"]["lora_p_x"].update(r={"choice": []}), "lora_p_x.r: the choice range is empty"),
-    (lambda s: s["step2"]["methods"]["lora_p_x"].update(r={"log": [1.5, 8.0]}), "r is a int, so a log range does not fit"),
-    (lambda s: s["step2"]["methods"]["lora_p_x"].update(s={"int": [1, 2]}), "s is a float, so an int range does not fit"),
+    (lambda s: s["step2"]["methods"]["lora_p_x"].update(r={"log": [1.5, 8.0]}),
+     "r is a int, so a log range does not fit"),
+    (lambda s: s["step2"]["methods"]["lora_p_x"].update(s={"int": [1, 2]}),
+     "s is a float, so an int range does not fit"),
     (lambda s: s["step2"]["methods"]["lora_p_x"].update(r={"int": [0, 4]}), "r=0 must be >= 1"),
     (lambda s: s["step2"]["methods"]["lora_p_x"].update(rank={"int": [1, 4]}), "lora_p_x has no option 'rank'"),
     (lambda s: s["step2"]["methods"]["lora_p_x"].update(lr={"log": [0, 1e-3]}), "log range needs lo > 0"),

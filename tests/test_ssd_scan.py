@@ -7,6 +7,7 @@ import torch
 
 import mambapeft.scan.ssd as ssd
 from mambapeft import ssd_scan, ssd_scan_reference
+
 from conftest import assert_rel_close
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")

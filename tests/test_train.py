@@ -71,9 +71,10 @@ def test_end_to_end_run_writes_everything_and_learns(tiny, tmp_path):
 
 
 def _cli(tiny, out, *extra):
-    return [sys.executable, "-m", "mambapeft", "train", "--model", str(tiny / "model"), "--data", str(tiny / "train.json"),
-            "--val-size", "0", "--output-dir", str(out), "--max-length", "64", "--max-steps", "40", "--batch-size", "2",
-            "--micro-batch-size", "1", "--lr", "5e-3", "--warmup-steps", "3", "--eval-steps", "4", "--logging-steps", "2",
+    return [sys.executable, "-m", "mambapeft", "train", "--model", str(tiny / "model"),
+            "--data", str(tiny / "train.json"), "--val-size", "0", "--output-dir", str(out), "--max-length", "64",
+            "--max-steps", "40", "--batch-size", "2", "--micro-batch-size", "1", "--lr", "5e-3",
+            "--warmup-steps", "3", "--eval-steps", "4", "--logging-steps", "2",
             "--method", "lora_p_x:r=4,dropout=0.1", "--seed", "3", *extra]
 
 
@@ -105,7 +106,9 @@ def test_killed_run_resumes_to_the_same_adapter(tiny, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
-    first = load_file(str(whole / "checkpoint-4" / "adapter_model.safetensors")) if (whole / "checkpoint-4").exists() else None
+    first_checkpoint = whole / "checkpoint-4"
+    first = (load_file(str(first_checkpoint / "adapter_model.safetensors")) if first_checkpoint.exists()
+             else None)
     assert first is None or any(not torch.equal(first[k], a[k]) for k in a)            # it did train past the kill
     def losses(run):                                   # the logged training losses, step by step
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -196,5 +199,6 @@ def test_paper_learning_rates_apply_by_model_size_unless_lr_is_given():
     base = from_config("mamba-130m", device="meta")
     recipe = TrainConfig.from_dict({"model": "x", "data": "d.json", "method": ["additional_scan", "lora_p_x:r=8"]})
     assert [s.config.lr for s in method_config(recipe, base).methods] == [5e-3, 1e-3]          # paper Table 7
-    assert [s.config.lr for s in method_config(TrainConfig.from_dict({**recipe.to_dict(), "lr": 2e-4}), base).methods] == [None, None]
+    run_lr = TrainConfig.from_dict({**recipe.to_dict(), "lr": 2e-4})
+    assert [s.config.lr for s in method_config(run_lr, base).methods] == [None, None]
     assert [s.config.lr for s in method_config(recipe, from_config("tiny", device="meta")).methods] == [None, None]

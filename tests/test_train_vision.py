@@ -149,8 +149,8 @@ def test_command_line_flags(vtab):
     args = build_parser().parse_args(["train", "--task", "vision", "--vtab-task", "halves", "--data-root", str(vtab),
                                       "--epochs", "3", "--split", "search"])
     _, c = config_from_args(args)
-    assert (c.model, c.vtab_task, c.data_root, c.epochs, c.split, c.lr) == ("tiny-vim", "halves", str(vtab), 3.0, "search",
-                                                                       1e-3)
+    assert (c.model, c.vtab_task, c.data_root, c.epochs, c.split, c.lr) == \
+        ("tiny-vim", "halves", str(vtab), 3.0, "search", 1e-3)
 
 
 def _run_file(vtab, tmp_path, out, **changes):

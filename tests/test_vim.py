@@ -224,7 +224,8 @@ def test_a_pickle_asking_for_other_globals_is_refused_and_nothing_runs(tmp_path)
 
 def test_a_legacy_pickle_is_still_loaded_restricted(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"model": {}, "args": RunsCodeOnLoad(marker)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    torch.save({"model": {}, "args": RunsCodeOnLoad(marker)}, tmp_path / "old.pth",
+               _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match="asks to unpickle .*system.*nothing in it was run"):
         load_vim(tmp_path / "old.pth")
     assert not marker.exists()
@@ -428,7 +429,8 @@ def test_prompt_tokens_go_after_the_position_embedding_and_the_head_reads_the_cl
         h = base.patch_embed(IMAGES)                                              # (b, 16, d)
         h = torch.cat([h[:, :8], base.cls_token.expand(3, 1, 32), h[:, 8:]], 1) + base.pos_embed
         t = tokens[None].expand(3, -1, -1)
-        front, back = {"prefix": (t, t[:, :0]), "suffix": (t[:, :0], t), "prefix+suffix": (t[:, :1], t[:, 1:])}[position]
+        front, back = {"prefix": (t, t[:, :0]), "suffix": (t[:, :0], t),
+                       "prefix+suffix": (t[:, :1], t[:, 1:])}[position]
         h = torch.cat([front, h, back], 1)
         for layer in base.layers:
             h = layer(h)

@@ -50,7 +50,7 @@ def _require_peft():
     return peft
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def transformers_bypasses(layer: str) -> bool:
     """Whether transformers' MambaMixer reads `layer`.weight directly instead of calling the module, which silently
     bypasses a peft LoRA on it (transformers 5.x multiplies by dt_proj.weight in its CPU path)."""

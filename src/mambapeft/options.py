@@ -121,6 +121,10 @@ def defaults(cls) -> dict:
     """The default value of every field of an option dataclass."""
     out = {}
     for f in fields(cls):
-        out[f.name] = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
-                                                                  else None)
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = None
     return out

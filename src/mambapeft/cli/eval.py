@@ -16,7 +16,8 @@ def add_parser(commands):
         "lm-evaluation-harness task name (boolq, piqa, social_iqa, hellaswag, winogrande, arc_easy, arc_challenge, "
         "openbookqa, ... or a task defined by a YAML file under --include-path; needs the lm-eval extra).",
     )
-    parser.add_argument("model", nargs="?", default="builtin", help="'builtin', a folder or a hub id (default: builtin)")
+    parser.add_argument("model", nargs="?", default="builtin",
+                        help="'builtin', a folder or a hub id (default: builtin)")
     parser.add_argument("--adapter", help="a PEFT adapter folder (from `mambapeft train`: OUTPUT_DIR/adapter)")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the model's)")
     parser.add_argument("--tasks", default="builtin", help="comma-separated tasks (default: builtin)")

@@ -46,7 +46,8 @@ def add_config_flags(parser) -> None:
             shown = {t: ("builtin data: " + str(TASKS[t].builtin_defaults[f.name]) + ", else " if f.name in
                          TASKS[t].builtin_defaults else "") + str(v) for t, v in defaults.items()}
             help_text = f.metadata.get("help", "")
-            if len(set(map(str, defaults.values()))) == 1 and not any(f.name in TASKS[t].builtin_defaults for t in owners[f.name]):
+            builtin_default = any(f.name in TASKS[t].builtin_defaults for t in owners[f.name])
+            if len(set(map(str, defaults.values()))) == 1 and not builtin_default:
                 help_text += f" (default: {next(iter(defaults.values()))})"
             else:
                 help_text += " (default: " + "; ".join(f"{t}: {v}" for t, v in shown.items()) + ")"
@@ -92,7 +93,8 @@ def add_parser(commands):
         "--task vision: a Vision Mamba on a VTAB-1k task. A --config file (JSON or YAML, the same keys as the "
         "options) can hold everything; options given here override it. Everything is checked before the output "
         "folder is touched; a folder holding an earlier run is refused unless --resume or --overwrite. "
-        "Multi-GPU: `accelerate launch -m mambapeft train ...` or `torchrun --nproc-per-node N -m mambapeft train ...`.",
+        "Multi-GPU: `accelerate launch -m mambapeft train ...` or "
+        "`torchrun --nproc-per-node N -m mambapeft train ...`.",
     )
     parser.add_argument("--task", choices=tuple(TASKS), default=None,
                         help="language (default): a Mamba LM on instruction data; vision: a Vision Mamba on a VTAB-1k "

@@ -27,7 +27,8 @@ class MethodSpec:
     @classmethod
     def build(cls, method: str, options: dict) -> MethodSpec:
         if method not in REGISTRY:
-            raise ConfigError(f"unknown method {method!r}{did_you_mean(method, REGISTRY)}; `mambapeft methods` lists them")
+            raise ConfigError(
+                f"unknown method {method!r}{did_you_mean(method, REGISTRY)}; `mambapeft methods` lists them")
         return cls(method, build_options(REGISTRY[method].Config, options, method))
 
     @classmethod

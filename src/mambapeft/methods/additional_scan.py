@@ -170,7 +170,8 @@ def _hooks(model):
 class AdditionalScan(Method):
     name = "additional_scan"
     family = "additional scan"
-    description = "N' extra state dimensions (extra A columns, extra B and C rows of x_proj); pretrained states untouched"
+    description = ("N' extra state dimensions (extra A columns, extra B and C rows of x_proj); "
+                   "pretrained states untouched")
     Config = AdditionalScanConfig
     merge_order = 10                            # reshapes A_log and x_proj: after every delta on them is merged
     targets = frozenset({("state", None)})
@@ -229,7 +230,8 @@ class AdditionalScan(Method):
             slots, B_rows, C_rows = mixer.tensors("A_log"), mixer.projections("B"), mixer.projections("C")
             for direction, (slot, B_proj, C_proj) in enumerate(zip(slots, B_rows, C_rows)):
                 A_log = slot.value
-                setattr(slot.owner, slot.name, nn.Parameter(hook._join(A_log.detach(), hook.A_log[direction].detach(), 1)))
+                grown_A_log = hook._join(A_log.detach(), hook.A_log[direction].detach(), 1)
+                setattr(slot.owner, slot.name, nn.Parameter(grown_A_log))
                 x_proj = B_proj.layer                   # the B rows come before the C rows, in one layer
                 w = x_proj.weight.detach()
                 (b0, b1), (c0, c1) = B_proj.rows, C_proj.rows

@@ -41,13 +41,15 @@ WHERE = ("after_in_proj", "before_in_proj")
 @dataclass
 class AffixConfig(MethodConfig):
     n: int = option(3, "number of soft tokens per layer (the paper: 1-3; more overfits)", minimum=1)
-    where: str = option("after_in_proj", "insert after in_proj (2E-wide, X and Z; the paper's best) or before it (d-wide)",
+    where: str = option("after_in_proj",
+                        "insert after in_proj (2E-wide, X and Z; the paper's best) or before it (d-wide)",
                         choices=WHERE)
     position: str = option("prefix", "where the tokens go: prefix, infix (evenly spaced), suffix, or prefix+suffix; "
                            "causal language models accept prefix only", choices=POSITIONS)
     projection: bool = option(False, "compute all layers' tokens with one shared MLP (Embedding -> Linear -> tanh -> "
                               "Linear), collapsed into plain tokens by merge_and_unload")
-    hidden: int | None = option(None, "hidden size of the projection MLP (default: the token width, 2E or d)", minimum=1)
+    hidden: int | None = option(None, "hidden size of the projection MLP (default: the token width, 2E or d)",
+                                minimum=1)
     dual: bool = option(True, "Vision Mamba: separate tokens for each scan direction (after in_proj only)")
 
 

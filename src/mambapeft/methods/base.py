@@ -55,8 +55,10 @@ def register(cls: type[Method]) -> type[Method]:
 class MethodConfig:
     """Base of every method's hyperparameters; per-method optimiser settings live here too."""
 
-    lr: float | None = option(None, "learning rate of this method's parameters (default: the run's)", exclusive_minimum=0)
-    weight_decay: float | None = option(None, "weight decay of this method's parameters (default: the run's)", minimum=0)
+    lr: float | None = option(None, "learning rate of this method's parameters (default: the run's)",
+                              exclusive_minimum=0)
+    weight_decay: float | None = option(None, "weight decay of this method's parameters (default: the run's)",
+                                        minimum=0)
 
     def validate(self, method: str) -> None:
         """Checks every field against its limits; the message names the method and the option."""
@@ -165,7 +167,8 @@ class Method:
         """Why this method cannot be combined with `other`, or None."""
         overlap = _overlap(self.targets, other.targets)
         if overlap and (self.exclusive or other.exclusive):
-            return f"{self.name} and {other.name} both change {overlap}, and {self.name if self.exclusive else other.name} must be alone there"
+            alone = self.name if self.exclusive else other.name
+            return f"{self.name} and {other.name} both change {overlap}, and {alone} must be alone there"
         return None
 
 

@@ -18,7 +18,7 @@ class FullFineTuning(Method):
     lr_by_size = FULL_LR                   # paper: 5e-5 for every size; the built-in model: 1e-3 (measured)
 
     def attach(self, model):
-        return [p for p in model.parameters()]
+        return list(model.parameters())
 
     def merge(self, model):
         pass                                   # the weights are the model already

@@ -5,9 +5,10 @@
 The scale is the plain `s` of the paper's official code (0.1), not alpha / r. Dropout acts on the branch's input by
 default (ours: the layer sees the whole input, the update a dropped-out one); `dropout_at=bottleneck` puts it after
 Down, as the official code does where it calls LoRA as a module (X, Z, in_proj, out_proj; on x_proj, dt and the
-B/C/dt rows it merges the weights and so applies none): the `paper/...` presets follow that. Partial LoRA (paper Section 3.2) puts the delta on one output block only: the X or Z half
-of in_proj, or the dt, B or C rows of x_proj. In Vision Mamba, x_proj and dt_proj exist once per scan
-direction and each direction gets its own LoRA; in_proj and out_proj are shared and get one.
+B/C/dt rows it merges the weights and so applies none): the `paper/...` presets follow that. Partial LoRA (paper
+Section 3.2) puts the delta on one output block only: the X or Z half of in_proj, or the dt, B or C rows of x_proj.
+In Vision Mamba, x_proj and dt_proj exist once per scan direction and each direction gets its own LoRA; in_proj and
+out_proj are shared and get one.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ for _name, (_role, _target, _rank, _step1_rank, _text) in LORA_TARGETS.items():
         "search_step1": {"r": _step1_rank, "s": 0.1},
         "lr_by_size": LORA_P_X_LR if _name == "lora_p_x" else {},
         # Table 9 searches lora_p_b's rank in 4..12, the others in 4..16
-        "search_step2": {**LinearLoRA.search_step2, "r": {"int": [4, 12]}} if _name == "lora_p_b" else LinearLoRA.search_step2,
+        "search_step2": ({**LinearLoRA.search_step2, "r": {"int": [4, 12]}} if _name == "lora_p_b"
+                         else LinearLoRA.search_step2),
     }))
 
 

@@ -59,11 +59,14 @@ def soft_positions(position: str, n: int, length: int) -> torch.Tensor:
 def check_position(method: str, position: str, n: int, model) -> None:
     """The position rules shared by prompt and affix (see the module docstring for why)."""
     if position == "prefix+suffix" and n < 2:
-        raise ConfigError(f"{method}: position=prefix+suffix splits the tokens between both ends and needs n >= 2, got n={n}")
+        raise ConfigError(f"{method}: position=prefix+suffix splits the tokens between both ends and needs n >= 2, "
+                          f"got n={n}")
     if position != "prefix" and model.is_causal:
         why = {
-            "suffix": "tokens after the last real token cannot change any output of a causal model (and get no gradient)",
-            "prefix+suffix": "the suffix half would sit after the last real token, where a causal model's outputs cannot see it",
+            "suffix": "tokens after the last real token cannot change any output of a causal model "
+                      "(and get no gradient)",
+            "prefix+suffix": "the suffix half would sit after the last real token, where a causal model's outputs "
+                             "cannot see it",
             "infix": "infix positions depend on the sequence length, so they would move as generation adds tokens "
                      "and step-by-step generation could not equal the full forward",
         }[position]
@@ -114,7 +117,8 @@ class TokenMLP(nn.Module):
         _linear_init_(self.weight2, self.bias2)
 
     def forward(self) -> torch.Tensor:
-        return F.linear(torch.tanh(F.linear(self.embedding, self.weight1, self.bias1)), self.weight2, self.bias2)  # (n, out)
+        hidden = torch.tanh(F.linear(self.embedding, self.weight1, self.bias1))  # (n, hidden)
+        return F.linear(hidden, self.weight2, self.bias2)                         # (n, out)
 
 
 def first_parameter(model) -> torch.Tensor:
@@ -132,7 +136,8 @@ class PromptConfig(MethodConfig):
                            "(split in half); causal language models accept prefix only", choices=POSITIONS)
     projection: bool = option(False, "compute the tokens with an MLP (Embedding -> Linear -> tanh -> Linear) "
                               "that merge_and_unload collapses into plain tokens")
-    hidden: int | None = option(None, "hidden size of the projection MLP (default: the model width d, as the paper)", minimum=1)
+    hidden: int | None = option(None, "hidden size of the projection MLP (default: the model width d, as the paper)",
+                                minimum=1)
     init: str = option("normal", "token init: normal (N(0,1), the paper's code) or vocab (embeddings of random "
                        "vocabulary tokens, Lester et al. 2021; needs a token embedding)", choices=("normal", "vocab"))
 
@@ -178,7 +183,8 @@ def _embedding_table(model) -> torch.Tensor | None:
 class PromptTuning(Method):
     name = "prompt"
     family = "prompt tuning"
-    description = "n soft tokens added to the input sequence (prefix, infix, suffix or both ends), stripped from the output"
+    description = ("n soft tokens added to the input sequence (prefix, infix, suffix or both ends), "
+                   "stripped from the output")
     Config = PromptConfig
     mergeable = False      # tokens are not a weight; merge_and_unload collapses a projection into plain tokens
     why_not_mergeable = "soft tokens are extra sequence positions, not a change of any weight"

@@ -124,8 +124,8 @@ class InitialStateTuning(StateMethod):
 class StateOffsetTuning(StateMethod):
     name = "state_offset"
     description = "a learned offset on the state read at every step (h: C_t h', E x N) or on the output (y: y', E)"
-    why_not_mergeable = ("(h) adds C_t h', a rank-N map of x_t that no weight before the gate can hold; (y) is gated by "
-                         "silu(z_t), so it is not a bias of out_proj")
+    why_not_mergeable = ("(h) adds C_t h', a rank-N map of x_t that no weight before the gate can hold; "
+                         "(y) is gated by silu(z_t), so it is not a bias of out_proj")
     Config = StateOffsetConfig
     stage = "state_offset"
     targets = frozenset({("state_offset", None)})

@@ -93,7 +93,8 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
     except RevisionNotFoundError:
         raise CheckpointError(f"{name!r} has no revision {revision!r} on the hub") from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"no repository {name!r} on the Hugging Face hub (and no local folder of that name)") from None
+        raise CheckpointError(
+            f"no repository {name!r} on the Hugging Face hub (and no local folder of that name)") from None
 
 
 # ---------------------------------------------------------------- config
@@ -263,7 +264,8 @@ def check_tensors(expected: dict, state: dict, source: str, *, against: str = "i
         raise CheckpointError(f"{source} does not match {against}: " + "; ".join(parts))
     for key, shape in expected.items():
         if state[key].shape != shape:
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, {implied} {tuple(shape)}")
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(state[key].shape)}, {implied} {tuple(shape)}")
 
 
 def load_state_dict_strict(model: MambaLM, state: dict, source: str) -> None:

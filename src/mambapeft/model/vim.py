@@ -131,8 +131,9 @@ class PatchEmbed(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (self.img_size, self.img_size):
             raise ValueError(
-                f"expected images (batch, channels, {self.img_size}, {self.img_size}), got {tuple(pixel_values.shape)}; "
-                f"resize them, or load the model with img_size={pixel_values.shape[-1]} (resizes the position embedding)"
+                f"expected images (batch, channels, {self.img_size}, {self.img_size}), "
+                f"got {tuple(pixel_values.shape)}; resize them, or load the model with "
+                f"img_size={pixel_values.shape[-1]} (resizes the position embedding)"
             )
         return self.proj(pixel_values).flatten(2).mT                 # (b, d, g, g) -> (b, M, d)
 

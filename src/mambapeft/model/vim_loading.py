@@ -95,8 +95,8 @@ def read_vim_pickle(file: Path) -> tuple[dict, argparse.Namespace | None]:
 
 def config_from_state(state: dict, args: argparse.Namespace | None, source: str) -> VimConfig:
     """The architecture of a Vim state dict (the training args settle the stride and image size)."""
-    needed = ("patch_embed.proj.weight", "pos_embed", "cls_token", "layers.0.mixer.A_log", "layers.0.mixer.in_proj.weight",
-              "layers.0.mixer.dt_proj.weight", "head.weight")
+    needed = ("patch_embed.proj.weight", "pos_embed", "cls_token", "layers.0.mixer.A_log",
+              "layers.0.mixer.in_proj.weight", "layers.0.mixer.dt_proj.weight", "head.weight")
     missing = [k for k in needed if k not in state]
     if missing:
         raise CheckpointError(f"{source} is not a Vim checkpoint with a class token: it lacks {', '.join(missing)}")
@@ -197,7 +197,8 @@ def _hub_download(repo: str, filename: str | None, *, revision, cache_dir, local
     except RevisionNotFoundError:
         raise CheckpointError(f"{repo!r} has no revision {revision!r} on the hub") from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"no repository {repo!r} on the Hugging Face hub (and no local file of that name)") from None
+        raise CheckpointError(
+            f"no repository {repo!r} on the Hugging Face hub (and no local file of that name)") from None
     except EntryNotFoundError:
         raise CheckpointError(f"{repo!r} has no file {filename!r}; pass filename= with the checkpoint's name") from None
 

@@ -102,7 +102,8 @@ class SequentialScan(torch.autograd.Function):
         buf_dA, buf_s, buf_g, buf_p = (uT.new_empty(T, batch, d_state, d_inner) for _ in range(4))
         buf_e = uT.new_empty(T, batch, d_inner)
         # dLoss/ds at the end of the current chunk, flowing back from later chunks
-        carry = grad_last.transpose(1, 2).contiguous() if grad_last is not None else uT.new_zeros(batch, d_state, d_inner)
+        carry = (grad_last.transpose(1, 2).contiguous() if grad_last is not None
+                 else uT.new_zeros(batch, d_state, d_inner))
 
         chunks = _chunks(length, T)
         for c in range(len(chunks) - 1, -1, -1):

@@ -81,7 +81,7 @@ def write_report(folder, studies: dict[int, optuna.Study]) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     offset = 0
     for step, study in sorted(studies.items()):
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        done = list(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         xs = [offset + t.number for t in done]
         ys = [t.value for t in done]
         ax.scatter(xs, ys, s=18, label=f"step {step} trials")

@@ -243,7 +243,8 @@ def _check_range(method, option, value, target, where):
                           f"{{\"log\": [lo, hi]}}, {{\"choice\": [...]}}; got {value!r}")
     kind, bounds = next(iter(value.items()))
     if not isinstance(bounds, list) or not bounds:
-        raise ConfigError(f"{where}: the {kind} range is empty; give {'the choices' if kind == 'choice' else '[lo, hi]'}")
+        give = "the choices" if kind == "choice" else "[lo, hi]"
+        raise ConfigError(f"{where}: the {kind} range is empty; give {give}")
     if kind == "choice":
         for choice in bounds:
             _build(method, {option: choice}, where)

@@ -35,7 +35,8 @@ class TrainConfig(RunConfig):
     test_data: str | None = option(None, "multiple-choice test file scored before and after training")
     max_length: int = option(256, "token cut-off; longer examples are truncated (with a warning, counted)", minimum=8)
     val_size: int = option(2000, "examples held out from data for validation when val_data is not given", minimum=0)
-    train_on_prompt: bool = option(True, "compute the loss on the prompt too (LLM-Adapters' default), not only the response")
+    train_on_prompt: bool = option(True, "compute the loss on the prompt too (LLM-Adapters' default), "
+                                   "not only the response")
     warmup_steps: int = option(100, "linear warm-up steps", minimum=0)
     eval_steps: int = option(200, "evaluate on validation and save a checkpoint every this many steps", minimum=1)
 

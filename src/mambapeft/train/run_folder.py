@@ -79,7 +79,8 @@ class FolderLock:
                 raise RunFolderError(
                     f"another process is writing the {self.what} {self.path.parent}: PID {other.get('pid')} on "
                     f"{other.get('host')}, since {other.get('since')}. Wait for it to finish, stop it, or use another "
-                    f"--output-dir" + ("" if same_host else f" (if that process is gone, delete {self.path})"))
+                    f"--output-dir" + ("" if same_host else f" (if that process is gone, delete {self.path})")
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True

@@ -35,7 +35,8 @@ def complete_checkpoints(output_dir) -> list[Path]:
     found = []
     for path in Path(output_dir).glob("checkpoint-*"):
         state = path / "trainer_state.json"
-        if path.is_dir() and path.name.split("-")[-1].isdigit() and state.is_file() and (path / ADAPTER_WEIGHTS).is_file():
+        if (path.is_dir() and path.name.split("-")[-1].isdigit() and state.is_file()
+                and (path / ADAPTER_WEIGHTS).is_file()):
             try:
                 json.loads(state.read_text())
             except json.JSONDecodeError:
@@ -131,7 +132,8 @@ class PeftTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         if model.training and not torch.isfinite(loss.detach()).all():
             labels = inputs.get("labels")
@@ -313,6 +315,7 @@ class JsonlMetrics(TrainerCallback):
         if not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "epoch": state.epoch}
-        record.update({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in (logs or {}).items()})
+        record.update({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                       for k, v in (logs or {}).items()})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -42,9 +42,10 @@ class VisionTrainConfig(RunConfig):
     eval_batch_size: int = default_of("eval_batch_size", 128)
     flat_decay: bool = default_of("flat_decay", False, "(vision: false, the official recipe)")
     data_root: str | None = option(None, "VTAB-1k root holding <task>/ folders (default: the built-in tiny root)")
-    vtab_task: str = option("digits_rotation", "task folder under data_root with train800/val200/train800val200/test.txt")
-    num_classes: int | None = option(None, "classes of the task (needed for a task that is not one of the 19 of VTAB-1k; "
-                                     "every label is checked against it)", minimum=1)
+    vtab_task: str = option("digits_rotation",
+                            "task folder under data_root with train800/val200/train800val200/test.txt")
+    num_classes: int | None = option(None, "classes of the task (needed for a task that is not one of the 19 of "
+                                     "VTAB-1k; every label is checked against it)", minimum=1)
     split: str = option("final", "final: train on train800val200, report test; search: train on train800, "
                         "pick the best checkpoint on val200, report test", choices=tuple(SPLIT_MODES))
     image_size: int | None = option(None, "input resolution (default: the model's)", minimum=8)
