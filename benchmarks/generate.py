@@ -3,11 +3,11 @@
     python benchmarks/generate.py [--arch mamba-130m --prompt 8 --new-tokens 32 --batch-sizes 1 8 --threads 2]
 
 Both models hold the same weights. For each batch size: tokens/s of a whole `generate` call (prompt pass
-included, no early stop), and the check that both produce the same tokens. Beside the figures, the
-memory-bandwidth bound of decoding: every step reads all the weights once (the tied embedding as the output
-head), so a step takes at least (bytes of weights) / (memory bandwidth), measured here with a large tensor
-copy. Also printed: the rate torch's fp32 matrix-vector product reaches on this machine, the kernel every
-projection of a batch-1 step runs on.
+included, no early stop) and the check that both produce the same tokens; the two take turns (a warm-up
+round, then `--repeats` rounds, medians). Beside the figures, the memory-bandwidth bound of decoding: a step
+reads every weight once (the tied embedding as the output head), so it takes at least (bytes of weights) /
+(memory bandwidth), the bandwidth measured here as the rate of a large tensor copy. Also printed: the rate
+torch's fp32 matrix-vector product (MKL) reaches here, the kernel every projection of a batch-1 step runs on.
 Targets (issue "decoding and evaluation at the speed a recurrent model allows"): at batch 1, at least 2x
 transformers and within 1.5x of the bandwidth bound.
 """
@@ -15,6 +15,8 @@ transformers and within 1.5x of the bandwidth bound.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,19 @@ def gemv_rate(config, repeats: int = 5) -> float:
     x = torch.randn(1, d)
     seconds, _ = timed(lambda: [F.linear(x, w) for w in weights], repeats)
     return sum(w.numel() for w in weights) * 4 / seconds
+
+
+def interleaved(runs: dict, repeats: int) -> dict:
+    """{name: (median seconds, last result)}, the runs taking turns (a warm-up round first), so that a load
+    from other processes that comes and goes weighs on all of them alike."""
+    times, results = {name: [] for name in runs}, {}
+    for round_ in range(repeats + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in runs}
 
 
 def weight_bytes(model) -> int:
@@ -85,10 +100,8 @@ def main():
             "mambapeft": lambda ids=ids: ours.generate(ids, max_new_tokens=n, eos_token_id=None),
             "transformers": lambda ids=ids: theirs.generate(ids, max_new_tokens=n, do_sample=False),
         }
-        results = {}
-        for name, run in runs.items():
-            seconds, tokens = timed(run, args.repeats)
-            results[name] = (seconds, tokens)
+        results = interleaved(runs, args.repeats)
+        for name, (seconds, _) in results.items():
             rate = batch * n / seconds
             print(f"{batch:5d} {name:14s} {seconds:9.2f} {rate:9.1f} {bound:12.1f} {rate / bound:8.0%}")
         (t_ours, tok_ours), (t_hf, tok_hf) = results["mambapeft"], results["transformers"]
