@@ -84,7 +84,10 @@ def random_requests(tokenizer, model, seed=0):
     continuations that are the model's own greedy tokens, so that some greedy flags are true."""
     g = torch.Generator().manual_seed(seed)
     words = ["for", "import", "the", "loop", "x", "=", "1", "def", "class", "return", "while", "list", "(", ")"]
-    text = lambda n: " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist())
+
+    def text(n):
+        return " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist())
+
     requests = []
     for k in range(9):
         context = "" if k == 0 else text(int(torch.randint(1, 12, (1,), generator=g)))
@@ -98,8 +101,8 @@ def random_requests(tokenizer, model, seed=0):
 
 def test_shared_context_scoring_equals_per_pair_with_soft_tokens_and_extra_states(tokenizer):
     """Prompt tokens, affix tokens and extra scan states all live in the recurrent state that is shared."""
-    peft = get_peft_model(from_pretrained("builtin"), ["prompt:n=3", "affix:n=2", "additional_scan:n=4", "lora_p_x:r=4"],
-                          seed=0).eval()
+    specs = ["prompt:n=3", "affix:n=2", "additional_scan:n=4", "lora_p_x:r=4"]
+    peft = get_peft_model(from_pretrained("builtin"), specs, seed=0).eval()
     with torch.no_grad():
         for p in peft.parameters():
             if p.requires_grad:
@@ -196,8 +199,8 @@ def test_harness_bridge_runs_a_local_task_with_an_adapter(tmp_path, tokenizer, p
     ours = mc.score_items(peft, tokenizer, load_mc_items(data))
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=(r["question"], " " + c), idx=0)
                 for r in rows for c in r["choices"]]
-    assert_same_scores(lm.loglikelihood(requests), mc.loglikelihoods_per_pair(peft, tokenizer, [r.args for r in requests]),
-                       "harness bridge")
+    reference = mc.loglikelihoods_per_pair(peft, tokenizer, [r.args for r in requests])
+    assert_same_scores(lm.loglikelihood(requests), reference, "harness bridge")
     harness = out["results"]["local_mc"]
     assert harness["acc,none"] == pytest.approx(ours["acc"]) and harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     assert "exact_match,none" in out["results"]["local_gen"]

@@ -69,7 +69,12 @@ def test_one_token_step_equals_the_full_forward(name, monkeypatch):
     _, ours = twin_models(STEP_CONFIGS[name])
     steps = []
     real_step = mixer_module.MambaMixer.step
-    monkeypatch.setattr(mixer_module.MambaMixer, "step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
+
+    def counted_step(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(mixer_module.MambaMixer, "step", counted_step)
     ids = torch.randint(0, ours.config.vocab_size, (2, 10))
     with torch.no_grad():
         by_step = ours.new_state()
@@ -94,10 +99,16 @@ def test_decoding_does_not_rerun_the_prompt(monkeypatch):
     """The prompt runs once (one scan per layer); every new token is one length-1 step, with no scan call."""
     _, ours = models("K4")
     lengths = []                                                          # sequence lengths layer 0's in_proj sees
-    ours.backbone.layers[0].mixer.in_proj.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
-    scans = []
+    in_proj = ours.backbone.layers[0].mixer.in_proj
+    in_proj.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    scans = []                                                            # lengths of every scan call
     real_scan = mixer_module.selective_scan
-    monkeypatch.setattr(mixer_module, "selective_scan", lambda *a, **k: (scans.append(a[0].shape[-1]), real_scan(*a, **k))[1])
+
+    def counted_scan(u, *args, **kwargs):
+        scans.append(u.shape[-1])
+        return real_scan(u, *args, **kwargs)
+
+    monkeypatch.setattr(mixer_module, "selective_scan", counted_scan)
     ids = torch.randint(0, 97, (2, 7))
     generated = ours.generate(ids, max_new_tokens=6)
     assert generated.shape == (2, 13)
