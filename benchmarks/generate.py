@@ -6,7 +6,7 @@ Both models hold the same weights. For each batch size: tokens/s of a whole `gen
 included, no early stop) and the check that both produce the same tokens; the two take turns (a warm-up
 round, then `--repeats` rounds, medians). Beside the figures, the memory-bandwidth bound of decoding: a step
 reads every weight once (the tied embedding as the output head), so it takes at least (bytes of weights) /
-(memory bandwidth), the bandwidth measured here as the rate of a large tensor copy. Also printed: the rate
+(memory bandwidth), the bandwidth measured here as the best rate of a large tensor copy. Also printed: the rate
 torch's fp32 matrix-vector product (MKL) reaches here, the kernel every projection of a batch-1 step runs on.
 Targets (issue "decoding and evaluation at the speed a recurrent model allows"): at batch 1, at least 2x
 transformers and within 1.5x of the bandwidth bound.
@@ -21,24 +21,33 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import machine, setup_threads, timed
+from _common import machine, setup_threads
 
 
-def copy_rate(megabytes: int = 512, repeats: int = 5) -> float:
+def fastest(fn, repeats: int) -> float:
+    """The shortest of `repeats` timed calls after one warm-up: a rate for a bound is the best one seen."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_rate(megabytes: int = 512, repeats: int = 7) -> float:
     """Bytes copied per second by a large tensor copy (each byte is read once and written once)."""
     src = torch.ones(megabytes * 2**20 // 4)
     dst = torch.empty_like(src)
-    seconds, _ = timed(lambda: dst.copy_(src), repeats)
-    return src.numel() * 4 / seconds
+    return src.numel() * 4 / fastest(lambda: dst.copy_(src), repeats)
 
 
-def gemv_rate(config, repeats: int = 5) -> float:
+def gemv_rate(config, repeats: int = 7) -> float:
     """Weight bytes per second of F.linear at batch 1 over in_proj-sized matrices (more than the caches hold)."""
     d, E = config.hidden_size, config.intermediate_size
     weights = [torch.randn(2 * E, d) for _ in range(max(8, 2**29 // (8 * E * d)))]   # ~512 MiB in all
     x = torch.randn(1, d)
-    seconds, _ = timed(lambda: [F.linear(x, w) for w in weights], repeats)
-    return sum(w.numel() for w in weights) * 4 / seconds
+    return sum(w.numel() for w in weights) * 4 / fastest(lambda: [F.linear(x, w) for w in weights], repeats)
 
 
 def interleaved(runs: dict, repeats: int) -> dict:

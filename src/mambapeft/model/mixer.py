@@ -56,7 +56,7 @@ class MixerState:
     """
 
     conv: torch.Tensor | None = None   # (b, E, K-1): the last K-1 inputs of the causal conv
-    ssm: torch.Tensor | None = None    # (b, E, n) float32: the scan state; n = N plus any extra states
+    ssm: torch.Tensor | None = None    # (b, E, n) float32 (float64 models: float64): the scan state; n = N + extra
     offset: int = 0                    # real tokens consumed so far (inserted soft tokens not counted)
 
 
