@@ -52,6 +52,90 @@ def test_loglikelihoods_match_transformers(tokenizer, peft):
     assert abs(mc.loglikelihoods(peft, tokenizer, requests[:1])[0][0] - ours[0][0]) > 0.1
 
 
+# ---------------------------------------------------------------- shared-context scoring == per pair
+
+
+def assert_same_scores(shared, per_pair, what):
+    assert len(shared) == len(per_pair)
+    for n, ((ll, greedy), (ll_ref, greedy_ref)) in enumerate(zip(shared, per_pair)):
+        assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-5), f"{what}: request {n}"
+        assert greedy == greedy_ref, f"{what}: greedy flag of request {n}"
+
+
+def test_shared_context_scoring_equals_per_pair_on_the_builtin_task(tokenizer):
+    from mambapeft.assets import builtin_split
+    from mambapeft.data.multiple_choice import load_mc_items
+    from mambapeft.train.run import load_tokenizer
+
+    model = from_pretrained("builtin").eval()
+    tok = load_tokenizer("builtin")
+    items = load_mc_items(builtin_split("test"))[:40]
+    requests = [(item.context, c) for item in items for c in item.continuations()]
+    lengths = {len(tok(item.context)["input_ids"]) for item in items}
+    assert len(lengths) > 8                           # contexts of many lengths: batches run in several segments
+    shared = mc.loglikelihoods(model, tok, requests, batch_size=8)
+    assert_same_scores(shared, mc.loglikelihoods_per_pair(model, tok, requests, batch_size=8), "builtin task")
+    assert mc.score_items(model, tok, items, batch_size=8)["predictions"] == [
+        max(range(len(item.choices)), key=lambda c: shared[4 * i + c][0]) for i, item in enumerate(items)]
+
+
+def random_requests(tokenizer, model, seed=0):
+    """Contexts of many lengths (one empty, several shared by up to 5 continuations of 1-6 tokens), plus
+    continuations that are the model's own greedy tokens, so that some greedy flags are true."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["for", "import", "the", "loop", "x", "=", "1", "def", "class", "return", "while", "list", "(", ")"]
+
+    def text(n):
+        return " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist())
+
+    requests = []
+    for k in range(9):
+        context = "" if k == 0 else text(int(torch.randint(1, 12, (1,), generator=g)))
+        for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+            requests.append((context, " " + text(int(torch.randint(1, 5, (1,), generator=g)))))
+        ids = tokenizer(context, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=3, eos_token_id=None)[0, len(ids):]
+        requests.append((context, tokenizer.decode(greedy)))
+    return requests
+
+
+def test_shared_context_scoring_equals_per_pair_with_soft_tokens_and_extra_states(tokenizer):
+    """Prompt tokens, affix tokens and extra scan states all live in the recurrent state that is shared."""
+    specs = ["prompt:n=3", "affix:n=2", "additional_scan:n=4", "lora_p_x:r=4"]
+    peft = get_peft_model(from_pretrained("builtin"), specs, seed=0).eval()
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    requests = random_requests(tokenizer, peft)
+    reference = mc.loglikelihoods_per_pair(peft, tokenizer, requests, batch_size=5)
+    assert any(greedy for _, greedy in reference) and not all(greedy for _, greedy in reference)
+    assert_same_scores(mc.loglikelihoods(peft, tokenizer, requests, batch_size=5), reference, "adapter")
+    # the adapter is applied: without it the scores differ
+    plain = mc.loglikelihoods(from_pretrained("builtin").eval(), tokenizer, requests[:3])
+    assert all(abs(a[0] - b[0]) > 1e-2 for a, b in zip(plain, reference[:3]))
+
+
+def test_shared_context_scoring_keeps_the_left_cut_and_empty_continuations(tokenizer):
+    model = from_pretrained("builtin").eval()
+    requests = random_requests(tokenizer, model, seed=1) + [("for x in", ""), ("", "")]
+    longest = max(len(tokenizer(c + x)["input_ids"]) for c, x in requests)
+    for max_length in (8, 12, longest):               # 8 and 12 cut many requests on the left, longest none
+        assert_same_scores(mc.loglikelihoods(model, tokenizer, requests, batch_size=4, max_length=max_length),
+                           mc.loglikelihoods_per_pair(model, tokenizer, requests, batch_size=4, max_length=max_length),
+                           f"max_length {max_length}")
+
+
+def test_a_context_is_read_once_for_all_its_choices(tokenizer):
+    model = from_pretrained("builtin").eval()
+    seen = []                                         # (rows, length) of every batch the embedding receives
+    model.backbone.embeddings.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    context, choices = "The for statement is used to", [" iterate", " import a module", " x", " define a class here"]
+    mc.loglikelihoods(model, tokenizer, [(context, c) for c in choices])
+    cont_lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices]
+    assert seen == [(1, len(tokenizer(context)["input_ids"])), (4, max(cont_lengths) - 1)]
+
+
 def test_acc_and_acc_norm_as_the_harness_defines_them(monkeypatch):
     items = [MCItem("q1", ["a", "bbbb"], 1), MCItem("q2", ["cc", "d", "e"], 0)]
     fake = {("q1", " a"): -2.0, ("q1", " bbbb"): -4.0, ("q2", " cc"): -3.0, ("q2", " d"): -2.5, ("q2", " e"): -2.9}
@@ -97,6 +181,8 @@ def test_harness_bridge_runs_a_local_task_with_an_adapter(tmp_path, tokenizer, p
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    from lm_eval.api.instance import Instance
+
     from mambapeft.data.multiple_choice import load_mc_items
     from mambapeft.evaluation.harness import MambaPeftLM, run_harness
 
@@ -111,6 +197,10 @@ def test_harness_bridge_runs_a_local_task_with_an_adapter(tmp_path, tokenizer, p
     lm = MambaPeftLM(peft, tokenizer, batch_size=4)
     out = run_harness(lm, ["local_mc", "local_gen"], include_path=tasks)
     ours = mc.score_items(peft, tokenizer, load_mc_items(data))
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=(r["question"], " " + c), idx=0)
+                for r in rows for c in r["choices"]]
+    reference = mc.loglikelihoods_per_pair(peft, tokenizer, [r.args for r in requests])
+    assert_same_scores(lm.loglikelihood(requests), reference, "harness bridge")
     harness = out["results"]["local_mc"]
     assert harness["acc,none"] == pytest.approx(ours["acc"]) and harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     assert "exact_match,none" in out["results"]["local_gen"]

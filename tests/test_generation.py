@@ -1,10 +1,13 @@
 """Generation with our own recurrent state: step decoding, greedy, sampling, against full forwards and transformers."""
 
+import copy
+
 import pytest
 import torch
-from transformers import MambaConfig
+from transformers import FalconMambaConfig, MambaConfig
 
 import mambapeft
+from mambapeft.model import mixer as mixer_module
 
 from conftest import assert_rel_close, twin_models
 
@@ -52,6 +55,66 @@ def test_greedy_equals_argmax_of_full_forward_and_transformers(name):
 
     hf_generated = hf.generate(ids, max_new_tokens=15, do_sample=False)
     assert torch.equal(generated, hf_generated)
+
+
+STEP_CONFIGS = {
+    **{name: MambaConfig(**kw, eos_token_id=None) for name, kw in GEN_CONFIGS.items()},
+    "falcon": FalconMambaConfig(hidden_size=40, num_hidden_layers=2, vocab_size=80, state_size=8),   # B/C/dt norms
+}
+
+
+@pytest.mark.parametrize("name", STEP_CONFIGS)
+def test_one_token_step_equals_the_full_forward(name, monkeypatch):
+    """A length-1 input that continues a state takes `step` (outside autograd); with autograd on it takes the
+    full path. Both give the same logits and leave the same state, padded rows included."""
+    _, ours = twin_models(STEP_CONFIGS[name])
+    steps = []
+    real_step = mixer_module.MambaMixer.step
+
+    def counted_step(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(mixer_module.MambaMixer, "step", counted_step)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        by_step = ours.new_state()
+        ours(ids[:, :8], state=by_step)
+    by_forward = copy.deepcopy(by_step)
+    assert not steps
+    for t, mask in ((8, None), (9, torch.tensor([[1], [0]]))):
+        with torch.no_grad():
+            stepped = ours(ids[:, t : t + 1], attention_mask=mask, state=by_step).logits
+        assert len(steps) == ours.config.num_hidden_layers
+        full = ours(ids[:, t : t + 1], attention_mask=mask, state=by_forward).logits     # autograd on: full path
+        assert len(steps) == ours.config.num_hidden_layers
+        steps.clear()
+        assert_rel_close(stepped, full, tol=1e-5, what=f"logits after token {t}")
+        for a, b in zip(by_step.layers, by_forward.layers):
+            assert a.offset == b.offset == t + 1
+            assert_rel_close(a.conv, b.conv, tol=1e-6, what="conv state")
+            assert_rel_close(a.ssm, b.ssm, tol=1e-5, what="scan state")
+
+
+def test_decoding_does_not_rerun_the_prompt(monkeypatch):
+    """The prompt runs once (one scan per layer); every new token is one length-1 step, with no scan call."""
+    _, ours = models("K4")
+    lengths = []                                                          # sequence lengths layer 0's in_proj sees
+    in_proj = ours.backbone.layers[0].mixer.in_proj
+    in_proj.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    scans = []                                                            # lengths of every scan call
+    real_scan = mixer_module.selective_scan
+
+    def counted_scan(u, *args, **kwargs):
+        scans.append(u.shape[-1])
+        return real_scan(u, *args, **kwargs)
+
+    monkeypatch.setattr(mixer_module, "selective_scan", counted_scan)
+    ids = torch.randint(0, 97, (2, 7))
+    generated = ours.generate(ids, max_new_tokens=6)
+    assert generated.shape == (2, 13)
+    assert lengths == [7, 1, 1, 1, 1, 1]                 # the prompt, then each new token but the last once
+    assert scans == [7, 7]                               # one scan per layer, over the prompt
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():

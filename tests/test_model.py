@@ -131,3 +131,15 @@ def test_inputs_embeds_equal_input_ids():
     ids = torch.randint(0, 1024, (2, 7))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, model(inputs_embeds=model.backbone.embeddings(ids)).logits)
+
+
+def test_logits_to_keep_gives_the_last_positions_only():
+    model = mambapeft.from_config("tiny", seed=0).eval()
+    ids = torch.randint(0, 1024, (2, 9))
+    with torch.no_grad():
+        full = model(ids).logits
+        assert torch.equal(model(ids, logits_to_keep=0).logits, full)
+        assert_rel_close(model(ids, logits_to_keep=3).logits, full[:, -3:], tol=1e-6)
+        assert model(ids, logits_to_keep=3).logits.shape == (2, 3, 1024)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)

@@ -121,6 +121,10 @@ class PeftModel(nn.Module):
     def generate(self, *args, **kwargs):
         return self.base_model.generate(*args, **kwargs)
 
+    def new_state(self):
+        """An empty recurrent state of the base model, for forward(..., state=...)."""
+        return self.base_model.new_state()
+
     @property
     def config(self):
         return self.base_model.config

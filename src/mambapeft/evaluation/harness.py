@@ -4,7 +4,8 @@
     results = run_harness(lm, ["boolq", "piqa"])            # or tasks defined by YAML files under include_path
 
 The harness sends three kinds of requests: loglikelihood (context, continuation) -> (log p, is greedy), the
-multiple-choice tasks' path (acc, acc_norm); loglikelihood_rolling (text) -> log p of the whole text, in
+multiple-choice tasks' path (acc, acc_norm; requests that share a context run it once, see
+`multiple_choice.loglikelihoods`); loglikelihood_rolling (text) -> log p of the whole text, in
 windows of max_length tokens; generate_until (context, {until, max_gen_toks, ...}) -> greedy text cut at the
 first stop string.
 """

@@ -1,8 +1,9 @@
 """Token generation with our own recurrent state: one full-sequence pass over the prompt, then one step a token.
 
 The prompt pass leaves every layer's conv inputs and scan state in a `MambaState`; each new token then costs
-one length-1 forward from that state, which gives the same logits as re-running the whole sequence
-(tested). Sampling uses transformers' logits warpers, so temperature, top-k and top-p mean what they mean
+one length-1 forward from that state, in which every mixer takes its one-token `step` (the conv on its last K
+inputs, one step of the recurrence, no scan call), and which gives the same logits as re-running the whole
+sequence (tested). Sampling uses transformers' logits warpers, so temperature, top-k and top-p mean what they mean
 in `transformers.generate`.
 """
 
@@ -72,7 +73,8 @@ def generate(
     try:
         input_ids = input_ids.to(model.device)
         state = model.new_state()
-        logits = model(input_ids, attention_mask=attention_mask, state=state).logits[:, -1]   # prompt pass
+        # prompt pass: the state, and the logits of the last position only
+        logits = model(input_ids, attention_mask=attention_mask, state=state, logits_to_keep=1).logits[:, -1]
         tokens = input_ids
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
@@ -88,7 +90,7 @@ def generate(
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             if finished.all() or step == max_new_tokens - 1:
                 break
-            logits = model(next_token[:, None], state=state).logits[:, -1]                    # one step
+            logits = model(next_token[:, None], state=state).logits[:, -1]      # one step: each mixer's `step`
         return tokens
     finally:
         model.train(was_training)

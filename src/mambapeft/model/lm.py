@@ -109,6 +109,12 @@ class MambaState:
     def offset(self) -> int:
         return self.layers[0].offset if self.layers else 0
 
+    def select(self, rows: torch.Tensor) -> "MambaState":
+        """A new state made of copies of batch rows `rows` (b',) long, in that order; a row may repeat (one
+        context continued by several continuations). The copy is independent: stepping one leaves the other."""
+        return MambaState([MixerState(layer.conv.index_select(0, rows), layer.ssm.index_select(0, rows), layer.offset)
+                           for layer in self.layers])
+
 
 @dataclass
 class MambaLMOutput(ModelOutput):
@@ -217,14 +223,21 @@ class MambaLM(nn.Module, PeftModelInterface):
         inputs_embeds: torch.Tensor | None = None,
         state: MambaState | None = None,
         num_items_in_batch: int | None = None,
+        logits_to_keep: int = 0,
         **unused,
     ) -> MambaLMOutput:
         """input_ids (b, L) -> logits (b, L, vocab); loss when labels (b, L) are given (-100 = ignore).
 
         attention_mask (b, L): 1 for real tokens, 0 for padding (padded positions are zeroed before in_proj and
         after the conv, as in transformers, so left padding leaves the real tokens' outputs unchanged).
-        state: continue from it and update it (generation; see `new_state`).
+        state: continue from it and update it (generation; see `new_state`). A length-1 input that continues a
+        state takes each mixer's one-token `step` (outside autograd).
+        logits_to_keep: compute the logits of the last `logits_to_keep` positions only, (b, k, vocab), as
+        transformers' argument of that name (0: all positions); the head is a large part of a pass that only
+        needs the state and the last position.
         """
+        if logits_to_keep < 0 or (logits_to_keep and labels is not None):
+            raise ValueError(f"logits_to_keep must be >= 0 and 0 when labels are given, got {logits_to_keep}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.backbone.embeddings(input_ids) if inputs_embeds is None else inputs_embeds    # (b, L, d)
@@ -238,6 +251,8 @@ class MambaLM(nn.Module, PeftModelInterface):
         for i, layer in enumerate(self.backbone.layers):
             h = layer(h, mask, state.layers[i] if state is not None else None)
         h = drop_inserted(self.backbone.norm_f(h), kept)                                     # soft prompt out
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()                      # (b, L, vocab)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return MambaLMOutput(loss=loss, logits=logits, state=state)

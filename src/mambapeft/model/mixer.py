@@ -19,6 +19,9 @@ Extension points, so that PEFT methods plug in without editing this file:
   `torch.nn.utils.parametrize` can add a zero-initialised delta to any of them (partial tuning).
 * `hooks` hold `PeftHook`s: soft tokens inserted before or after in_proj and dropped again before
   out_proj (affix tuning), and extra state dimensions (extra columns of A, extra B and C rows: additional scan).
+* `step` is the one-token path of generation (mamba_ssm's forward/step split): the same modules and tensors,
+  called on the last K conv inputs and one step of the recurrence instead of the chunked scan. `forward`
+  takes it by itself for a length-1 input that continues a state.
 * `bidirectional=True` builds Vim's "v2" block: the backward direction has its own conv1d_b, x_proj_b,
   dt_proj_b, A_b_log and D_b and scans the flipped sequence; in_proj, the gate and out_proj are shared and the
   two directions' outputs are averaged. `DIRECTION_NAMES` maps each direction to its attribute names, so a
@@ -47,10 +50,14 @@ STAGES = ("embeddings", "before_in_proj", "after_in_proj")
 
 @dataclass
 class MixerState:
-    """What a new token needs from the past of one mixer (generation): the recurrent state."""
+    """What a new token needs from the past of one mixer (generation): the recurrent state.
+
+    The first pass over a sequence allocates both buffers; every `step` after it overwrites them in place, so
+    copy a state (`MambaState.select`) to keep it.
+    """
 
     conv: torch.Tensor | None = None   # (b, E, K-1): the last K-1 inputs of the causal conv
-    ssm: torch.Tensor | None = None    # (b, E, n): the scan state; n = N plus any extra states
+    ssm: torch.Tensor | None = None    # (b, E, n) float32 (float64 models: float64): the scan state; n = N + extra
     offset: int = 0                    # real tokens consumed so far (inserted soft tokens not counted)
 
 
@@ -291,6 +298,8 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         """
         if state is not None and self.bidirectional:
             raise ValueError("a bidirectional (Vim) mixer has no recurrent state: pass state=None")
+        if state is not None and hidden_states.shape[1] == 1 and self._can_step(state):
+            return self.step(hidden_states, state, mask)
         offset = state.offset if state is not None else 0
         length = hidden_states.shape[1]
 
@@ -371,5 +380,48 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         if state.conv is None:
             state.conv = xt.new_zeros(xt.shape[0], self.d_inner, past)
         full = torch.cat([state.conv.to(xt.dtype), xt], dim=-1)                     # (b, E, K-1+L)
-        state.conv = full[..., full.shape[-1] - past:]
+        state.conv = full[..., full.shape[-1] - past:].clone()                      # its own buffer, for `step`
         return conv1d(full)[..., past: past + length].mT
+
+    # ------------------------------------------------------------------ one token
+
+    def _can_step(self, state: MixerState) -> bool:
+        """Whether a length-1 input may take `step`: the state holds a past, no autograd graph is recorded
+        (step overwrites the state), and no hook inserts tokens here (a prefix is in the state already)."""
+        if state.ssm is None or state.conv is None or torch.is_grad_enabled():
+            return False
+        return all(hook.tokens(stage, 0, 1, state.offset) is None
+                   for hook in self.hooks for stage in ("before_in_proj", "after_in_proj"))
+
+    def step(self, hidden_states: torch.Tensor, state: MixerState, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One token continuing `state`: hidden_states (b, 1, d) -> (b, 1, d); the state is updated in place.
+
+        The math of `forward` for a length-1 input (tested equal), without the scan call and its chunking: the
+        conv runs on the window of the last K inputs, the recurrence advances one step. The modules and tensors
+        are the same ones, read the same way, so every adapter applies. For inference (no autograd graph).
+        """
+        conv1d, x_proj, dt_proj, A_log, D = self.direction_parts(0)
+        xz = self.in_proj(_masked(hidden_states, mask))                             # (b, 1, 2E)
+        x, z = xz.chunk(2, dim=-1)                                                  # (b, 1, E) each
+        window = torch.cat([state.conv, x.mT], dim=-1)                              # (b, E, K)
+        state.conv.copy_(window[..., 1:])
+        x = conv1d(window)[..., self.d_conv - 1: self.d_conv].mT                    # (b, 1, E) the window's output
+        x = _masked(F.silu(x), mask)
+
+        dt_low, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)   # (b, 1, R | N | N)
+        if self.bcdt_rms_eps is not None:
+            dt_low, B, C = (_rms(t, self.bcdt_rms_eps) for t in (dt_low, B, C))
+        for hook in self.hooks:
+            A_log, B, C = hook.extend_state(0, x, A_log, B, C)                     # N -> n states
+        compute = state.ssm.dtype                                                   # float32 (float64 models: float64)
+        A = -torch.exp(A_log.float()).to(compute)                                   # (E, n)
+        dt = F.softplus(dt_proj(dt_low)[:, 0].to(compute))                          # (b, E)
+        u = x[:, 0].to(compute)                                                     # (b, E)
+
+        # s = exp(dt A) s + dt B u;  y = <s, C> + D u, gated by silu(z)
+        drive = (dt * u)[:, :, None] * B.to(compute)                                # (b, E, n)
+        state.ssm.copy_(drive.addcmul_(torch.exp(dt[:, :, None] * A), state.ssm))
+        y = (state.ssm @ C.to(compute).mT).squeeze(-1) + u * D.to(compute)          # (b, E)
+        y = y * F.silu(z[:, 0].to(compute))
+        state.offset += 1
+        return self.out_proj(y.to(x.dtype)[:, None])                                # (b, 1, d)
