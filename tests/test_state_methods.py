@@ -147,6 +147,28 @@ def test_left_padding_gives_the_unpadded_outputs(spec):
     assert torch.equal(generated, peft.generate(ids, max_new_tokens=3, eos_token_id=None)[:, 8:])
 
 
+@pytest.mark.parametrize("spec", ["initial_state", "state_offset", "state_offset:variant=y+additional_scan:n=2"])
+def test_decoding_steps_equal_full_forwards(spec):
+    """Greedy decoding takes the one-token `step` path; each new token's logits equal a full forward's."""
+    peft = get_peft_model(lm(), spec.split("+"))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in peft.base_model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.5)
+    peft.eval()
+    ids = torch.randint(1, 97, (2, 6))
+    generated = peft.generate(ids, max_new_tokens=5, eos_token_id=None)
+    with torch.no_grad():
+        full = peft(generated[:, :-1]).logits[:, 5:]                 # the logits each new token was chosen from
+        state = peft.base_model.new_state()
+        stepped = [peft.base_model(ids, state=state).logits[:, -1:]]
+        for t in range(6, generated.shape[1] - 1):
+            stepped.append(peft.base_model(generated[:, t : t + 1], state=state).logits)
+    assert torch.equal(full.argmax(-1), generated[:, 6:])
+    assert_rel_close(torch.cat(stepped, 1), full, tol=1e-5, what=spec)
+
+
 def test_initial_state_and_affix_tokens_compose():
     """With affix tokens (a prefix after in_proj), the scan starts from H0, reads the tokens, then the text."""
     peft = get_peft_model(lm(), ["initial_state", "affix:n=2"]).double().eval()

@@ -411,6 +411,7 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         dt_low, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)   # (b, 1, R | N | N)
         if self.bcdt_rms_eps is not None:
             dt_low, B, C = (_rms(t, self.bcdt_rms_eps) for t in (dt_low, B, C))
+        C_pretrained = C                                                            # state offsets read these
         for hook in self.hooks:
             A_log, B, C = hook.extend_state(0, x, A_log, B, C)                     # N -> n states
         compute = state.ssm.dtype                                                   # float32 (float64 models: float64)
@@ -422,6 +423,9 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         drive = (dt * u)[:, :, None] * B.to(compute)                                # (b, E, n)
         state.ssm.copy_(drive.addcmul_(torch.exp(dt[:, :, None] * A), state.ssm))
         y = (state.ssm @ C.to(compute).mT).squeeze(-1) + u * D.to(compute)          # (b, E)
+        offset = self._offset(0, C_pretrained)                                      # (b, 1, E), (E,) or None
+        if offset is not None:
+            y = y + (offset[:, 0] if offset.dim() == 3 else offset).to(compute)
         y = y * F.silu(z[:, 0].to(compute))
         state.offset += 1
         return self.out_proj(y.to(x.dtype)[:, None])                                # (b, 1, d)
