@@ -204,3 +204,14 @@ def test_builtin_mamba2():
     assert report["final_train_loss"] < 4.5
     ids = torch.tensor([[0, 11, 12, 13]])
     assert model.generate(ids, 5).shape == (1, 9)
+
+
+def test_the_builtin_models_answer_to_their_tiny_names():
+    """`--model tiny-mamba2` (like tiny-vim and tiny-vmamba) is the built-in Mamba-2; tiny-mamba the built-in Mamba."""
+    from mambapeft.peft import count_parameters
+    from mambapeft.train.language import BUILTIN_MODELS
+
+    assert isinstance(mambapeft.from_pretrained("tiny-mamba2"), Mamba2LM)
+    assert type(mambapeft.from_pretrained("tiny-mamba")) is type(mambapeft.from_pretrained("builtin"))
+    assert {"tiny-mamba", "tiny-mamba2"} <= set(BUILTIN_MODELS)                   # the built-in rates apply
+    assert count_parameters("tiny-mamba2", ["lora_p_x:r=8"])["trainable"] == 4 * 8 * (128 + 256)   # 4 layers, d 128 -> X 256

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .assets import BUILTIN_LANGUAGE_MODELS
 from .config import MethodSpec, PeftConfig
 from .errors import CheckpointError, ConfigError, NotApplicable
 from .methods import REGISTRY, Method
@@ -324,7 +325,7 @@ def count_parameters(model_name: str, specs: list) -> dict:
 
     from .model.factory import shapes_model
 
-    arch = "builtin" if model_name in ("builtin", "builtin-mamba2") else model_name.lower()
+    arch = "builtin" if model_name in BUILTIN_LANGUAGE_MODELS else model_name.lower()
     model = shapes_model(model_name)[0]
     peft = get_peft_model(model, PeftConfig.parse(specs, arch=arch), arch=arch)
     notes = {str(spec): note for spec, method in zip(peft.peft_config.methods, peft.methods)

@@ -1,8 +1,9 @@
 """Files shipped with the package: the built-in tiny Mamba and the built-in task (both built offline by scripts/).
 
     tiny-mamba/     Hugging Face Mamba checkpoint + tokenizer (scripts/pretrain_tiny_lm.py); `from_pretrained("builtin")`
+                    or "tiny-mamba"
     tiny-mamba2/    the same for Mamba-2, same text and tokenizer (scripts/pretrain_tiny_mamba2.py);
-                    `from_pretrained("builtin-mamba2")`
+                    `from_pretrained("tiny-mamba2")` or "builtin-mamba2"
     pydoc-topics/   train / validation / test JSON in LLM-Adapters' commonsense format (scripts/make_builtin_task.py)
     tiny-vim/, tiny-vmamba/, vtab-tiny/   the vision defaults (scripts/pretrain_tiny_vim.py, pretrain_tiny_vmamba.py);
                     `load_vim("tiny-vim")`, `load_vmamba("tiny-vmamba")`
@@ -15,6 +16,9 @@ BUILTIN_MODEL = HERE / "tiny-mamba"
 BUILTIN_MAMBA2 = HERE / "tiny-mamba2"
 BUILTIN_TASK = HERE / "pydoc-topics"
 BUILTIN_NAME = "builtin"
+# the built-in language models by every name they answer to
+BUILTIN_LANGUAGE_MODELS = {"builtin": BUILTIN_MODEL, "tiny-mamba": BUILTIN_MODEL,
+                           "tiny-mamba2": BUILTIN_MAMBA2, "builtin-mamba2": BUILTIN_MAMBA2}
 
 
 def builtin_split(split: str) -> Path:

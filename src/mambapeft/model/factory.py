@@ -25,7 +25,7 @@ from .vmamba import VMAMBA_ARCHITECTURES, VMamba, VMambaConfig, build_vmamba
 # every name from_config builds, and the packaged pretrained models
 ALL_ARCHITECTURES = [*ARCHITECTURES, *MAMBA2_ARCHITECTURES, *VIM_ARCHITECTURES, *VMAMBA_ARCHITECTURES,
                      *S4D_ARCHITECTURES]
-BUILTIN_NAMES = ("builtin", "builtin-mamba2", "tiny-vim", "tiny-vmamba")
+BUILTIN_NAMES = ("builtin", "tiny-mamba", "tiny-mamba2", "builtin-mamba2", "tiny-vim", "tiny-vmamba")
 # every model family, by the small architecture that stands for it in checks (`mambapeft methods`, the conformance
 # test): adding a family is implementing model/interface.py and one line here
 FAMILIES = {"mamba": "mamba-micro", "mamba2": "mamba2-tiny", "vim": "vim-micro", "s4d": "s4d-micro"}

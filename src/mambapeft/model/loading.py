@@ -46,14 +46,10 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if str(name_or_path) == "builtin":                  # the packaged tiny Mamba (mambapeft/assets/tiny-mamba)
-        from ..assets import BUILTIN_MODEL
+    from ..assets import BUILTIN_LANGUAGE_MODELS
 
-        return BUILTIN_MODEL
-    if str(name_or_path) == "builtin-mamba2":           # the packaged tiny Mamba-2 (mambapeft/assets/tiny-mamba2)
-        from ..assets import BUILTIN_MAMBA2
-
-        return BUILTIN_MAMBA2
+    if str(name_or_path) in BUILTIN_LANGUAGE_MODELS:    # the packaged tiny Mamba and Mamba-2 (mambapeft/assets)
+        return BUILTIN_LANGUAGE_MODELS[str(name_or_path)]
     name = str(name_or_path)
     if path.exists():
         raise CheckpointError(f"{name} is a file; pass the folder that holds config.json and the weights")

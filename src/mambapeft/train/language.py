@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..assets import BUILTIN_NAME, builtin_split
+from ..assets import BUILTIN_LANGUAGE_MODELS, BUILTIN_NAME, builtin_split
 from ..config.presets import run_lr
 from ..errors import ConfigError
 from ..options import option
@@ -18,7 +18,7 @@ from .config import RunConfig, default_of
 from .tasks import Prepared, TaskKind, task_kind
 
 # the packaged tiny language models (Mamba-1, Mamba-2): the same size, the same column of learning rates
-BUILTIN_MODELS = (BUILTIN_NAME, "builtin-mamba2")
+BUILTIN_MODELS = tuple(BUILTIN_LANGUAGE_MODELS)
 # A text every real tokenizer turns into several tokens; one that cannot is not a tokenizer for this model.
 PROBE = "The quick brown fox jumps over the lazy dog."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
