@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/methods_language.py                       # every method, same budget and seed
     .venv/bin/python benchmarks/methods_language.py --methods lora_p_x full --max-steps 20   # a quick subset
+    .venv/bin/python benchmarks/methods_language.py --model tiny-mamba2 --out runs/methods_language_mamba2
 
 Each single method of the paper (its paper/<name> preset), plus full, linear_probe and all methods at once, is
 fine-tuned with `mambapeft.train.fine_tune` on the built-in task with the same steps, batch and seed, at the
@@ -9,7 +10,8 @@ built-in model's per-method learning rates (config.presets: 3e-2 for the LoRA fa
 the rest; --lr sets one for all), keeping the checkpoint with the best validation accuracy. Prints a table
 (method, settings, trainable parameters, percent, validation and test accuracy, seconds per step with the run's
 evaluations included) and writes it, results.json (resumable: finished rows are kept) and a PNG plot of test
-accuracy against trainable parameters to --out. About 3 minutes a method on one core.
+accuracy against trainable parameters to --out. About 3 minutes a method on one core. A method the model's family
+lacks (`mambapeft methods` says which) is a row marked not applicable, with the reason.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mambapeft.assets import BUILTIN_MODEL  # noqa: E402
+from mambapeft.errors import NotApplicable  # noqa: E402
 from mambapeft.peft import count_parameters as count  # noqa: E402
 from mambapeft.train import TrainConfig, fine_tune  # noqa: E402
 
 SINGLE = ["lora_embed", "lora_in_proj", "lora_x_proj", "lora_dt_proj", "lora_out_proj", "lora_p_x", "lora_p_z",
           "lora_p_dt", "lora_p_b", "lora_p_c", "parallel_adapter", "prompt", "affix", "additional_scan",
-          "partial_a", "partial_d", "partial_conv1d", "partial_bias", "sdt", "sdt_lora"]
+          "partial_a", "partial_d", "partial_conv1d", "partial_bias", "sdt", "sdt_lora", "dora_p_x",
+          "initial_state", "state_offset", "state_offset_y"]
 ALL_AT_ONCE = ["lora_embed:r=8", "lora_p_x:r=8", "lora_p_z:r=8", "lora_out_proj:r=8", "parallel_adapter:dim=8",
                "affix:n=1", "additional_scan:n=1", "partial_a", "partial_d", "partial_bias"]
 
@@ -40,6 +43,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=SINGLE + ["full", "linear_probe", "all"],
                    help="method names (paper presets), 'full', 'linear_probe' or 'all' (every method at once)")
     p.add_argument("--max-steps", type=int, default=336, help="optimiser steps per method (8 epochs: 336)")
+    p.add_argument("--model", default="builtin", help="the base model: builtin (tiny Mamba) or tiny-mamba2")
     p.add_argument("--lr", type=float, default=None,
                    help="one learning rate for every method (default: the built-in model's per-method rates)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -64,19 +68,24 @@ def main(argv=None) -> None:
             specs = [f"sdt:warmup_steps={max(1, args.max_steps // 4)}"]
             specs += ["lora_out_proj:r=8"] if name == "sdt_lora" else []
         config = TrainConfig.from_dict(dict(
-            model="builtin", data="builtin", test_data="builtin", method=specs, output_dir=str(out / name),
+            model=args.model, data="builtin", test_data="builtin", method=specs, output_dir=str(out / name),
             max_length=192, epochs=100.0, max_steps=args.max_steps, batch_size=8, micro_batch_size=8, lr=args.lr,
             warmup_steps=10, eval_steps=max(1, args.max_steps // 8), logging_steps=max(1, args.max_steps // 16),
             train_on_prompt=False, seed=42))
         start = time.time()
         try:
             result = fine_tune(config, overwrite=True, log=lambda *a: None)
+        except NotApplicable as err:                     # the family lacks what the method trains
+            rows.append({"method": name, "not_applicable": str(err)})
+            print(f"{name}: not applicable: {err}", flush=True)
+            results.write_text(json.dumps(rows, indent=2) + "\n")
+            continue
         except Exception as err:                         # one method's failure is a line, not the end of the table
             print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
             continue
         counts = result["parameters"]
         if name in ("sdt", "sdt_lora"):                  # what trains after the selection, not the dense warm-up
-            counts = count(str(BUILTIN_MODEL), specs)
+            counts = count(args.model, specs)
         rows.append({"method": name, "config": method_specs(result),
                      "trainable": counts["trainable"], "percent": counts["percent"],
                      "val_acc": result["best_validation"], "test_acc": result["fine_tuned"]["acc"],
@@ -89,12 +98,15 @@ def main(argv=None) -> None:
     results.write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["| method | settings | trainable | % | val acc | test acc | s/step |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['method']} | {' + '.join(r['config'])} | {r['trainable']:,} | {r['percent']:.2f} | "
+    ran = [r for r in rows if "not_applicable" not in r]
+    lines += [f"| {r['method']} | not applicable | | | | | |" if "not_applicable" in r else
+              f"| {r['method']} | {' + '.join(r['config'])} | {r['trainable']:,} | {r['percent']:.2f} | "
               f"{r['val_acc']:.3f} | {r['test_acc']:.3f} | {r['s_per_step']:.2f} |" for r in rows]
-    lines.append(f"\nzero-shot test accuracy of the built-in model: {rows[0]['zero_shot']:.3f} (chance 0.25)")
+    if ran:
+        lines.append(f"\nzero-shot test accuracy of {args.model}: {ran[0]['zero_shot']:.3f} (chance 0.25)")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, out)
+    plot(ran, out)
 
 
 def method_specs(result: dict) -> list[str]:

@@ -22,6 +22,7 @@ METHODS = [
     "sll_lora:r=4", "dora_p_x:r=8", "partial_a", "partial_d", "partial_conv1d", "partial_bias",
     "partial_cls_token", "partial_pos_embed", "parallel_adapter:dim=8", "additional_scan:n=4",
     "prompt:n=4,position=prefix", "affix:n=2", "sdt", "sdt lora_out_proj:r=8",
+    "initial_state", "state_offset", "state_offset:variant=y",
     "lora_p_x:r=8 lora_in_proj:r=8 lora_out_proj:r=8 partial_d additional_scan:n=4 affix:n=2",   # all at once
 ]
 
