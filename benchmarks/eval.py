@@ -37,7 +37,7 @@ def main():
     from mambapeft.assets import BUILTIN_MODEL, builtin_split
     from mambapeft.data.multiple_choice import load_mc_items
     from mambapeft.evaluation.multiple_choice import loglikelihoods, loglikelihoods_per_pair
-    from mambapeft.train.run import load_tokenizer
+    from mambapeft.train.language import load_tokenizer
 
     transformers.logging.set_verbosity_error()
     ours = mambapeft.from_pretrained("builtin").eval()

@@ -20,7 +20,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from _common import machine, setup_threads
 
 

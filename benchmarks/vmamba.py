@@ -26,6 +26,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # before torch starts its thread pool
 
 import argparse  # noqa: E402
+import contextlib
 import ctypes  # noqa: E402
 import gc  # noqa: E402
 import math  # noqa: E402
@@ -35,16 +36,13 @@ from functools import partial  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from _common import machine, peak_memory, setup_threads  # noqa: E402
 
 
 def trim():
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def keep_freed_memory() -> bool:

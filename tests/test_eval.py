@@ -36,8 +36,8 @@ def test_loglikelihoods_match_transformers(tokenizer, peft):
 
     base = from_pretrained("builtin")
     theirs = MambaForCausalLM.from_pretrained(str(BUILTIN_MODEL)).eval()
-    requests = [("The for statement", " is used to iterate"), ("x", " = 1"), ("A longer context about the import system",
-                " loads modules"), ("", "Hello")]
+    requests = [("The for statement", " is used to iterate"), ("x", " = 1"),
+                ("A longer context about the import system", " loads modules"), ("", "Hello")]
     ours = mc.loglikelihoods(base, tokenizer, requests, batch_size=3)
     for (context, continuation), (ll, greedy) in zip(requests, ours):
         ctx = tokenizer(context)["input_ids"] or [tokenizer.eos_token_id]
@@ -65,7 +65,7 @@ def assert_same_scores(shared, per_pair, what):
 def test_shared_context_scoring_equals_per_pair_on_the_builtin_task(tokenizer):
     from mambapeft.assets import builtin_split
     from mambapeft.data.multiple_choice import load_mc_items
-    from mambapeft.train.run import load_tokenizer
+    from mambapeft.train.language import load_tokenizer
 
     model = from_pretrained("builtin").eval()
     tok = load_tokenizer("builtin")
@@ -202,7 +202,8 @@ def test_harness_bridge_runs_a_local_task_with_an_adapter(tmp_path, tokenizer, p
     reference = mc.loglikelihoods_per_pair(peft, tokenizer, [r.args for r in requests])
     assert_same_scores(lm.loglikelihood(requests), reference, "harness bridge")
     harness = out["results"]["local_mc"]
-    assert harness["acc,none"] == pytest.approx(ours["acc"]) and harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert harness["acc,none"] == pytest.approx(ours["acc"])
+    assert harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     assert "exact_match,none" in out["results"]["local_gen"]
     from mambapeft import ConfigError
 

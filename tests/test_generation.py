@@ -44,7 +44,7 @@ def test_greedy_equals_argmax_of_full_forward_and_transformers(name):
     ids = torch.randint(0, ours.config.vocab_size, (2, 7))
     generated = ours.generate(ids, max_new_tokens=15)
     assert generated.shape == (2, 22) and torch.equal(generated[:, :7], ids)
-    assert min(row.unique().numel() for row in generated[:, 7:]) >= 6     # a varied sequence makes the test mean something
+    assert min(row.unique().numel() for row in generated[:, 7:]) >= 6     # a varied sequence: the test means something
 
     expected = ids
     with torch.no_grad():

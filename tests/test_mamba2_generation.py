@@ -5,6 +5,7 @@ import torch
 from transformers import Mamba2Config
 
 import mambapeft.model.mamba2 as mamba2
+
 from conftest import assert_rel_close, twin_models
 
 GEN_CONFIGS = {

@@ -214,4 +214,4 @@ def test_the_builtin_models_answer_to_their_tiny_names():
     assert isinstance(mambapeft.from_pretrained("tiny-mamba2"), Mamba2LM)
     assert type(mambapeft.from_pretrained("tiny-mamba")) is type(mambapeft.from_pretrained("builtin"))
     assert {"tiny-mamba", "tiny-mamba2"} <= set(BUILTIN_MODELS)                   # the built-in rates apply
-    assert count_parameters("tiny-mamba2", ["lora_p_x:r=8"])["trainable"] == 4 * 8 * (128 + 256)   # 4 layers, d 128 -> X 256
+    assert count_parameters("tiny-mamba2", ["lora_p_x:r=8"])["trainable"] == 4 * 8 * (128 + 256)   # d 128 -> X 256

@@ -147,7 +147,8 @@ class AddDelta(nn.Module):
         return original + self.delta
 
 
-@pytest.mark.parametrize("owner, name", [("", "A_log"), ("", "D"), ("conv1d", "weight"), ("dt_proj", "bias"), ("", "A_b_log")])
+@pytest.mark.parametrize("owner, name",
+                         [("", "A_log"), ("", "D"), ("conv1d", "weight"), ("dt_proj", "bias"), ("", "A_b_log")])
 def test_parametrized_delta_is_used_trained_and_foldable(owner, name):
     mixer = make_mixer(bidirectional=name == "A_b_log")
     module = getattr(mixer, owner) if owner else mixer

@@ -89,7 +89,8 @@ def test_named_architectures_and_hand_counted_sizes():
     assert counts["mamba-130m"] == 50280 * 768 + 24 * layer_130m + 768 == 129_135_360
     layer_14b = 2048 * 8192 + 4096 * 5 + 4096 * 160 + 128 * 4096 + 4096 + 4096 * 16 + 4096 + 4096 * 2048 + 2048
     assert counts["mamba-1.4b"] == 50280 * 2048 + 48 * layer_14b + 2048
-    assert counts["tiny"] == 1024 * 64 + 2 * (64 * 256 + 128 * 5 + 128 * 36 + 4 * 128 + 128 + 128 * 16 + 128 + 128 * 64 + 64) + 64
+    layer_tiny = 64 * 256 + 128 * 5 + 128 * 36 + 4 * 128 + 128 + 128 * 16 + 128 + 128 * 64 + 64
+    assert counts["tiny"] == 1024 * 64 + 2 * layer_tiny + 64
 
 
 def test_large_architectures_build_instantly_on_meta():

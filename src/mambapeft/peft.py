@@ -13,6 +13,7 @@ architecture, so loading onto a base of other sizes is refused with the differen
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -244,7 +245,8 @@ class PeftModel(nn.Module):
         expected = self.adapter_tensors()
         missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
         if missing or unexpected:
-            raise CheckpointError(f"{file} does not match its adapter config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise CheckpointError(f"{file} does not match its adapter config: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}")
         for name, t in expected.items():
             if saved[name].shape != t.shape:
                 raise CheckpointError(f"{file}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(t.shape)}")
@@ -299,16 +301,15 @@ def read_adapter_config(folder: Path) -> dict:
         if not isinstance(config[key], kind):
             raise CheckpointError(f"{file}: {key!r} must be a {kind.__name__}, it is a {type(config[key]).__name__}")
     if not isinstance(config["base_model"].get("architecture"), dict):
-        raise CheckpointError(f"{file} has no 'base_model.architecture'; the file is incomplete: save the adapter again")
+        raise CheckpointError(f"{file} has no 'base_model.architecture'; the file is incomplete: "
+                              "save the adapter again")
     return config
 
 
 def match_permissions(file: Path, like: Path) -> None:
     """safetensors writes files private to the user (0600); give them the mode of the other files written here."""
-    try:
+    with contextlib.suppress(OSError):
         file.chmod(like.stat().st_mode & 0o777)
-    except OSError:
-        pass
 
 
 def get_peft_model(model: nn.Module, config, *, arch: str | None = None, seed: int | None = None) -> PeftModel:

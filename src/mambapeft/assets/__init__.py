@@ -1,7 +1,7 @@
 """Files shipped with the package: the built-in tiny Mamba and the built-in task (both built offline by scripts/).
 
-    tiny-mamba/     Hugging Face Mamba checkpoint + tokenizer (scripts/pretrain_tiny_lm.py); `from_pretrained("builtin")`
-                    or "tiny-mamba"
+    tiny-mamba/     Hugging Face Mamba checkpoint + tokenizer (scripts/pretrain_tiny_lm.py);
+                    `from_pretrained("builtin")` or "tiny-mamba"
     tiny-mamba2/    the same for Mamba-2, same text and tokenizer (scripts/pretrain_tiny_mamba2.py);
                     `from_pretrained("tiny-mamba2")` or "builtin-mamba2"
     pydoc-topics/   train / validation / test JSON in LLM-Adapters' commonsense format (scripts/make_builtin_task.py)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..model.factory import ALL_ARCHITECTURES, shapes_model
+from ..model.factory import ALL_ARCHITECTURES, BUILTIN_NAMES, shapes_model
 from ..model.s4d import DeepS4D
 from ..model.summary import architecture_summary, count_unique
 from ..model.vim import VisionMamba
@@ -16,7 +16,8 @@ def add_parser(commands):
         "info",
         help="show a model's architecture and parameter counts",
         description="Show the architecture and parameter counts of a named architecture "
-        f"({', '.join(ALL_ARCHITECTURES)}), a built-in model (builtin, builtin-mamba2, tiny-vim, tiny-vmamba), a local checkpoint folder or a "
+        f"({', '.join(ALL_ARCHITECTURES)}), a built-in model "
+        f"({', '.join(BUILTIN_NAMES)}), a local checkpoint folder or a "
         "Hugging Face hub id. Reads only the config.",
     )
     parser.add_argument("model", nargs="?", default="tiny", help="architecture name, folder or hub id (default: tiny)")

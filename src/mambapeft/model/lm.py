@@ -29,7 +29,6 @@ from .interface import PeftModelInterface, TensorSlot
 from .mixer import MambaMixer, MixerState, drop_inserted, insert_from_hooks
 
 
-
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -109,7 +108,7 @@ class MambaState:
     def offset(self) -> int:
         return self.layers[0].offset if self.layers else 0
 
-    def select(self, rows: torch.Tensor) -> "MambaState":
+    def select(self, rows: torch.Tensor) -> MambaState:
         """A new state made of copies of batch rows `rows` (b',) long, in that order; a row may repeat (one
         context continued by several continuations). The copy is independent: stepping one leaves the other."""
         return MambaState([MixerState(layer.conv.index_select(0, rows), layer.ssm.index_select(0, rows), layer.offset)

@@ -199,7 +199,8 @@ class MambaMixer(nn.Module, PeftMixerInterface):
 
         self.in_proj = nn.Linear(d_model, 2 * E, bias=bias, **factory)
         for names in DIRECTION_NAMES[: self.num_directions]:
-            setattr(self, names["conv1d"], nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias, **factory))
+            conv = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias, **factory)
+            setattr(self, names["conv1d"], conv)
             setattr(self, names["x_proj"], nn.Linear(E, R + 2 * N, bias=False, **factory))
             setattr(self, names["dt_proj"], nn.Linear(R, E, bias=True, **factory))
             setattr(self, names["A_log"], nn.Parameter(torch.empty(E, N, **factory)))
@@ -235,7 +236,8 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         return found
 
     def tensors(self, role: str) -> list[TensorSlot]:
-        where = {"A_log": ("A_log", None), "D": ("D", None), "conv": ("conv1d", "weight"), "dt_bias": ("dt_proj", "bias")}
+        where = {"A_log": ("A_log", None), "D": ("D", None), "conv": ("conv1d", "weight"),
+                 "dt_bias": ("dt_proj", "bias")}
         if role == "norm":
             raise self.not_applicable("gated norm", "Mamba-1 gates with silu(z) alone; Mamba-2 has the norm")
         if role not in where:
@@ -319,7 +321,8 @@ class MambaMixer(nn.Module, PeftMixerInterface):
     def _scan_direction(self, direction: int, xz: torch.Tensor, mask, state: MixerState | None, offset: int):
         """One direction: conv, x_proj, dt, scan and gate. xz (b, L, 2E) -> y (b, L, E)."""
         conv1d, x_proj, dt_proj, A_log, D = self.direction_parts(direction)
-        xz, mask, kept = insert_from_hooks(self.hooks, "after_in_proj", direction, xz, mask, offset)   # soft tokens enter here
+        # soft tokens enter here
+        xz, mask, kept = insert_from_hooks(self.hooks, "after_in_proj", direction, xz, mask, offset)
         x, z = xz.chunk(2, dim=-1)                                                  # (b, L2, E) each
         x = _masked(F.silu(self._causal_conv(conv1d, x, state)), mask)             # (b, L2, E)
 
