@@ -99,10 +99,15 @@ def random_requests(tokenizer, model, seed=0):
     return requests
 
 
-def test_shared_context_scoring_equals_per_pair_with_soft_tokens_and_extra_states(tokenizer):
-    """Prompt tokens, affix tokens and extra scan states all live in the recurrent state that is shared."""
-    specs = ["prompt:n=3", "affix:n=2", "additional_scan:n=4", "lora_p_x:r=4"]
-    peft = get_peft_model(from_pretrained("builtin"), specs, seed=0).eval()
+@pytest.mark.parametrize("model_name, specs", [
+    ("builtin", ["prompt:n=3", "affix:n=2", "additional_scan:n=4", "lora_p_x:r=4"]),
+    ("builtin", ["initial_state", "state_offset", "lora_p_x:r=4"]),
+    ("tiny-mamba2", ["affix:n=2", "additional_scan:n=4", "state_offset:variant=y", "lora_p_x:r=4"]),
+])
+def test_shared_context_scoring_equals_per_pair_with_soft_tokens_and_extra_states(tokenizer, model_name, specs):
+    """Prompt tokens, affix tokens, extra scan states (Mamba-2: with a conv state of their own) and learned states
+    all live in the recurrent state that is shared (the built-in Mamba-2 has the built-in Mamba's tokenizer)."""
+    peft = get_peft_model(from_pretrained(model_name), specs, seed=0).eval()
     with torch.no_grad():
         for p in peft.parameters():
             if p.requires_grad:
@@ -112,7 +117,7 @@ def test_shared_context_scoring_equals_per_pair_with_soft_tokens_and_extra_state
     assert any(greedy for _, greedy in reference) and not all(greedy for _, greedy in reference)
     assert_same_scores(mc.loglikelihoods(peft, tokenizer, requests, batch_size=5), reference, "adapter")
     # the adapter is applied: without it the scores differ
-    plain = mc.loglikelihoods(from_pretrained("builtin").eval(), tokenizer, requests[:3])
+    plain = mc.loglikelihoods(from_pretrained(model_name).eval(), tokenizer, requests[:3])
     assert all(abs(a[0] - b[0]) > 1e-2 for a, b in zip(plain, reference[:3]))
 
 

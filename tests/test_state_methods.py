@@ -147,10 +147,19 @@ def test_left_padding_gives_the_unpadded_outputs(spec):
     assert torch.equal(generated, peft.generate(ids, max_new_tokens=3, eos_token_id=None)[:, 8:])
 
 
+def lm2(seed=0):
+    model = mambapeft.from_config("mamba2-tiny", seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("build", [lm, lm2], ids=["mamba", "mamba2"])
 @pytest.mark.parametrize("spec", ["initial_state", "state_offset", "state_offset:variant=y+additional_scan:n=2"])
-def test_decoding_steps_equal_full_forwards(spec):
+def test_decoding_steps_equal_full_forwards(build, spec):
     """Greedy decoding takes the one-token `step` path; each new token's logits equal a full forward's."""
-    peft = get_peft_model(lm(), spec.split("+"))
+    peft = get_peft_model(build(), spec.split("+"))
     torch.manual_seed(5)
     with torch.no_grad():
         for p in peft.base_model.parameters():

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.multiple_choice import MCItem
-from ..model.lm import MambaState
-from ..model.mixer import MixerState
+from ..model.lm import MambaState, cat_rows, map_rows
 
 
 def _context_ids(tokenizer, context: str) -> list[int]:
@@ -163,15 +162,13 @@ def _run_contexts(model, contexts: list[tuple[int, ...]], device) -> tuple[Mamba
         first[finished:active] = F.log_softmax(logits[finished:active].float(), dim=-1)
         # Slices, not copies: later passes write only rows [0, finished) (a full pass makes new tensors, a
         # step writes into rows [0, finished) of the same buffers), so rows >= finished stay as they are.
-        pieces.append([(layer.conv[finished:active], layer.ssm[finished:active]) for layer in state.layers])
-        for layer in state.layers:
-            layer.conv, layer.ssm = layer.conv[:finished], layer.ssm[:finished]
+        # (every tensor of a mixer's state: conv, scan state and the hooks' own buffers, any family)
+        pieces.append([map_rows(layer, lambda t: t[finished:active]) for layer in state.layers])
+        state.layers = [map_rows(layer, lambda t: t[:finished]) for layer in state.layers]
         active, done = finished, end
     pieces.reverse()                                            # rows in context order
-    layers = [MixerState(torch.cat([p[n][0] for p in pieces]), torch.cat([p[n][1] for p in pieces]),
-                         # rows read different numbers of tokens; hooks ask only whether the state has a past
-                         offset=len(contexts[-1]))
-              for n in range(len(state.layers))]
+    # rows read different numbers of tokens; hooks ask only whether the state has a past
+    layers = [cat_rows([p[n] for p in pieces], offset=len(contexts[-1])) for n in range(len(state.layers))]
     return MambaState(layers), first
 
 

@@ -16,6 +16,7 @@ model around the mixer keeps one recurrent state of our own, which affix tokens 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -111,8 +112,29 @@ class MambaState:
     def select(self, rows: torch.Tensor) -> MambaState:
         """A new state made of copies of batch rows `rows` (b',) long, in that order; a row may repeat (one
         context continued by several continuations). The copy is independent: stepping one leaves the other."""
-        return MambaState([MixerState(layer.conv.index_select(0, rows), layer.ssm.index_select(0, rows), layer.offset)
-                           for layer in self.layers])
+        return MambaState([map_rows(layer, lambda t: t.index_select(0, rows)) for layer in self.layers])
+
+
+def map_rows(layer, fn, **changes):
+    """A copy of one mixer's state (any family's) with fn applied to each of its batch-first tensors, the hooks' own
+    buffers (`extra`) included; `changes` set other fields."""
+    for key, value in vars(layer).items():
+        if isinstance(value, torch.Tensor):
+            changes[key] = fn(value)
+        elif key == "extra" and isinstance(value, dict):
+            changes[key] = {k: fn(v) for k, v in value.items()}
+    return dataclasses.replace(layer, **changes)
+
+
+def cat_rows(layers: list, **changes):
+    """One mixer's state made of the rows of several (same family, in order); `changes` set other fields."""
+    first = layers[0]
+    for key, value in vars(first).items():
+        if isinstance(value, torch.Tensor):
+            changes[key] = torch.cat([getattr(layer, key) for layer in layers])
+        elif key == "extra" and isinstance(value, dict):
+            changes[key] = {k: torch.cat([layer.extra[k] for layer in layers]) for k in value}
+    return dataclasses.replace(first, **changes)
 
 
 @dataclass
