@@ -163,8 +163,9 @@ def _run_contexts(model, contexts: list[tuple[int, ...]], device) -> tuple[Mamba
         # Slices, not copies: later passes write only rows [0, finished) (a full pass makes new tensors, a
         # step writes into rows [0, finished) of the same buffers), so rows >= finished stay as they are.
         # (every tensor of a mixer's state: conv, scan state and the hooks' own buffers, any family)
-        pieces.append([map_rows(layer, lambda t: t[finished:active]) for layer in state.layers])
-        state.layers = [map_rows(layer, lambda t: t[:finished]) for layer in state.layers]
+        ended, running = slice(finished, active), slice(0, finished)
+        pieces.append([map_rows(layer, lambda t, rows=ended: t[rows]) for layer in state.layers])
+        state.layers = [map_rows(layer, lambda t, rows=running: t[rows]) for layer in state.layers]
         active, done = finished, end
     pieces.reverse()                                            # rows in context order
     # rows read different numbers of tokens; hooks ask only whether the state has a past
