@@ -111,7 +111,7 @@ def main(argv=None) -> None:
 
 def method_specs(result: dict) -> list[str]:
     """`id:key=value` of each method as it ran (main options and lr), from results.json's method dicts."""
-    keys = ("r", "n", "dim", "s", "position", "warmup_steps", "lr")
+    keys = ("r", "n", "dim", "s", "position", "variant", "warmup_steps", "lr")
     specs = []
     for m in result["methods"]:
         options = ",".join(f"{k}={m[k]}" for k in keys if m.get(k) is not None)
