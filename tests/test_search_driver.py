@@ -166,3 +166,25 @@ def test_step2_starts_from_exactly_step_1s_best(tmp_path):
     assert first.user_attrs["config"] == step1.user_attrs["config"] and first.value == step1.value
     assert first.params.get("lora_p_x.lr") == 0.03                                 # outside [1e-4, 5e-3]: as it ran
     assert result.best_score >= step1.value
+
+
+def test_step2_starts_from_step_1s_best_where_optuna_cannot_record_a_value(tmp_path):
+    """Step 1's setting may hold a value a step-2 range cannot record (a weight decay of 0 in a log range, a rank
+    that is not among the choices): the first trial still runs that configuration exactly, without the parameter."""
+    calls = []
+    s = settings(tmp_path)
+    odd = SearchSpace.from_dict({
+        "step1": {"trials": 6, "methods": {"lora_p_x": {"r": 8}, "partial_a": {"weight_decay": 0.0}}},
+        "step2": {"trials": 3, "methods": {"lora_p_x": {"r": {"choice": [4, 16]}},
+                                           "partial_a": {"weight_decay": {"log": [1e-5, 1e-2]}}}},
+    })
+    result = run_search(odd, scored(calls), s)
+    storage = open_storage(s)
+    step1 = open_study(s, storage, 1).best_trial
+    first = open_study(s, storage, 2).get_trials()[0]
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    assert first.user_attrs["config"] == step1.user_attrs["config"] and first.value == step1.value
+    assert {c["method"]: c for c in first.user_attrs["config"]}["partial_a"]["weight_decay"] == 0.0
+    assert "partial_a.weight_decay" not in first.params and "lora_p_x.r" not in first.params
+    assert len(open_study(s, storage, 2).get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+    assert result.best_score >= step1.value

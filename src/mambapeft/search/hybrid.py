@@ -325,11 +325,12 @@ START = "start"            # the user attribute that marks step 2's first trial:
 
 def start_params(space: SearchSpace, config: list[dict]) -> dict:
     """The step-2 parameters of step 1's best configuration (as it ran), for Optuna to record; options that were
-    left to the run (None) are not parameters of that trial."""
+    left to the run (None), and values Optuna cannot record in the range (a weight decay of 0 in a log range), are
+    not parameters of that trial (it still runs with them: it runs the configuration itself)."""
     params = {"remove": NONE} if space.remove_one and len(config) > 1 else {}
     for spec in config:
-        for option in space.ranges(spec["method"]):
-            if spec.get(option) is not None:
+        for option, rng in space.ranges(spec["method"]).items():
+            if spec.get(option) is not None and rng.can_record(spec[option]):
                 params[f"{spec['method']}.{option}"] = spec[option]
     return params
 

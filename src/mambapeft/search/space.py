@@ -79,6 +79,15 @@ class Range:
         mid = math.sqrt(lo * hi) if self.kind == "log" else (lo + hi) / 2
         return int(round(mid)) if self.kind == "int" else mid
 
+    def can_record(self, value) -> bool:
+        """Whether Optuna can record `value` as this range's parameter (a log range cannot hold 0, a choice only its
+        choices; other values outside the range are recorded as they are)."""
+        if self.kind == "choice":
+            return value in self.bounds
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        return value > 0 if self.kind == "log" else True
+
     def contains(self, value) -> bool:
         if self.kind == "choice":
             return value in self.bounds
