@@ -75,8 +75,28 @@ def test_search_reports_and_its_best_config_reproduces(setup, tmp_path, capsys):
     assert results["best_validation"] == pytest.approx(best.value, abs=1e-6)
     config = json.loads((out / "best_config.json").read_text())
     assert config["test_data"] == str(setup / "test.json") and "fine_tuned" in results
-    trial_configs = [c["method"] for c in best.user_attrs["config"]]
-    assert [spec.split(":")[0] for spec in config["method"]] == trial_configs
+    # best_config.json holds the winner, or the default where the default scored higher on validation with the
+    # same full recipe (the summary says which; the test set plays no part in that choice)
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    winner_val, default_val = summary["winner"]["validation"], summary["default"]["validation"]
+    assert summary["kept"] == ("default" if default_val > winner_val else "winner")
+    kept_methods = ([c["method"] for c in best.user_attrs["config"]] if summary["kept"] == "winner"
+                    else summary["default"]["methods"])
+    assert [spec.split(":")[0] for spec in config["method"]] == kept_methods
+
+
+def test_the_search_keeps_the_default_only_when_it_validates_higher():
+    from mambapeft.cli.search import kept, summary_line
+
+    summary = {"winner": {"methods": ["lora_in_proj"], "validation": 0.64, "test": 0.60},
+               "default": {"methods": ["lora_p_x"], "validation": 0.67, "test": 0.65}}
+    assert kept(summary) == "default"
+    summary["kept"] = "default"
+    assert "best_config.json holds the default" in summary_line(summary)
+    summary["winner"]["validation"] = 0.67                                # a tie keeps the winner
+    assert kept(summary) == "winner"
+    summary["default"]["validation"] = None                               # nothing to compare: the winner
+    assert kept(summary) == "winner"
 
 
 def command(setup, out, *extra):

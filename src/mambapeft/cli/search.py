@@ -229,6 +229,9 @@ def run(args) -> int:
                 default = [MethodSpec.parse(m).to_dict() for m in kind.Config().method]
                 baseline = final_config(objective, default, best_task, out / "baseline")
                 summary["default"] = {"methods": list(kind.Config().method), **final_scores(baseline, "baseline")}
+                summary["kept"] = kept(summary)
+                if summary["kept"] == "default":        # chosen on validation only: the test set stays unseen
+                    write_atomic(config_file, json.dumps(baseline.to_dict(), indent=2) + "\n")
             print(summary_line(summary))
         write_atomic(report / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"report: {report}/trials.md, {report}/summary.json, {report}/importances.json, {report}/history.png, "
@@ -273,6 +276,15 @@ def final_scores(config, what: str) -> dict:
     return scores
 
 
+def kept(summary: dict) -> str:
+    """Which of the search's winner and the default (both trained with the full recipe) the search hands back: the
+    one with the higher validation score (a tie keeps the winner). Short trials rank configurations by how fast they
+    learn; the full recipe can reverse that order, and a search should never hand back what its own validation
+    shows to be worse than not searching."""
+    winner, default = summary["winner"].get("validation"), summary["default"].get("validation")
+    return "default" if winner is not None and default is not None and default > winner else "winner"
+
+
 def summary_line(summary: dict) -> str:
     def scores(entry):
         val, test = entry.get("validation"), entry.get("test")
@@ -283,4 +295,6 @@ def summary_line(summary: dict) -> str:
     if "default" in summary:
         line += (f"; the default {' + '.join(summary['default']['methods'])} with the same recipe: "
                  f"{scores(summary['default'])}")
+    if summary.get("kept") == "default":
+        line += "; the default scored higher on validation, so best_config.json holds the default"
     return line
