@@ -41,8 +41,22 @@ def load_in_transformers(folder):
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
+def load_in_float64_loop(folder):
+    """VMamba has no second implementation here: the merged checkpoint, read back, runs through the float64 loop
+    restatement of tests/test_vmamba.py (direction by direction, one grid position at a time)."""
+    from types import SimpleNamespace
+
+    from test_vmamba import reference_vmamba
+
+    from mambapeft.model.vmamba_loading import load_vmamba
+
+    model = load_vmamba(folder)
+    params = {k: v.double() for k, v in model.state_dict().items()}
+    return lambda pixel_values: SimpleNamespace(logits=reference_vmamba(model, pixel_values, params))
+
+
 # the family's reference implementation, loading a merged model saved with save_pretrained (where one exists)
-REFERENCES = {"mamba": load_in_transformers, "mamba2": load_in_transformers}
+REFERENCES = {"mamba": load_in_transformers, "mamba2": load_in_transformers, "vmamba": load_in_float64_loop}
 
 
 @dataclass

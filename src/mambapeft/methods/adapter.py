@@ -23,7 +23,7 @@ from .base import (
     Example,
     Method,
     MethodConfig,
-    add_delta,
+    attach_delta,
     kaiming_,
     option,
     projections,
@@ -82,6 +82,6 @@ class ParallelAdapter(Method):
         params = []
         for p in projections(model, "out_proj"):
             branch = ParallelBranch(p.layer, self.config)
-            add_delta(p.owner, p.attr, self.name, branch)
+            attach_delta(p, self.name, branch)
             params += list(branch.parameters())
         return params
