@@ -180,7 +180,10 @@ class AdditionalScan(Method):
     targets = frozenset({("state", None)})
     examples = (Example("additional_scan:n=3,zero_init=true"),
                 Example("additional_scan:n=2,location=bottom,init=s4d", identity=False))
-    presets = {"additional_scan": ["additional_scan:n=6,location=top,init=neighbour"]}
+    # VMamba (Table 5): the new rows before the pretrained B and C rows, A copied from the pretrained A; the shipped
+    # config has scan_addition_num 1, but the table's counts (395K S, 527K B) are those of n = 2 (docs/vision.md)
+    presets = {"additional_scan": ["additional_scan:n=6,location=top,init=neighbour"],
+               "vmamba/additional_scan": ["additional_scan:n=2,location=top,init=neighbour"]}
     search_step1 = {"n": 1}
     search_step2 = {"n": {"int": [1, 6]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
     lr_by_size = {"mamba-130m": 5e-3, "mamba-370m": 1e-3, "mamba-790m": 1e-3, "mamba-1.4b": 1e-4}   # Table 7

@@ -124,7 +124,9 @@ class AffixTuning(Method):
                 Example("affix:n=2,dual=false", identity=False),
                 Example("affix:n=2,projection=true", identity=False))
     presets = {"affix": ["affix:n=3,where=after_in_proj,position=prefix,projection=false"],
-               "affix_proj": ["affix:n=3,where=after_in_proj,position=prefix,projection=true"]}
+               "affix_proj": ["affix:n=3,where=after_in_proj,position=prefix,projection=true"],
+               # VMamba (Table 5, "Affix-tuning w/o proj"): 3 tokens per direction after the cross-scan
+               "vmamba/affix": ["affix:n=3,where=after_in_proj,position=prefix,projection=false,dual=true"]}
     search_step1 = {"n": 1}
     search_step2 = {"n": {"int": [1, 3]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
     lr_by_size = {"mamba-130m": 1e-4, "mamba-370m": 1e-5, "mamba-790m": 1e-5, "mamba-1.4b": 1e-5}   # Table 7

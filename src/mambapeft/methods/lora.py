@@ -191,6 +191,11 @@ LORA_TARGETS = {
 }
 # where the official code calls LoRA as a module (with dropout), vision/.../vim_peft_all.py L122-171, L597-616
 MODULE_CALLED = ("in_proj", "out_proj", "X", "Z")
+# VMamba's Table 5 rows (vmamba_peft_all.py set_peft): `lora_out_proj` and `lora_in_proj` (LoRA_p(X): with no z gate
+# in_proj is X alone) are called as modules with dropout 0.1 after Down, at set_peft's default scale 1; rank 64 for
+# S and B (B's shipped config has 16, but the table's 2,039K is rank 64: docs/vision.md)
+VMAMBA_LORA = {"lora_out_proj": "r=64,s=1,dropout=0.1,dropout_at=bottleneck",
+               "lora_p_x": "r=64,s=1,dropout=0.1,dropout_at=bottleneck"}
 # Table 7 (language): lora_p_x's learning rate by model size
 LORA_P_X_LR = {"mamba-130m": 1e-3, "mamba-370m": 5e-4, "mamba-790m": 5e-4, "mamba-1.4b": 1e-4}
 
@@ -201,7 +206,8 @@ for _name, (_role, _target, _rank, _step1_rank, _text) in LORA_TARGETS.items():
         # the official placement: dropout 0.1 after Down where LoRA is called as a module (X, Z, in_proj, out_proj),
         # none where the official code merges the weights (x_proj, dt_proj, the dt/B/C rows)
         "presets": {_name: [f"{_name}:r={_rank},s=0.1," + ("dropout=0.1,dropout_at=bottleneck" if _role in MODULE_CALLED
-                                                             else "dropout=0")]},
+                                                             else "dropout=0")],
+                    **({f"vmamba/{_name}": [f"{_name}:{VMAMBA_LORA[_name]}"]} if _name in VMAMBA_LORA else {})},
         "search_step1": {"r": _step1_rank, "s": 0.1},
         "lr_by_size": LORA_P_X_LR if _name == "lora_p_x" else {},
         # Table 9 searches lora_p_b's rank in 4..12, the others in 4..16

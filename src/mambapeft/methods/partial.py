@@ -115,8 +115,15 @@ PARTIAL_TARGETS = {
                          "a delta on S4D's output-linear bias (H per layer)"),
 }
 
+# VMamba's Table 5 row "Conv2d" (learnable_conv1d_v2 on its conv2d: a zero-initialised delta with decay_mult 10 on
+# the base 1e-4, the default here)
+VMAMBA_PRESETS = {"partial_conv1d": "vmamba/partial_conv1d"}
+
 for _name, (_role, _base, _config, _target, _text) in PARTIAL_TARGETS.items():
+    _presets = {_name: [f"{_name}:weight_decay={_config().weight_decay:g}"]}
+    if _name in VMAMBA_PRESETS:
+        _presets[VMAMBA_PRESETS[_name]] = _presets[_name]
     register(type(_name, (_base,), {
         "name": _name, "role": _role, "Config": _config, "description": _text, "targets": frozenset({_target}),
-        "examples": (Example(_name),), "presets": {_name: [f"{_name}:weight_decay={_config().weight_decay:g}"]},
+        "examples": (Example(_name),), "presets": _presets,
     }))
