@@ -397,7 +397,7 @@ class SS2D(nn.Module, PeftMixerInterface):
             h0 = sum(starts)                                                          # (E, N)
             for hook in self.hooks:
                 h0 = hook.extend_initial(k, h0)                                       # (E, n)
-            per_direction.append(h0.float())
+            per_direction.append(h0.to(torch.promote_types(h0.dtype, torch.float32)))    # at least float32
         return torch.stack(per_direction).expand(batch, -1, -1, -1)
 
     def _add_offsets(self, ys: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
