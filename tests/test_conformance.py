@@ -52,7 +52,16 @@ def load_in_float64_loop(folder):
 
     model = load_vmamba(folder)
     params = {k: v.double() for k, v in model.state_dict().items()}
-    return lambda pixel_values: SimpleNamespace(logits=reference_vmamba(model, pixel_values, params))
+
+    def run(pixel_values):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)          # thousands of tiny ops: on a busy machine, thread hand-offs cost 100x more
+        try:
+            return SimpleNamespace(logits=reference_vmamba(model, pixel_values, params))
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
 
 
 # the family's reference implementation, loading a merged model saved with save_pretrained (where one exists)

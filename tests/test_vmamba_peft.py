@@ -9,6 +9,7 @@ is far below float32 rounding."""
 import pytest
 import torch
 import torch.nn.functional as F
+from test_vmamba import jittered, ln, scan_orders, silu
 
 from mambapeft import NotApplicable, get_peft_model
 from mambapeft.config import PeftConfig
@@ -16,7 +17,6 @@ from mambapeft.model.vmamba import vmamba_config
 from mambapeft.peft import count_parameters
 
 from conftest import assert_rel_close
-from test_vmamba import jittered, ln, scan_orders, silu
 
 DIRECTIONS = 4
 TOL = 1e-7              # float64 throughout, but A = -exp(A_log) enters the scan in float32, as upstream computes it
