@@ -97,7 +97,8 @@ class S4DTensorTuning(PartialTuning):
 
 # id: (role, whose tensor, config, (layer, block) it changes, description). One line here adds a partial target.
 PARTIAL_TARGETS = {
-    "partial_a": ("A_log", PartialTuning, PartialConfig, ("A_log", None), "A-tuning: a delta on A_log (E x N per direction)"),
+    "partial_a": ("A_log", PartialTuning, PartialConfig, ("A_log", None),
+                  "A-tuning: a delta on A_log (E x N per direction)"),
     "partial_d": ("D", PartialTuning, PartialConfig, ("D", None), "D-tuning: a delta on the skip D (E per direction)"),
     "partial_conv1d": ("conv", PartialTuning, PartialConfig, ("conv1d.weight", None),
                        "Conv1d-tuning: a delta on the causal conv's kernel (VMamba: its 3x3 conv2d, Conv2d-tuning)"),

@@ -215,7 +215,7 @@ class SparseDimensionTuning(Method):
     def select_now(self) -> None:
         if self.s4d is not None:
             return self.s4d.select_now()
-        for sparse_a, sparse_bc in self.parts:
+        for sparse_a, _ in self.parts:
             channels, states = select(sparse_a.dense, *sparse_a.values.shape)
             sparse_a.channels.copy_(channels)
             sparse_a.states.copy_(states)

@@ -239,6 +239,7 @@ class PeftModelInterface(ABC):
 
     def untie_weights(self) -> None:
         """Gives a head tied to the embedding its own copy (before a method changes one of them). Default: none."""
+        return None
 
     def model_tensor(self, role: str) -> TensorSlot:
         """A tensor the model itself holds (Vim: "cls_token", "pos_embed"); NotApplicable by default."""

@@ -108,7 +108,8 @@ def selective_scan(
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     backend = choose_backend(u, initial_state, backend)
     if backend == "reference":
-        out = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+        out = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                       return_last_state)
         if return_last_state:
             return out[0].to(u.dtype), out[1].float()
         return out.to(u.dtype)
