@@ -1,4 +1,4 @@
-"""Every PEFT method on the built-in vision task (tiny-vim, digits_rotation) with one budget.
+"""Every PEFT method on the built-in vision task (tiny-vim or tiny-vmamba, digits_rotation) with one budget.
 
 Each run is `fine_tune_vision` with the built-in defaults (head always trained), split "search" (train800,
 best checkpoint on val200, then test). Prints a table (method, trainable params, percent, val/test accuracy,
@@ -6,6 +6,12 @@ seconds per step) and writes results.json + accuracy_vs_params.png to --out.
 
     .venv/bin/python benchmarks/methods_vision.py --threads 1 --epochs 20            # all (long on 2 CPU cores)
     .venv/bin/python benchmarks/methods_vision.py --only linear_probe 'lora_p_x:r=8 partial_d'   # a subset
+    .venv/bin/python benchmarks/methods_vision.py --model tiny-vmamba     # VMAMBA_METHODS: Table 5's rows and more
+
+On a VMamba the default list is VMAMBA_METHODS: the rows of the paper's Table 5 (linear probe, full, Conv2d-tuning =
+partial_conv1d, affix after the cross-scan, additional scan n=2, parallel adapter, LoRA on out_proj, LoRA_p(X)) at
+ranks that fit the tiny model, then methods the table lacks (LoRA on x_proj per direction, A, D, SDT, the state
+methods).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mambapeft.model.vmamba_loading import looks_like_vmamba
 from mambapeft.train import fine_tune_vision
 
 METHODS = [
@@ -26,17 +33,30 @@ METHODS = [
     "lora_p_x:r=8 lora_in_proj:r=8 lora_out_proj:r=8 partial_d additional_scan:n=4 affix:n=2",   # all at once
 ]
 
+# Table 5's rows (paper/vmamba/... presets where their sizes fit tiny-vmamba, small ranks elsewhere), then the rest
+VMAMBA_METHODS = [
+    "linear_probe", "full", "partial_conv1d", "affix:n=3", "additional_scan:n=2", "parallel_adapter:dim=8",
+    "lora_out_proj:r=8", "lora_p_x:r=8",
+    "lora_x_proj:r=4", "partial_a", "partial_d", "sdt", "initial_state", "state_offset",
+]
 
-def sparse_counts(specs: list[str], classes: int) -> dict:
+
+def load_model(name: str):
+    from mambapeft.model.vim_loading import load_vim
+    from mambapeft.model.vmamba_loading import load_vmamba
+
+    return (load_vmamba if looks_like_vmamba(name) else load_vim)(name)
+
+
+def sparse_counts(specs: list[str], classes: int, model_name: str = "tiny-vim") -> dict:
     """Trainable parameters after SDT's selection (the run's own count, taken at the start, has the dense warm-up)."""
     import sys
 
     from mambapeft.config import PeftConfig
-    from mambapeft.model.vim_loading import load_vim
     from mambapeft.peft import get_peft_model, guess_arch
     from mambapeft.train.vision import with_head
 
-    model = load_vim("tiny-vim")
+    model = load_model(model_name)
     model.reset_head(classes)
     peft = get_peft_model(model, PeftConfig.parse(with_head(specs, log=lambda _: None), arch=guess_arch(model)))
     peft.on_step_end(sys.maxsize)                 # as after the warm-up
@@ -45,8 +65,11 @@ def sparse_counts(specs: list[str], classes: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-vim",
+                        help="the built-in model: tiny-vim (METHODS) or tiny-vmamba (VMAMBA_METHODS)")
     parser.add_argument("--only", nargs="+",
-                        help="method specs to run (default: all of METHODS); a quoted 'a b' is a hybrid")
+                        help="method specs to run (default: all of METHODS, or of VMAMBA_METHODS on a VMamba); a "
+                        "quoted 'a b' is a hybrid")
     parser.add_argument("--epochs", type=float, default=20.0, help="epochs per method (the same budget for all)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default="runs/methods_vision", help="folder for runs, results.json and the plot")
@@ -57,20 +80,21 @@ def main() -> None:
     results = out / "results.json"
     done_before = {r["method"]: r for r in json.loads(results.read_text())} if results.exists() else {}
     rows = []
-    for spec in args.only or METHODS:
+    default = VMAMBA_METHODS if looks_like_vmamba(args.model) else METHODS
+    for spec in args.only or default:
         if spec in done_before and "error" not in done_before[spec]:   # resume: a finished row is kept
             rows.append(done_before[spec])
             continue
         name = spec.replace(":", "_").replace(",", "_").replace("=", "").replace(" ", "__")[:80]
         try:
-            r = fine_tune_vision({"method": spec.split(), "split": "search", "epochs": args.epochs,
+            r = fine_tune_vision({"model": args.model, "method": spec.split(), "split": "search", "epochs": args.epochs,
                                   "threads": args.threads, "output_dir": str(out / name)}, overwrite=True,
                                  log=lambda _: None)
         except Exception as err:              # one method's failure is a row of the table, not the end of it
             rows.append(dict(method=spec, error=f"{type(err).__name__}: {err}"))
             print(f"{spec}: {rows[-1]['error']}")
             continue
-        counts = sparse_counts(spec.split(), r["classes"]) if "sdt" in spec else r["parameters"]
+        counts = sparse_counts(spec.split(), r["classes"], args.model) if "sdt" in spec else r["parameters"]
         rows.append(dict(method=spec, trainable=counts["trainable"], percent=counts["percent"],
                          val_acc=r["best_validation"], test_acc=r["fine_tuned"]["acc"],
                          s_per_step=r["seconds_per_step"]))
@@ -105,7 +129,7 @@ def main() -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"tiny-vim on digits_rotation, {args.epochs:g} epochs")
+    ax.set_title(f"{args.model} on digits_rotation, {args.epochs:g} epochs")
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_params.png", dpi=120)
     print(f"plot: {out / 'accuracy_vs_params.png'}")

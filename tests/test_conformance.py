@@ -41,8 +41,31 @@ def load_in_transformers(folder):
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
+def load_in_float64_loop(folder):
+    """VMamba has no second implementation here: the merged checkpoint, read back, runs through the float64 loop
+    restatement of tests/test_vmamba.py (direction by direction, one grid position at a time)."""
+    from types import SimpleNamespace
+
+    from test_vmamba import reference_vmamba
+
+    from mambapeft.model.vmamba_loading import load_vmamba
+
+    model = load_vmamba(folder)
+    params = {k: v.double() for k, v in model.state_dict().items()}
+
+    def run(pixel_values):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)          # thousands of tiny ops: on a busy machine, thread hand-offs cost 100x more
+        try:
+            return SimpleNamespace(logits=reference_vmamba(model, pixel_values, params))
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 # the family's reference implementation, loading a merged model saved with save_pretrained (where one exists)
-REFERENCES = {"mamba": load_in_transformers, "mamba2": load_in_transformers}
+REFERENCES = {"mamba": load_in_transformers, "mamba2": load_in_transformers, "vmamba": load_in_float64_loop}
 
 
 @dataclass

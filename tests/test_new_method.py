@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from mambapeft.cli.main import main
 from mambapeft.methods import REGISTRY, Example, Method, MethodConfig, register
+from mambapeft.methods.base import add_parametrization, fold_parametrizations
 from mambapeft.options import option
 
 
@@ -54,13 +54,12 @@ class ToyDTuning(Method):
         for slot in self.slots(model):
             delta = ScaledDelta(slot.value)
             delta.scale = self.config.scale
-            parametrize.register_parametrization(slot.owner, slot.name, delta)
+            add_parametrization(slot, delta)            # a slot may be one direction's part of a stacked tensor
             params.append(delta.delta)
         return params
 
     def merge(self, model):
-        for slot in self.slots(model):
-            parametrize.remove_parametrizations(slot.owner, slot.name, leave_parametrized=True)
+        fold_parametrizations(self.slots(model))
 
 
 @pytest.fixture

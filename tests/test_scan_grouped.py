@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import mambapeft.scan.grouped as grouped
-from conftest import assert_rel_close
 from mambapeft import selective_scan, selective_scan_reference
 from mambapeft.scan import selective_scan_grouped
+
+from conftest import assert_rel_close
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -153,3 +154,44 @@ def test_channel_last_shapes_are_checked():
         selective_scan_grouped(u, u, torch.zeros(4, 2, 1), torch.zeros(1, 4, 5, 1), torch.zeros(1, 4, 5, 1))
     with pytest.raises(ValueError, match=r"B must be \(batch, G, L, N\)"):
         selective_scan_grouped(u, u, torch.zeros(4, 3, 1), torch.zeros(1, 4, 5, 2), torch.zeros(1, 4, 5, 1))
+
+
+@pytest.mark.parametrize("d_state", [1, 2])
+def test_channel_last_initial_state_matches_the_float64_recurrence(d_state):
+    """selective_scan_grouped's initial_state (b, G, E, N) against a loop written here in float64, outputs and
+    gradients (the initial state's included); the reference backend agrees too."""
+    b, G, L, E, N = 2, 4, 9, 3, d_state
+    g = torch.Generator().manual_seed(13)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    ins = {"u": r(b, G, L, E), "delta": r(b, G, L, E) * 0.5, "A": -torch.exp(r(G, E, N) * 0.5),
+           "B": r(b, G, L, N), "C": r(b, G, L, N), "D": r(G, E), "delta_bias": r(G, E) * 0.1,
+           "initial_state": r(b, G, E, N)}
+
+    def loop(u, delta, A, B, C, D, delta_bias, initial_state):
+        dt = torch.nn.functional.softplus(delta.double() + delta_bias.double()[:, None])       # (b, G, L, E)
+        s = initial_state.double()                                                              # (b, G, E, N)
+        ys = []
+        for t in range(L):
+            s = torch.exp(dt[:, :, t, :, None] * A.double()) * s + (dt[:, :, t] * u[:, :, t].double())[..., None] * \
+                B[:, :, t, None, :].double()
+            ys.append((s * C[:, :, t, None, :].double()).sum(-1) + D.double() * u[:, :, t].double())
+        return torch.stack(ys, dim=2)
+
+    results = []
+    for fn in (lambda **k: selective_scan_grouped(**k, delta_softplus=True), loop):
+        leaves = {k: v.clone().requires_grad_() for k, v in ins.items()}
+        y = fn(**leaves)
+        (y.double() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape)).sum().backward()
+        results.append((y, {k: v.grad for k, v in leaves.items()}))
+    (y, grads), (y_ref, grads_ref) = results
+    assert_rel_close(y, y_ref, what="y")
+    for name in ins:
+        assert grads[name].abs().sum() > 0, name
+        assert_rel_close(grads[name], grads_ref[name], what=f"grad of {name}")
+    assert_rel_close(selective_scan_grouped(**ins, delta_softplus=True, backend="reference"), y_ref)
+    zero = dict(ins, initial_state=torch.zeros(b, G, E, N))
+    without = {k: v for k, v in ins.items() if k != "initial_state"}
+    assert torch.equal(selective_scan_grouped(**zero, delta_softplus=True),
+                       selective_scan_grouped(**without, delta_softplus=True))
+    with pytest.raises(ValueError, match=r"initial_state must be \(batch, G, E, N\)"):
+        selective_scan_grouped(**dict(ins, initial_state=torch.zeros(b, G, N, E + 1)), delta_softplus=True)

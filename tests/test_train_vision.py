@@ -207,3 +207,70 @@ def test_search_on_a_vision_task(vtab, tmp_path, capsys):
     assert best["task"] == "vision" and best["split"] == "final"
     final = json.loads((out / "final" / "results.json").read_text())
     assert final["split"] == "final" and 0.0 <= final["fine_tuned"]["acc"] <= 1.0
+
+
+# ---------------------------------------------------------------- VMamba (the built-in tiny-vmamba)
+
+
+class DropPathProbe(TrainerCallback):
+    """Records, at every call of the last block's DropPath, whether it is in train mode and its rate."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        drop_path = model.base_model.layers[-1].blocks[-1].drop_path
+        drop_path.register_forward_pre_hook(lambda module, _: self.seen.append((module.training, module.p)))
+
+
+def test_vmamba_run_trains_with_drop_path_on_and_the_adapter_reloads(vtab, tmp_path):
+    """`--model tiny-vmamba` loads the VMamba; its stochastic depth (0.1 at the last block of tiny-vmamba, the
+    paper's rule: the backbone's rate stays on) is active while training and recorded; the adapter reloads."""
+    from mambapeft.model.vmamba import VMamba
+    from mambapeft.model.vmamba_loading import load_vmamba
+
+    probe, keep = DropPathProbe(), KeepModel()
+    results = fine_tune_vision(config(vtab, tmp_path, model="tiny-vmamba", method=["lora_x_proj:r=2"], epochs=1.0),
+                               callbacks=[probe, keep], log=lambda _: None)
+    assert isinstance(keep.model.base_model, VMamba)
+    assert results["steps"] == 4 and results["drop_path"] == pytest.approx(0.1)
+    training = [p for is_training, p in probe.seen if is_training]
+    assert len(training) == 2 * 4 and training == [pytest.approx(0.1)] * 8    # 2 calls a block forward, 4 steps
+    # trainable: per SS2D and direction r (E + R + 2N) (lora_x_proj), plus the 2-class head (8d + 1) x 2
+    base = load_vmamba("tiny-vmamba", num_classes=2)
+    lora = sum(4 * 2 * (m.d_inner + m.dt_rank + 2 * m.d_state) for m in base.peft_mixers())
+    assert results["parameters"]["trainable"] == lora + (base.config.num_features + 1) * 2
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=x).logits, keep.model.eval()(pixel_values=x).logits,
+                                   rtol=0, atol=0)
+
+
+def test_search_on_tiny_vmamba(vtab, tmp_path, capsys):
+    """`mambapeft search --task vision --model tiny-vmamba`: the default space leaves out what VMamba lacks; a tiny
+    search (2 + 1 trials of 4 steps) runs and its best config names the VMamba."""
+    import yaml
+
+    from mambapeft.cli.main import main
+    from mambapeft.cli.search import default_space, load_run_config
+
+    kind, base, _, _ = load_run_config(None, "vision", None, "tiny-vmamba")
+    assert base.model == "tiny-vmamba" and kind.is_builtin_model(base)
+    notes = []
+    space = default_space(kind, base, log=notes.append)
+    assert not {"prompt", "lora_p_z", "partial_cls_token", "partial_pos_embed"} & set(space.step1)
+    assert {"lora_p_x", "additional_scan", "affix"} <= set(space.step1)
+    assert "lora_p_z" in notes[0] and "partial_cls_token" in notes[0]
+
+    run = _run_file(vtab, tmp_path, tmp_path / "unused", model="tiny-vmamba", eval_epochs=0.5)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({
+        "step1": {"trials": 2, "methods": {"lora_p_x": {"r": 2}, "partial_d": {}}},
+        "step2": {"trials": 1, "methods": {"partial_d": {"lr": {"log": [1e-3, 1e-2]}}}}}))
+    out = tmp_path / "search"
+    assert main(["search", "--config", str(run), "--space", str(space_file), "--output-dir", str(out),
+                 "--no-prune", "--no-final"]) == 0
+    trials = [json.loads(p.read_text()) for p in out.glob("trials/*/task0/run_config.json")]
+    assert len(trials) >= 2 and all(t["model"] == "tiny-vmamba" for t in trials)
+    assert json.loads((out / "best_config.json").read_text())["model"] == "tiny-vmamba"

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import assert_rel_close
 
 from mambapeft import CheckpointError, ConfigError, from_config
 from mambapeft.model.mixer import PeftHook
@@ -23,6 +22,8 @@ from mambapeft.model.vmamba import (
     vmamba_config,
 )
 from mambapeft.model.vmamba_loading import load_vmamba, looks_like_vmamba, save_vmamba
+
+from conftest import assert_rel_close
 
 
 def jittered(config: VMambaConfig, seed=0, jitter=0.1) -> VMamba:

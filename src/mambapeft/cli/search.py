@@ -31,12 +31,14 @@ def add_parser(commands):
         "the same settings. A folder holding a search with other settings is refused unless --overwrite.",
     )
     parser.add_argument("--task", choices=tuple(TASKS), default=None,
-                        help="language (default) or vision (Vim on VTAB-1k tasks: trials train on train800 and are "
-                        "scored on val200; the final run trains on train800val200 and reports test)")
+                        help="language (default) or vision (Vim or VMamba on VTAB-1k tasks: trials train on train800 "
+                        "and are scored on val200; the final run trains on train800val200 and reports test)")
     parser.add_argument("--config", help="a run config (JSON/YAML, the keys of `mambapeft train`): the full recipe the "
                         "winner is trained with; an extra key 'trial' holds the trial budget's overrides (e.g. "
                         "{max_steps: 80, eval_steps: 40}), and 'tasks' lists per-task overrides ({data, val_data, "
                         "test_data}, or for vision {vtab_task, data_root}) to average over")
+    parser.add_argument("--model", help="the model to search on, replacing the config's (e.g. tiny-vmamba: the "
+                        "built-in vision demo on the built-in VMamba instead of tiny-vim)")
     parser.add_argument("--trial-steps", type=int, help="optimiser steps of one trial (the trial budget; the final "
                         "run keeps the config's full recipe)")
     parser.add_argument("--space", help="search-space file (JSON/YAML; schema in docs/search.md). Default: the paper's "
@@ -65,7 +67,8 @@ def add_parser(commands):
     parser.set_defaults(run=run)
 
 
-def load_run_config(path: str | None, task: str | None = None, trial_steps: int | None = None):
+def load_run_config(path: str | None, task: str | None = None, trial_steps: int | None = None,
+                    model: str | None = None):
     """(task kind, the full recipe's run config, the trial budget's overrides, task overrides) from a run config file,
     or the built-in demo's."""
     from ..train.config import RunConfig
@@ -86,6 +89,8 @@ def load_run_config(path: str | None, task: str | None = None, trial_steps: int 
         if "eval_steps" in kind.Config.__dataclass_fields__:
             trial.setdefault("eval_steps", max(1, trial_steps // 2))
     raw.pop("task", None)
+    if model is not None:
+        raw["model"] = model
     base = kind.resolve(raw, where=where)
     kind.Config.from_dict({**base.to_dict(), **trial}, where=f"{where}: trial")          # the budget is checked too
     return kind, base, trial, tasks
@@ -169,7 +174,7 @@ def run(args) -> int:
     from ..train.run_folder import FolderLock, write_atomic
 
     out = Path(args.output_dir)
-    kind, base, trial, tasks = load_run_config(args.config, args.task, args.trial_steps)
+    kind, base, trial, tasks = load_run_config(args.config, args.task, args.trial_steps, args.model)
     space = SearchSpace.load(args.space) if args.space else default_space(kind, base)
     if args.step1_trials is not None:
         space.step1_trials = args.step1_trials

@@ -23,7 +23,7 @@ from .base import (
     Example,
     Method,
     MethodConfig,
-    add_delta,
+    attach_delta,
     kaiming_,
     option,
     projections,
@@ -70,7 +70,9 @@ class ParallelAdapter(Method):
     mergeable = False
     why_not_mergeable = "the ReLU between its two projections is not linear, so no weight can absorb it"
     examples = (Example("parallel_adapter:dim=8"), Example("parallel_adapter:dim=8,bias=true,dropout=0"))
-    presets = {"parallel_adapter": ["parallel_adapter:dim=32,s=0.1,dropout=0.1,bias=false"]}
+    # VMamba (Table 5): the official `adaptformer` flag, dim_adaptf 32 at set_peft's default scale s_adaptf = 1
+    presets = {"parallel_adapter": ["parallel_adapter:dim=32,s=0.1,dropout=0.1,bias=false"],
+               "vmamba/parallel_adapter": ["parallel_adapter:dim=32,s=1,dropout=0.1,bias=false"]}
     scaled_update = True
     search_step1 = {"dim": 8, "s": 0.1}
     search_step2 = {"dim": {"int": [4, 16]}, "s": {"log": [1e-2, 1.0]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
@@ -82,6 +84,6 @@ class ParallelAdapter(Method):
         params = []
         for p in projections(model, "out_proj"):
             branch = ParallelBranch(p.layer, self.config)
-            add_delta(p.owner, p.attr, self.name, branch)
+            attach_delta(p, self.name, branch)
             params += list(branch.parameters())
         return params

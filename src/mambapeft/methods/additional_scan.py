@@ -13,7 +13,9 @@ gradient of the method at zero for good: the new states and the C rows' gradient
 
 Merging grows the layers: A_log gets N + N' columns, x_proj's B and C blocks N + N' rows each and the config's
 state_size becomes N + N', a plain checkpoint of a slightly larger state that transformers loads as it is.
-Vision Mamba's mixers get one set per scan direction.
+Vision Mamba's mixers get one set per scan direction, and so do VMamba's four (the paper's `x_proj_scan_addi`
+(4, 2n, E) and `A_log_scan_addi` (4E, n), copied from the pretrained A: the `paper/vmamba/additional_scan` preset);
+merging grows VMamba's stacked A_logs (4E, N + n) and x_proj_weight (4, R + 2(N + n), E) and its config's d_state.
 
 Mamba-2 (`GroupExtraStates`): A is one scalar per head, so the added states share their head's A; each group gets
 N' more B and C channels, computed from in_proj's input by new in_proj rows and passed through a depthwise conv of
@@ -24,6 +26,7 @@ in_proj's B and C blocks and those channels to conv1d, a plain Mamba-2 checkpoin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -177,7 +180,10 @@ class AdditionalScan(Method):
     targets = frozenset({("state", None)})
     examples = (Example("additional_scan:n=3,zero_init=true"),
                 Example("additional_scan:n=2,location=bottom,init=s4d", identity=False))
-    presets = {"additional_scan": ["additional_scan:n=6,location=top,init=neighbour"]}
+    # VMamba (Table 5): the new rows before the pretrained B and C rows, A copied from the pretrained A; the shipped
+    # config has scan_addition_num 1, but the table's counts (395K S, 527K B) are those of n = 2 (docs/vision.md)
+    presets = {"additional_scan": ["additional_scan:n=6,location=top,init=neighbour"],
+               "vmamba/additional_scan": ["additional_scan:n=2,location=top,init=neighbour"]}
     search_step1 = {"n": 1}
     search_step2 = {"n": {"int": [1, 6]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
     lr_by_size = {"mamba-130m": 5e-3, "mamba-370m": 1e-3, "mamba-790m": 1e-3, "mamba-1.4b": 1e-4}   # Table 7
@@ -228,21 +234,42 @@ class AdditionalScan(Method):
                 del mixer.hooks[[i for i, h in enumerate(mixer.hooks) if h is hook][0]]
                 continue
             slots, B_rows, C_rows = mixer.tensors("A_log"), mixer.projections("B"), mixer.projections("C")
+            grown_A, grown_x = [], []
             for direction, (slot, B_proj, C_proj) in enumerate(zip(slots, B_rows, C_rows)):
-                A_log = slot.value
-                grown_A_log = hook._join(A_log.detach(), hook.A_log[direction].detach(), 1)
-                setattr(slot.owner, slot.name, nn.Parameter(grown_A_log))
-                x_proj = B_proj.layer                   # the B rows come before the C rows, in one layer
-                w = x_proj.weight.detach()
+                grown_A.append(hook._join(slot.value.detach(), hook.A_log[direction].detach(), 1))
+                w = B_proj.layer.weight.detach()        # x_proj: the B rows come before the C rows, in one layer
                 (b0, b1), (c0, c1) = B_proj.rows, C_proj.rows
-                grown = torch.cat([w[:b0], hook._join(w[b0:b1], hook.B_weight[direction].detach(), 0), w[b1:c0],
-                                   hook._join(w[c0:c1], hook.C_weight[direction].detach(), 0), w[c1:]])
-                x_proj.weight = nn.Parameter(grown)
-                x_proj.out_features = grown.shape[0]
+                grown_x.append(torch.cat([w[:b0], hook._join(w[b0:b1], hook.B_weight[direction].detach(), 0),
+                                          w[b1:c0], hook._join(w[c0:c1], hook.C_weight[direction].detach(), 0),
+                                          w[c1:]]))
+            replace_tensors(slots, grown_A)
+            replace_tensors([p.weight_slot for p in B_rows], grown_x)
+            for p in B_rows:
+                if isinstance(p.layer, nn.Linear):
+                    p.layer.out_features = p.layer.weight.shape[0]
             mixer.d_state += n
             del mixer.hooks[[i for i, h in enumerate(mixer.hooks) if h is hook][0]]
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "state_size"):
             model.config = copy.deepcopy(config)
             model.config.state_size = config.state_size + n
+        elif getattr(model, "family", None) == "vmamba":
+            model.config = dataclasses.replace(config, d_state=config.d_state + n)     # save_vmamba writes it
+
+
+def replace_tensors(slots, values) -> None:
+    """Gives each slot's tensor a new value (of a new shape), as a new parameter: a whole tensor directly; the parts
+    of a tensor stacked over the directions (TensorSlot.index: rows, or entry k) put together again in order."""
+    groups: dict[tuple[int, str], list] = {}
+    for slot, value in zip(slots, values):
+        groups.setdefault((id(slot.owner), slot.name), []).append((slot, value))
+    for parts in groups.values():
+        slot = parts[0][0]
+        if slot.index is None:
+            whole = parts[0][1]
+        elif isinstance(slot.index, int):
+            whole = torch.stack([v for _, v in sorted(parts, key=lambda sv: sv[0].index)])
+        else:
+            whole = torch.cat([v for _, v in sorted(parts, key=lambda sv: sv[0].index[0])])
+        setattr(slot.owner, slot.name, nn.Parameter(whole))
 

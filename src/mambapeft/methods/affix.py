@@ -16,6 +16,12 @@ Vision Mamba ("dual", the official `inner_dual_prefix`): each scan direction get
 that direction's own order (a prefix of the backward scan is the first thing it reads, i.e. after the last
 patch); dual=false shares one set. Tokens before in_proj are inserted once and shared by both directions.
 
+VMamba (paper Table 5, "Affix-tuning w/o proj"): after in_proj its features are a 2-D grid (the depthwise 3x3
+conv follows), so where=after_in_proj means the first place with sequences: after the cross-scan
+(`PeftMixerInterface.token_stage`). Each of the four directions gets its own n tokens of width E (dual), which
+bypass the conv and pass through x_proj, dt_proj and the scan, and are dropped before the cross-merge: n x 4E per
+block, as the official PrefixEncoder's N(0, 1) Embedding(n, sum of 4E over the blocks) sliced per block.
+
 The optional projection is ONE MLP shared by all layers, P-tuning v2 style:
 Embedding(n, w) -> Linear(w, hidden) + bias -> tanh -> Linear(hidden, layers * directions * w) + bias, w = 2E
 (or d before in_proj), hidden = w by default. For Mamba-130m with 3 tokens that is 236,015,616 parameters
@@ -30,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError, NotApplicable
+from ..errors import NotApplicable
 from ..model.mixer import PeftHook
 from .base import TABLE9_DECAY, TABLE9_LR, Example, Method, MethodConfig, option, register
 from .prompt import POSITIONS, TokenMLP, check_hidden, check_position, normal_, soft_positions
@@ -42,15 +48,15 @@ WHERE = ("after_in_proj", "before_in_proj")
 class AffixConfig(MethodConfig):
     n: int = option(3, "number of soft tokens per layer (the paper: 1-3; more overfits)", minimum=1)
     where: str = option("after_in_proj",
-                        "insert after in_proj (2E-wide, X and Z; the paper's best) or before it (d-wide)",
-                        choices=WHERE)
+                        "insert after in_proj (2E-wide, X and Z; the paper's best; VMamba: E-wide, after the "
+                        "cross-scan) or before it (d-wide)", choices=WHERE)
     position: str = option("prefix", "where the tokens go: prefix, infix (evenly spaced), suffix, or prefix+suffix; "
                            "causal language models accept prefix only", choices=POSITIONS)
     projection: bool = option(False, "compute all layers' tokens with one shared MLP (Embedding -> Linear -> tanh -> "
                               "Linear), collapsed into plain tokens by merge_and_unload")
     hidden: int | None = option(None, "hidden size of the projection MLP (default: the token width, 2E or d)",
                                 minimum=1)
-    dual: bool = option(True, "Vision Mamba: separate tokens for each scan direction (after in_proj only)")
+    dual: bool = option(True, "Vision Mamba, VMamba: separate tokens for each scan direction (after in_proj only)")
 
 
 class AffixTokens(PeftHook):
@@ -118,16 +124,19 @@ class AffixTuning(Method):
                 Example("affix:n=2,dual=false", identity=False),
                 Example("affix:n=2,projection=true", identity=False))
     presets = {"affix": ["affix:n=3,where=after_in_proj,position=prefix,projection=false"],
-               "affix_proj": ["affix:n=3,where=after_in_proj,position=prefix,projection=true"]}
+               "affix_proj": ["affix:n=3,where=after_in_proj,position=prefix,projection=true"],
+               # VMamba (Table 5, "Affix-tuning w/o proj"): 3 tokens per direction after the cross-scan
+               "vmamba/affix": ["affix:n=3,where=after_in_proj,position=prefix,projection=false,dual=true"]}
     search_step1 = {"n": 1}
     search_step2 = {"n": {"int": [1, 3]}, "lr": TABLE9_LR, "weight_decay": TABLE9_DECAY}
     lr_by_size = {"mamba-130m": 1e-4, "mamba-370m": 1e-5, "mamba-790m": 1e-5, "mamba-1.4b": 1e-5}   # Table 7
 
     def _layout(self, mixer) -> tuple[str, int, int]:
         """(stage, token sets, width) for one mixer."""
-        stage = self.config.where
+        stage = mixer.token_stage(self.config.where)
         mixer.require_stage(stage, "affix")
-        sets = mixer.num_directions if self.config.dual and stage == "after_in_proj" else 1
+        per_direction = stage in ("after_in_proj", "after_cross_scan")
+        sets = mixer.num_directions if self.config.dual and per_direction else 1
         return stage, sets, mixer.soft_token_width(stage)
 
     def check(self, model):
@@ -142,8 +151,9 @@ class AffixTuning(Method):
         if c.projection:
             layouts = {self._layout(m) for m in mixers}
             if len(layouts) > 1:
-                raise ConfigError(f"affix: projection=true shares one MLP across layers, but the mixers differ in "
-                                  f"token width or directions ({sorted(layouts)}); use projection=false")
+                raise NotApplicable(f"affix: projection=true shares one MLP across layers, but the mixers of "
+                                    f"{type(model).__name__} differ in token width or directions ({sorted(layouts)}); "
+                                    f"use projection=false (as the paper does on VMamba)")
 
     def attach(self, model):
         c = self.config

@@ -32,9 +32,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from ..model.interface import Projection, unwrap
+from ..model.interface import Projection, TensorSlot, part_of, unwrap, with_part
 from ..options import check_options, option
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -249,6 +250,69 @@ def remove_delta(owner: nn.Module, attr: str, key: str) -> nn.Module:
     return delta
 
 
+class PerDirection(nn.ModuleDict):
+    """The deltas of one method on a stacked layer (model/interface.py StackedLinear), by direction: each is an
+    ordinary delta of a linear layer, run on its direction's slice: x (b, K, L, in), out (b, K, L, out)."""
+
+    def forward(self, x, out):
+        parts = [self[str(k)](x[:, k], out[:, k]) if str(k) in self else out[:, k] for k in range(out.shape[1])]
+        return torch.stack(parts, dim=1)
+
+
+def attach_delta(p: Projection, key: str, delta: nn.Module) -> None:
+    """Hangs `delta` on projection p's layer under `key`; on a stacked layer, in the slot of p's direction."""
+    if not p.stacked:
+        return add_delta(p.owner, p.attr, key, delta)
+    layer = getattr(p.owner, p.attr)
+    if not (isinstance(layer, AdaptedLayer) and key in layer.deltas):
+        add_delta(p.owner, p.attr, key, PerDirection())
+        layer = getattr(p.owner, p.attr)
+    group = layer.deltas[key]
+    if str(p.direction) in group:
+        raise ConfigError(f"{key} is attached to direction {p.direction} of {p.attr} twice")
+    group[str(p.direction)] = delta
+
+
+def detach_delta(p: Projection, key: str) -> nn.Module:
+    """Takes the delta of `key` off projection p's layer (its direction's, on a stacked layer) and returns it."""
+    if not p.stacked:
+        return remove_delta(p.owner, p.attr, key)
+    group = getattr(p.owner, p.attr).deltas[key]
+    delta = group.pop(str(p.direction))
+    if not len(group):
+        remove_delta(p.owner, p.attr, key)
+    return delta
+
+
+class OnPart(nn.Module):
+    """A parametrization applying `inner` to one part of a tensor along its first axis (TensorSlot.index: rows, or one
+    direction's entry of a stacked tensor); the rest passes through unchanged."""
+
+    def __init__(self, inner: nn.Module, index: int | tuple[int, int]):
+        super().__init__()
+        self.inner = inner
+        self.index = index
+
+    def forward(self, t):
+        return with_part(t, self.index, self.inner(part_of(t, self.index)))
+
+
+def add_parametrization(slot: TensorSlot, module: nn.Module) -> None:
+    """Parametrizes the slot's tensor with `module` (which maps the slot's value, whole or its part, to a new value
+    of the same shape). Several may sit on one tensor (one per direction of a stacked tensor)."""
+    parametrization = module if slot.index is None else OnPart(module, slot.index)
+    parametrize.register_parametrization(slot.owner, slot.name, parametrization)
+
+
+def fold_parametrizations(slots: list[TensorSlot]) -> None:
+    """Folds every parametrization of the slots' tensors into them (each tensor once; the deltas methods hang there
+    add to the tensor, so folding them together is exact)."""
+    for slot in slots:
+        if parametrize.is_parametrized(slot.owner, slot.name):
+            parametrize.remove_parametrizations(slot.owner, slot.name, leave_parametrized=True)
+
+
 __all__ = ["REGISTRY", "register", "MethodConfig", "Method", "Example", "AdaptedLayer", "add_delta", "remove_delta",
+           "PerDirection", "attach_delta", "detach_delta", "OnPart", "add_parametrization", "fold_parametrizations",
            "projections", "unwrap", "kaiming_", "is_meta", "get_module", "owner_and_attr", "option",
            "TABLE9_LR", "TABLE9_DECAY"]

@@ -14,11 +14,26 @@ class FullFineTuning(Method):
     family = "baseline"
     description = "full fine-tuning: every weight of the model is trained"
     examples = (Example("full"),)
-    presets = {"full": ["full"]}
+    presets = {"full": ["full"], "vmamba/full": ["full"]}             # Table 5's Full row too
     lr_by_size = FULL_LR                   # paper: 5e-5 for every size; the built-in model: 1e-3 (measured)
 
     def attach(self, model):
-        return list(model.parameters())
+        params = list(model.parameters())
+        self.total = sum(p.numel() for p in params)
+        self.head = self.head_path = None
+        if model.head_path is not None:
+            head = list(get_module(model, model.head_path).parameters())
+            embedding = list(get_module(model, model.embedding_path).parameters()) if model.embedding_path else []
+            if not any(h is e for h in head for e in embedding):          # a tied head is the embedding: no note
+                self.head, self.head_path = sum(p.numel() for p in head), model.head_path
+        return params
+
+    def explain_count(self):
+        """The backbone without the head: what the vision tables' Full rows count (VMamba Table 5: 49,379K S)."""
+        if self.head is None:
+            return None
+        return (f"of which the output head ({self.head_path}) {self.head:,}; without it {self.total - self.head:,} "
+                f"(the paper's vision Full rows count the backbone only)")
 
     def merge(self, model):
         pass                                   # the weights are the model already
@@ -34,7 +49,7 @@ class LinearProbe(Method):
     description = "linear probing: only the output head is trained (a tied LM head gets its own copy)"
     targets = frozenset({("head", None)})
     examples = (Example("linear_probe"),)
-    presets = {"linear_probe": ["linear_probe"]}
+    presets = {"linear_probe": ["linear_probe"], "vmamba/linear_probe": ["linear_probe"]}   # Table 5's Linear
 
     def check(self, model):
         if model.head_path is None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Example, Method, add_delta, option, projections, register, remove_delta
+from .base import Example, Method, attach_delta, detach_delta, option, projections, register
 from .lora import LinearLoRA, LoRAConfig, LoRADelta, check_rank
 
 
@@ -85,13 +85,13 @@ class DoRA(Method):
         params = []
         for p in projections(model, self.role):
             delta = DoRADelta(p.layer, *p.rows, self.config)
-            add_delta(p.owner, p.attr, self.name, delta)
+            attach_delta(p, self.name, delta)
             params += [delta.down, delta.up, delta.magnitude]
         return params
 
     def merge(self, model):
         for p in projections(model, self.role):
-            remove_delta(p.owner, p.attr, self.name).merge_into(p.layer)
+            detach_delta(p, self.name).merge_into(p.layer)
 
 
 # id: (role, (layer, row block) for clash checks, description)
@@ -99,8 +99,8 @@ DORA_TARGETS = {
     "dora_p_x": ("X", ("in_proj", "X"), "DoRA on the X half of in_proj (paper Table 6): LoRA direction plus a "
                  "learned magnitude"),
     "dora_in_proj": ("in_proj", ("in_proj", None), "DoRA on the whole in_proj (Hugging Face peft's use_dora)"),
-    "dora_x_proj": ("x_proj", ("x_proj", None), "DoRA on x_proj (one per direction in Vim)"),
-    "dora_dt_proj": ("dt_proj", ("dt_proj", None), "DoRA on dt_proj (one per direction in Vim)"),
+    "dora_x_proj": ("x_proj", ("x_proj", None), "DoRA on x_proj (one per direction in Vim and VMamba)"),
+    "dora_dt_proj": ("dt_proj", ("dt_proj", None), "DoRA on dt_proj (one per direction in Vim and VMamba)"),
     "dora_out_proj": ("out_proj", ("out_proj", None), "DoRA on out_proj"),
 }
 

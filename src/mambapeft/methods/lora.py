@@ -8,7 +8,9 @@ Down, as the official code does where it calls LoRA as a module (X, Z, in_proj, 
 B/C/dt rows it merges the weights and so applies none): the `paper/...` presets follow that. Partial LoRA (paper
 Section 3.2) puts the delta on one output block only: the X or Z half of in_proj, or the dt, B or C rows of x_proj.
 In Vision Mamba, x_proj and dt_proj exist once per scan direction and each direction gets its own LoRA; in_proj and
-out_proj are shared and get one.
+out_proj are shared and get one. VMamba's four directions keep x_proj and dt_proj as one stacked weight each
+(x_proj_weight, dt_projs_weight): the LoRA of direction k acts on that direction's slice of the called module and
+merges into entry k of the stacked weight (model/interface.py StackedLinear), so nothing changes here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .base import (
     Method,
     MethodConfig,
     add_delta,
+    attach_delta,
+    detach_delta,
     kaiming_,
     option,
     owner_and_attr,
@@ -142,14 +146,14 @@ def attach_linear_lora(model, key: str, role: str, config: LoRAConfig) -> list[t
     params = []
     for p in projections(model, role):
         delta = LoRADelta(p.layer.in_features, *p.rows, config, like=p.layer.weight)
-        add_delta(p.owner, p.attr, key, delta)
+        attach_delta(p, key, delta)
         params += [delta.down, delta.up]
     return params
 
 
 def merge_linear_lora(model, key: str, role: str) -> None:
     for p in projections(model, role):
-        remove_delta(p.owner, p.attr, key).merge_into(p.layer)
+        detach_delta(p, key).merge_into(p.layer)
 
 
 class LinearLoRA(Method):
@@ -175,8 +179,9 @@ class LinearLoRA(Method):
 # description). One line here adds a LoRA target; the paper preset paper/<id> is the Table 1 rank.
 LORA_TARGETS = {
     "lora_in_proj": ("in_proj", ("in_proj", None), 32, 8, "LoRA on in_proj (both the X and the Z half)"),
-    "lora_x_proj": ("x_proj", ("x_proj", None), 64, 8, "LoRA on x_proj (dt, B and C rows; one per direction in Vim)"),
-    "lora_dt_proj": ("dt_proj", ("dt_proj", None), 64, 4, "LoRA on dt_proj (one per direction in Vim)"),
+    "lora_x_proj": ("x_proj", ("x_proj", None), 64, 8,
+                    "LoRA on x_proj (dt, B and C rows; one per direction in Vim and VMamba)"),
+    "lora_dt_proj": ("dt_proj", ("dt_proj", None), 64, 4, "LoRA on dt_proj (one per direction in Vim and VMamba)"),
     "lora_out_proj": ("out_proj", ("out_proj", None), 96, 8, "LoRA on out_proj"),
     "lora_p_x": ("X", ("in_proj", "X"), 64, 8, "partial LoRA on the X half of in_proj: the paper's best single method"),
     "lora_p_z": ("Z", ("in_proj", "Z"), 64, 8, "partial LoRA on the Z (gate) half of in_proj"),
@@ -186,6 +191,11 @@ LORA_TARGETS = {
 }
 # where the official code calls LoRA as a module (with dropout), vision/.../vim_peft_all.py L122-171, L597-616
 MODULE_CALLED = ("in_proj", "out_proj", "X", "Z")
+# VMamba's Table 5 rows (vmamba_peft_all.py set_peft): `lora_out_proj` and `lora_in_proj` (LoRA_p(X): with no z gate
+# in_proj is X alone) are called as modules with dropout 0.1 after Down, at set_peft's default scale 1; rank 64 for
+# S and B (B's shipped config has 16, but the table's 2,039K is rank 64: docs/vision.md)
+VMAMBA_LORA = {"lora_out_proj": "r=64,s=1,dropout=0.1,dropout_at=bottleneck",
+               "lora_p_x": "r=64,s=1,dropout=0.1,dropout_at=bottleneck"}
 # Table 7 (language): lora_p_x's learning rate by model size
 LORA_P_X_LR = {"mamba-130m": 1e-3, "mamba-370m": 5e-4, "mamba-790m": 5e-4, "mamba-1.4b": 1e-4}
 
@@ -196,7 +206,8 @@ for _name, (_role, _target, _rank, _step1_rank, _text) in LORA_TARGETS.items():
         # the official placement: dropout 0.1 after Down where LoRA is called as a module (X, Z, in_proj, out_proj),
         # none where the official code merges the weights (x_proj, dt_proj, the dt/B/C rows)
         "presets": {_name: [f"{_name}:r={_rank},s=0.1," + ("dropout=0.1,dropout_at=bottleneck" if _role in MODULE_CALLED
-                                                             else "dropout=0")]},
+                                                             else "dropout=0")],
+                    **({f"vmamba/{_name}": [f"{_name}:{VMAMBA_LORA[_name]}"]} if _name in VMAMBA_LORA else {})},
         "search_step1": {"r": _step1_rank, "s": 0.1},
         "lr_by_size": LORA_P_X_LR if _name == "lora_p_x" else {},
         # Table 9 searches lora_p_b's rank in 4..12, the others in 4..16

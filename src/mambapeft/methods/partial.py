@@ -7,7 +7,9 @@ The delta rides on the tensor through `torch.nn.utils.parametrize`, so the mixer
 wherever it reads A_log and merging is `remove_parametrizations(leave_parametrized=True)`. Weight decay on
 the delta is the paper's modified decay |W - W_pretrained|^2: it pulls the tensor back toward its
 pretrained value, not toward zero. Default strengths are the official ones: 1e-3 for A, D and conv1d (x10 of
-the base 1e-4) and 1e-2 for the dt bias (x100). Vim's mixers get one delta per scan direction. The same
+the base 1e-4) and 1e-2 for the dt bias (x100). Vim's mixers get one delta per scan direction; so do VMamba's, each
+on its direction's part of the stacked tensor (A_logs, Ds, dt_projs_bias), and `partial_conv1d` there tunes the
+depthwise 3x3 conv2d (the paper's Conv2d-tuning, Table 5) and `partial_norm` out_norm's weight. The same
 machinery serves tensors the model itself holds (Vim's class token and position embedding, `ModelTensorTuning`).
 """
 
@@ -17,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
-from .base import Example, Method, MethodConfig, option, register
+from .base import Example, Method, MethodConfig, add_parametrization, fold_parametrizations, option, register
 
 PARTIAL_SEARCH = {"lr": {"log": [1e-4, 5e-3]}, "weight_decay": {"log": [1e-5, 1e-2]}}    # Table 9, step 2
 
@@ -69,13 +70,12 @@ class PartialTuning(Method):
         params = []
         for slot in self.slots(model):
             delta = Delta(slot.value)
-            parametrize.register_parametrization(slot.owner, slot.name, delta)
+            add_parametrization(slot, delta)
             params.append(delta.delta)
         return params
 
     def merge(self, model):
-        for slot in self.slots(model):
-            parametrize.remove_parametrizations(slot.owner, slot.name, leave_parametrized=True)
+        fold_parametrizations(self.slots(model))
 
 
 class ModelTensorTuning(PartialTuning):
@@ -97,14 +97,15 @@ class S4DTensorTuning(PartialTuning):
 
 # id: (role, whose tensor, config, (layer, block) it changes, description). One line here adds a partial target.
 PARTIAL_TARGETS = {
-    "partial_a": ("A_log", PartialTuning, PartialConfig, ("A_log", None), "A-tuning: a delta on A_log (E x N per direction)"),
+    "partial_a": ("A_log", PartialTuning, PartialConfig, ("A_log", None),
+                  "A-tuning: a delta on A_log (E x N per direction)"),
     "partial_d": ("D", PartialTuning, PartialConfig, ("D", None), "D-tuning: a delta on the skip D (E per direction)"),
     "partial_conv1d": ("conv", PartialTuning, PartialConfig, ("conv1d.weight", None),
-                       "Conv1d-tuning: a delta on the causal conv's kernel"),
+                       "Conv1d-tuning: a delta on the causal conv's kernel (VMamba: its 3x3 conv2d, Conv2d-tuning)"),
     "partial_bias": ("dt_bias", PartialTuning, PartialBiasConfig, ("dt_proj.bias", None),
                      "Bias-tuning: a delta on the dt bias, the block's only bias"),
     "partial_norm": ("norm", PartialTuning, PartialConfig, ("norm.weight", None),
-                     "a delta on the gated RMSNorm's weight (Mamba-2)"),
+                     "a delta on the norm's weight before out_proj (Mamba-2's gated RMSNorm, VMamba's out_norm)"),
     "partial_cls_token": ("cls_token", ModelTensorTuning, ModelTensorConfig, ("cls_token", None),
                           "a delta on Vim's class token (d)"),
     "partial_pos_embed": ("pos_embed", ModelTensorTuning, ModelTensorConfig, ("pos_embed", None),
@@ -115,8 +116,15 @@ PARTIAL_TARGETS = {
                          "a delta on S4D's output-linear bias (H per layer)"),
 }
 
+# VMamba's Table 5 row "Conv2d" (learnable_conv1d_v2 on its conv2d: a zero-initialised delta with decay_mult 10 on
+# the base 1e-4, the default here)
+VMAMBA_PRESETS = {"partial_conv1d": "vmamba/partial_conv1d"}
+
 for _name, (_role, _base, _config, _target, _text) in PARTIAL_TARGETS.items():
+    _presets = {_name: [f"{_name}:weight_decay={_config().weight_decay:g}"]}
+    if _name in VMAMBA_PRESETS:
+        _presets[VMAMBA_PRESETS[_name]] = _presets[_name]
     register(type(_name, (_base,), {
         "name": _name, "role": _role, "Config": _config, "description": _text, "targets": frozenset({_target}),
-        "examples": (Example(_name),), "presets": {_name: [f"{_name}:weight_decay={_config().weight_decay:g}"]},
+        "examples": (Example(_name),), "presets": _presets,
     }))

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, NotApplicable
-from .base import Example, Method, MethodConfig, option, register
+from .base import Example, Method, MethodConfig, add_parametrization, fold_parametrizations, option, register
 from .sdt_s4d import S4DSparseDimensionTuning, offers_s4d, refuse_s4d_options
 
 WARMUP, SPARSE = 0, 1
@@ -170,7 +169,7 @@ class SparseDimensionTuning(Method):
                     "Mamba-2 code was never released: furiosa-ai/ssm-peft#2)")
             mixer.tensors("A_log")
             B, C = mixer.projections("B"), mixer.projections("C")
-            if any(b.layer is not c.layer for b, c in zip(B, C)):
+            if any(b.weight_slot != c.weight_slot for b, c in zip(B, C)):
                 raise ConfigError("sdt: this family keeps B and C in different layers, which SDT does not support")
 
     def attach(self, model):
@@ -182,10 +181,9 @@ class SparseDimensionTuning(Method):
         for slot, B, C, mixer in _parts(model):
             k_c, k_s = selected_sizes(mixer.d_inner, mixer.d_state, self.config)
             sparse_a = SparseA(slot.value, k_c, k_s, self.config.keep_warmup)
-            parametrize.register_parametrization(slot.owner, slot.name, sparse_a)
-            x_proj = B.layer
-            sparse_bc = SparseBC(x_proj.weight, sparse_a, B.rows, C.rows)
-            parametrize.register_parametrization(x_proj, "weight", sparse_bc)
+            add_parametrization(slot, sparse_a)
+            sparse_bc = SparseBC(B.layer.weight, sparse_a, B.rows, C.rows)
+            add_parametrization(B.weight_slot, sparse_bc)           # x_proj's weight (VMamba: its direction's)
             self.parts.append((sparse_a, sparse_bc))
             params += [sparse_a.dense, sparse_a.values, sparse_bc.values]
         return params
@@ -217,7 +215,7 @@ class SparseDimensionTuning(Method):
     def select_now(self) -> None:
         if self.s4d is not None:
             return self.s4d.select_now()
-        for sparse_a, sparse_bc in self.parts:
+        for sparse_a, _ in self.parts:
             channels, states = select(sparse_a.dense, *sparse_a.values.shape)
             sparse_a.channels.copy_(channels)
             sparse_a.states.copy_(states)
@@ -268,5 +266,4 @@ class SparseDimensionTuning(Method):
         if self.s4d is not None:
             return self.s4d.merge(model)
         for slot, B, _, _ in _parts(model):
-            parametrize.remove_parametrizations(slot.owner, slot.name, leave_parametrized=True)
-            parametrize.remove_parametrizations(B.layer, "weight", leave_parametrized=True)
+            fold_parametrizations([slot, B.weight_slot])

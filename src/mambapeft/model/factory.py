@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from transformers import Mamba2Config
 
 from ..errors import ConfigError, did_you_mean
@@ -28,7 +27,8 @@ ALL_ARCHITECTURES = [*ARCHITECTURES, *MAMBA2_ARCHITECTURES, *VIM_ARCHITECTURES, 
 BUILTIN_NAMES = ("builtin", "tiny-mamba", "tiny-mamba2", "builtin-mamba2", "tiny-vim", "tiny-vmamba")
 # every model family, by the small architecture that stands for it in checks (`mambapeft methods`, the conformance
 # test): adding a family is implementing model/interface.py and one line here
-FAMILIES = {"mamba": "mamba-micro", "mamba2": "mamba2-tiny", "vim": "vim-micro", "s4d": "s4d-micro"}
+FAMILIES = {"mamba": "mamba-micro", "mamba2": "mamba2-tiny", "vim": "vim-micro", "s4d": "s4d-micro",
+            "vmamba": "vmamba-micro"}
 
 
 def from_config(config, *, device=None, dtype=None,

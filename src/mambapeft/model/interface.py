@@ -12,10 +12,18 @@ Roles name the parts of a mixer by what they do, not by where a family keeps the
                   (Mamba-1: X, Z are halves of in_proj and dt, B, C row blocks of x_proj; a family without
                   x_proj finds B and C elsewhere or declares them not applicable)
     tensors       "A_log", "D", "conv" (the conv kernel), "dt_bias"   small tensors, read at every call
+                  "norm" (the norm before out_proj: Mamba-2's gated RMSNorm, VMamba's out_norm)
                   S4D (model/s4d.py): "C" (H, N, 2: complex as real pairs), "log_A_real", "A_imag" (H, N),
                   "log_dt" (H), "out_bias" (the output linear's bias), and "D"
     stages        where `PeftHook`s are called: "embeddings" (the model), "before_in_proj", "after_in_proj"
-                  (soft tokens), "extend_state" (extra state dimensions), "initial_state" and "state_offset"
+                  (soft tokens; VMamba: "after_cross_scan"), "extend_state" (extra state dimensions),
+                  "initial_state" and "state_offset"
+
+Stacked layouts (VMamba keeps each direction's x_proj, dt_proj, A, D and dt bias as one entry of a tensor stacked
+over the directions, under the checkpoint's names): a `StackedLinear` is the called module over such a weight, and
+a Projection on it stands for one direction, whose `layer` is a `DirectionView` that looks like a bias-free
+nn.Linear (methods hang per-direction deltas on it: methods/base.py `attach_delta`); a TensorSlot with an `index`
+stands for one direction's part of a stacked tensor (methods parametrize that part: `add_parametrization`).
 
 Adding a family = implementing these members (and one line in tests/test_conformance.py's table of families).
 """
@@ -41,9 +49,65 @@ def unwrap(layer: nn.Module) -> nn.Module:
     return getattr(layer, "base", layer)
 
 
+class DirectionView:
+    """One direction k of a StackedLinear, seen as a bias-free linear layer: what methods read of an nn.Linear
+    (in_features, out_features, weight, bias). Not a module: `weight` is the stacked weight's entry k, read anew at
+    every access (so a parametrization of the stacked tensor shows), and writing into it under no_grad writes into
+    the stacked parameter (how LoRA and DoRA merge)."""
+
+    bias = None
+
+    def __init__(self, stacked: StackedLinear, k: int):
+        self._stacked, self.k = stacked, k
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._stacked.weight[self.k]                          # (out, in)
+
+    @property
+    def in_features(self) -> int:
+        return self._stacked.weight.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self._stacked.weight.shape[1]
+
+
+class StackedLinear(nn.Module):
+    """K bias-free linear maps, one per scan direction, whose weights are one parameter of the owner:
+    owner.<name> (K, out, in), applied as x (..., K, L, in) -> (..., K, L, out).
+
+    It holds no tensor (the owner keeps the parameter under its checkpoint name, e.g. VMamba's x_proj_weight) and
+    reads the parameter at every call, so a parametrization of it applies; being a called module, a wrapper around
+    it (AdaptedLayer, with a delta per direction) cannot be bypassed."""
+
+    def __init__(self, owner: nn.Module, name: str):
+        super().__init__()
+        self._owner = [owner]                  # a plain list: the owner is not a submodule of its own part
+        self.name = name
+        self._views: list[DirectionView] = []
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self._owner[0], self.name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight.mT)                       # (..., K, L, in) @ (K, in, out)
+
+    def direction(self, k: int) -> DirectionView:
+        """Direction k as a linear layer (the same object every time, so `is` compares layers)."""
+        while len(self._views) <= k:
+            self._views.append(DirectionView(self, len(self._views)))
+        return self._views[k]
+
+    def extra_repr(self) -> str:
+        return f"reads {self.name}"
+
+
 @dataclass(frozen=True)
 class Projection:
-    """A linear layer a method may wrap (`owner.attr`), and the output rows [start, stop) its role covers."""
+    """A linear layer a method may wrap (`owner.attr`), and the output rows [start, stop) its role covers.
+    On a StackedLinear it is the projection of one direction (`direction`)."""
 
     owner: nn.Module
     attr: str
@@ -51,22 +115,54 @@ class Projection:
     direction: int = 0
 
     @property
-    def layer(self) -> nn.Module:
-        """The plain layer, under any wrapper a method has put on it."""
-        return unwrap(getattr(self.owner, self.attr))
+    def stacked(self) -> bool:
+        return isinstance(unwrap(getattr(self.owner, self.attr)), StackedLinear)
+
+    @property
+    def layer(self):
+        """The plain layer, under any wrapper a method has put on it (a DirectionView on a stacked layer)."""
+        layer = unwrap(getattr(self.owner, self.attr))
+        return layer.direction(self.direction) if isinstance(layer, StackedLinear) else layer
+
+    @property
+    def weight_slot(self) -> TensorSlot:
+        """The layer's weight as a TensorSlot (what a parametrization of it attaches to)."""
+        layer = unwrap(getattr(self.owner, self.attr))
+        if isinstance(layer, StackedLinear):
+            return TensorSlot(layer._owner[0], layer.name, self.direction, index=self.direction)
+        return TensorSlot(layer, "weight", self.direction)
 
 
 @dataclass(frozen=True)
 class TensorSlot:
-    """A small tensor a method may add a delta to: `owner.name` (a parameter read at every call)."""
+    """A small tensor a method may add a delta to: `owner.name` (a parameter read at every call), or one part of it
+    along its first axis (`index`): rows (start, stop) of it, or its entry k (an int) when it is stacked over the
+    directions."""
 
     owner: nn.Module
     name: str
     direction: int = 0
+    index: int | tuple[int, int] | None = None
 
     @property
     def value(self) -> torch.Tensor:
-        return getattr(self.owner, self.name)
+        return part_of(getattr(self.owner, self.name), self.index)
+
+
+def part_of(t: torch.Tensor, index: int | tuple[int, int] | None) -> torch.Tensor:
+    """t, its rows index = (start, stop), or its entry index = k."""
+    if index is None:
+        return t
+    return t[index] if isinstance(index, int) else t[index[0] : index[1]]
+
+
+def with_part(t: torch.Tensor, index: int | tuple[int, int] | None, part: torch.Tensor) -> torch.Tensor:
+    """t with part_of(t, index) replaced by `part` (a new tensor; differentiable in both)."""
+    if index is None:
+        return part
+    start, stop = (index, index + 1) if isinstance(index, int) else index
+    middle = part[None] if isinstance(index, int) else part
+    return torch.cat([t[:start], middle, t[stop:]])
 
 
 class PeftMixerInterface(ABC):
@@ -96,6 +192,12 @@ class PeftMixerInterface(ABC):
     def soft_token_width(self, stage: str) -> int:
         """Width of soft tokens inserted at `stage` ("before_in_proj" or "after_in_proj")."""
         raise NotApplicable(f"{self.family_name} takes no soft tokens {stage.replace('_', ' ')}")
+
+    def token_stage(self, where: str) -> str:
+        """The stage that plays the part of `where` in this family (affix's option): itself, except where a family
+        has no sequence there (VMamba: after in_proj the features are a 2-D grid; its tokens enter after the
+        cross-scan)."""
+        return where
 
     def require_stage(self, stage: str, method: str) -> None:
         if stage not in self.peft_stages:
@@ -137,6 +239,7 @@ class PeftModelInterface(ABC):
 
     def untie_weights(self) -> None:
         """Gives a head tied to the embedding its own copy (before a method changes one of them). Default: none."""
+        return None
 
     def model_tensor(self, role: str) -> TensorSlot:
         """A tensor the model itself holds (Vim: "cls_token", "pos_embed"); NotApplicable by default."""

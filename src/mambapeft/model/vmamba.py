@@ -22,9 +22,24 @@ SS2D on x (b, H, W, d):
     out_norm (LayerNorm over E) --> out_proj (no bias) --> (b, H, W, d)
 
 PEFT-readiness, as in mixer.py: in_proj, conv2d, out_norm and out_proj are called as modules (a wrapper replacing one
-cannot be bypassed); the stacked per-direction tensors x_proj_weight (4, R+2N, E), dt_projs_weight (4, E, R),
-dt_projs_bias (4, E), A_logs (4E, N) and Ds (4E) are read as attributes at every call, so a parametrization can add
-a (per-direction) delta to any of them; `hooks` on each SS2D and on the model hold PeftHooks.
+cannot be bypassed), and so are x_proj and dt_proj: `StackedLinear`s (model/interface.py) that hold no tensor and
+read the stacked per-direction weights x_proj_weight (4, R+2N, E) and dt_projs_weight (4, E, R) at every call (the
+checkpoint keeps those names). Those two, dt_projs_bias (4, E), A_logs (4E, N) and Ds (4E) are read as attributes at
+every call, so a parametrization can add a (per-direction) delta to any of them; `hooks` on each SS2D and on the
+model hold PeftHooks.
+
+The PEFT interface (model/interface.py), per direction k where the paper's code has one of a thing per direction:
+    in_proj, X        in_proj (all rows: "v05_noz" has no z gate, so there is no Z)
+    x_proj, dt, B, C  x_proj direction k, its rows [dt | B | C]        dt_proj   dt_proj direction k
+    out_proj          out_proj (after out_norm; the parallel adapter reads out_norm's output)
+    A_log, D          rows k E .. (k+1) E of A_logs, Ds                dt_bias   dt_projs_bias[k]
+    conv              conv2d.weight (one depthwise 3x3 kernel, before the cross-scan: shared by the directions)
+    norm              out_norm.weight
+    stages            after_cross_scan (soft tokens of width E per direction, dropped before the merge: affix),
+                      extend_state, initial_state (E, N) and state_offset (h' (E, N) through C_t, or y' (E)), per
+                      direction; VMamba has no gate, so offsets add to each direction's output before the merge.
+    model             no "embeddings" stage (no token sequence at model level: prompt tuning does not apply);
+                      embedding = patch_embed.0 (the stem's first conv), head = classifier.head
 
 The upstream model is channel-first (LayerNorm2d, 1x1-conv "Linear2d"); this port is channel-last with nn.Linear and
 nn.LayerNorm over the last axis: the same function with the same weights (a Linear2d weight (out, in, 1, 1) loads as
@@ -33,19 +48,25 @@ nn.LayerNorm over the last axis: the same function with the same weights (a Line
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, NotApplicable
 from ..scan import selective_scan_grouped
+from .interface import PeftMixerInterface, PeftModelInterface, Projection, StackedLinear, TensorSlot, unwrap
 from .mixer import drop_inserted, insert_from_hooks
 from .vim import VimOutput
 
 DIRECTIONS = 4          # k0 row-major, k1 column-major, k2 / k3 their reverses
+# our folder format (VMamba.save_pretrained writes it, model/vmamba_loading.py load_vmamba reads it)
+CONFIG_FILE, WEIGHTS_FILE, FORMAT = "config.json", "model.safetensors", "mambapeft-vmamba"
 
 
 @dataclass
@@ -107,7 +128,7 @@ class VMambaConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VMambaConfig":
+    def from_dict(cls, data: dict) -> VMambaConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -211,8 +232,12 @@ def cross_merge(ys: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return rows.view(b, H, W, E) + cols.view(b, W, H, E).transpose(1, 2)
 
 
-class SS2D(nn.Module):
+class SS2D(nn.Module, PeftMixerInterface):
     """The 2-D selective scan of VMamba ("v05_noz"); see the module docstring for the data flow."""
+
+    family_name = "VMamba"
+    peft_stages = frozenset({"after_cross_scan", "extend_state", "initial_state", "state_offset"})
+    num_directions = DIRECTIONS
 
     def __init__(self, d_model: int, *, d_state: int = 1, ssm_ratio: float = 2.0, dt_rank: int | None = None,
                  d_conv: int = 3, norm_eps: float = 1e-5, device=None, dtype=None):
@@ -228,6 +253,8 @@ class SS2D(nn.Module):
         self.conv2d = nn.Conv2d(E, E, d_conv, padding=(d_conv - 1) // 2, groups=E, bias=False, **factory)
         self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N, E, **factory))    # per direction [dt | B | C]
         self.dt_projs_weight = nn.Parameter(torch.empty(K, E, R, **factory))
+        self.x_proj = StackedLinear(self, "x_proj_weight")          # called modules over the two (no tensors)
+        self.dt_proj = StackedLinear(self, "dt_projs_weight")
         self.dt_projs_bias = nn.Parameter(torch.empty(K, E, **factory))
         self.A_logs = nn.Parameter(torch.empty(K * E, N, **factory))                  # direction k: rows k E ...
         self.Ds = nn.Parameter(torch.empty(K * E, **factory))
@@ -251,6 +278,55 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand(DIRECTIONS * E, N))
         self.Ds.fill_(1.0)
 
+    # -------------------------------------------------- the PEFT interface (model/interface.py)
+
+    def projections(self, role: str) -> list[Projection]:
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        if role in ("in_proj", "X"):
+            return [Projection(self, "in_proj", (0, E))]
+        if role == "out_proj":
+            return [Projection(self, "out_proj", (0, self.d_model))]
+        if role == "Z":
+            raise self.not_applicable("Z", "its SS2D ('v05_noz') has no z gate: in_proj computes X alone (use "
+                                           "lora_p_x, which is LoRA on the whole in_proj here, or lora_in_proj)")
+        rows = {"x_proj": ("x_proj", (0, R + 2 * N)), "dt": ("x_proj", (0, R)), "B": ("x_proj", (R, R + N)),
+                "C": ("x_proj", (R + N, R + 2 * N)), "dt_proj": ("dt_proj", (0, E))}
+        if role not in rows:
+            raise self.not_applicable(f"projection {role!r}")
+        attr, block = rows[role]
+        return [Projection(self, attr, block, k) for k in range(DIRECTIONS)]
+
+    def tensors(self, role: str) -> list[TensorSlot]:
+        E = self.d_inner
+        if role in ("A_log", "D"):
+            name = {"A_log": "A_logs", "D": "Ds"}[role]
+            return [TensorSlot(self, name, k, index=(k * E, (k + 1) * E)) for k in range(DIRECTIONS)]
+        if role == "dt_bias":
+            return [TensorSlot(self, "dt_projs_bias", k, index=k) for k in range(DIRECTIONS)]
+        if role == "conv":
+            return [TensorSlot(unwrap(self.conv2d), "weight")]
+        if role == "norm":
+            return [TensorSlot(unwrap(self.out_norm), "weight")]
+        raise self.not_applicable(f"tensor {role!r}")
+
+    def soft_token_width(self, stage: str) -> int:
+        if stage != "after_cross_scan":
+            return super().soft_token_width(stage)
+        return self.d_inner
+
+    def token_stage(self, where: str) -> str:
+        return "after_cross_scan" if where == "after_in_proj" else where
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (self.d_inner, self.d_state)
+
+    @property
+    def channel_shape(self) -> tuple[int, ...]:
+        return (self.d_inner,)
+
+    # -------------------------------------------------- forward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (b, H, W, d) -> (b, H, W, d)."""
         b, H, W, _ = x.shape
@@ -260,14 +336,17 @@ class SS2D(nn.Module):
         xs = cross_scan(x)                                                           # (b, 4, L, E)
         xs, kept = self._insert_tokens(xs)                                           # affix tokens in: (b, 4, L', E)
 
-        x_dbl = torch.matmul(xs, self.x_proj_weight.mT)                              # (b, 4, L', R + 2N)
+        x_dbl = self.x_proj(xs)                                                      # (b, 4, L', R + 2N)
         dt_low, B, C = x_dbl.split([R, N, N], dim=-1)
-        dt = torch.matmul(dt_low, self.dt_projs_weight.mT)                           # (b, 4, L', E)
+        dt = self.dt_proj(dt_low)                                                    # (b, 4, L', E)
+        C_pretrained = C                                                             # state offsets read these
         A_log, B, C = self._extend_state(xs, self.A_logs.view(DIRECTIONS, E, N), B, C)   # N -> n states
         ys = selective_scan_grouped(
             xs, dt, -torch.exp(A_log.float()), B.contiguous(), C.contiguous(),
             D=self.Ds.view(DIRECTIONS, E), delta_bias=self.dt_projs_bias, delta_softplus=True,
+            initial_state=self._initial_state(b),
         )                                                                            # (b, 4, L', E)
+        ys = self._add_offsets(ys, C_pretrained)
         ys = self._drop_tokens(ys, kept)                                             # affix tokens out: (b, 4, L, E)
         y = cross_merge(ys, H, W)                                                    # (b, H, W, E)
         return self.out_proj(self.out_norm(y))                                       # (b, H, W, d)
@@ -310,6 +389,36 @@ class SS2D(nn.Module):
                              f"{[p[0].shape[1] for p in parts]}")
         return (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts], dim=1),
                 torch.stack([p[2] for p in parts], dim=1))
+
+    def _initial_state(self, batch: int) -> torch.Tensor | None:
+        """The hooks' initial state of each direction (b, 4, E, n), the added states' part zero, or None (zeros)."""
+        if not len(self.hooks):
+            return None
+        per_direction = []
+        for k in range(DIRECTIONS):
+            starts = [h0 for hook in self.hooks if (h0 := hook.initial_state(k)) is not None]
+            if not starts:
+                return None
+            h0 = sum(starts)                                                          # (E, N)
+            for hook in self.hooks:
+                h0 = hook.extend_initial(k, h0)                                       # (E, n)
+            per_direction.append(h0.to(torch.promote_types(h0.dtype, torch.float32)))    # at least float32
+        return torch.stack(per_direction).expand(batch, -1, -1, -1)
+
+    def _add_offsets(self, ys: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """ys (b, 4, L, E) plus the hooks' state offsets of each direction: C_t h' with C (b, 4, L, N) of the pretrained
+        states and h' (E, N), or y' (E). No gate follows the scan in "v05_noz", so they add to the output itself."""
+        for hook in self.hooks:
+            found = [hook.state_offset(k) for k in range(DIRECTIONS)]
+            if found[0] is None:
+                continue
+            kind = found[0][0]
+            values = torch.stack([value for _, value in found]).to(ys.dtype)          # (4, E, N) or (4, E)
+            if kind == "h":
+                ys = ys + torch.einsum("bkln,ken->bkle", C.to(ys.dtype), values)
+            else:
+                ys = ys + values[:, None]
+        return ys
 
 
 class Mlp(nn.Module):
@@ -369,11 +478,13 @@ class Classifier(nn.Module):
 # ---------------------------------------------------------------- the model
 
 
-class VMamba(nn.Module):
-    """VMamba classifier; the PEFT interface is that of `MambaLM` / `VisionMamba` (see methods/base.py)."""
+class VMamba(nn.Module, PeftModelInterface):
+    """VMamba classifier, on the PEFT interface (model/interface.py; its mixers are the SS2Ds)."""
 
+    family = "vmamba"
     is_causal = False                      # four directions: every output sees every token
-    embedding_path = "patch_embed.0"
+    peft_stages = frozenset()              # a 2-D grid until each SS2D's cross-scan: no model-level token sequence
+    embedding_path = "patch_embed.0"       # the stem's first conv (lora_embed)
     head_path = "classifier.head"
 
     def __init__(self, config: VMambaConfig, device=None, dtype=None):
@@ -425,6 +536,52 @@ class VMamba(nn.Module):
         if head.weight.device.type != "meta":
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+
+    @property
+    def paper_drop_path(self) -> float:
+        """Stochastic depth of the paper's fine-tuning: the pretraining rate, kept on (0.3 for S, 0.6 for B; the
+        VTAB configs keep `drop_path_rate` of the backbone); a loaded checkpoint's training config gives it."""
+        return self.config.drop_path_rate
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 at the first block to `rate` at the last (upstream's rule)."""
+        if not 0 <= rate < 1:
+            raise ConfigError(f"drop path rate {rate} must be in [0, 1)")
+        self.config = VMambaConfig(**{**self.config.to_dict(), "drop_path_rate": rate})
+        blocks = [block for stage in self.layers for block in stage.blocks]
+        for block, p in zip(blocks, self.config.drop_path_rates()):
+            block.drop_path.p = p
+
+    def model_tensor(self, role: str) -> TensorSlot:
+        raise NotApplicable(f"VMamba has no {role}: it has no class token (the classifier averages the last stage's "
+                            f"features) and no position embedding (the convolutions and the scan orders place the "
+                            f"patches)")
+
+    def peft_inputs(self, batch: int = 2, seed: int = 0) -> dict:
+        """Images whose last stage still scans a 2 x 3 grid (at 32 px it would be one token, where A gets no
+        gradient), non-square so that rows and columns cannot be confused: 64 x 96 px at the total stride 32."""
+        g = torch.Generator().manual_seed(seed)
+        c = self.config
+        stride = c.patch_size * 2 ** (len(c.depths) - 1)
+        height, width = max(c.img_size, 2 * stride), max(c.img_size, 3 * stride)
+        images = torch.randn(batch, c.in_chans, height, width, generator=g)
+        labels = torch.randint(0, c.num_classes, (batch,), generator=g)
+        return {"pixel_values": images.to(self.device), "labels": labels.to(self.device)}
+
+    def save_pretrained(self, folder) -> None:
+        """config.json + model.safetensors, which load_vmamba reads back (PEFT parts must be merged or saved apart)."""
+        with torch.device("meta"):
+            plain = set(VMamba(self.config).state_dict())
+        state = self.state_dict()
+        if set(state) != plain:
+            extra = sorted(set(state) - plain)[:4]
+            raise CheckpointError(f"the model carries PEFT adapters ({', '.join(extra)}, ...); save them with the "
+                                  f"adapter API or merge them into the weights first")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **self.config.to_dict()}, indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
 
     @property
     def device(self) -> torch.device:

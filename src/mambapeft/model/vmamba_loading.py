@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError, ConfigError
 from .loading import check_tensors
-from .vmamba import VMAMBA_ARCHITECTURES, VMamba, VMambaConfig
+from .vmamba import CONFIG_FILE, FORMAT, VMAMBA_ARCHITECTURES, WEIGHTS_FILE, VMamba, VMambaConfig
 
 RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls"
 # short names -> the released file (GitHub release assets of MzeroMiko/VMamba; not on the Hugging Face hub)
@@ -47,9 +47,6 @@ RELEASED_FILES = {
 }
 # built into the package (scripts/pretrain_tiny_vmamba.py writes it)
 BUILTIN = {"tiny-vmamba": Path(__file__).resolve().parents[1] / "assets" / "tiny-vmamba"}
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT = "mambapeft-vmamba"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 HEAD_PREFIX = "classifier.head."
 LINEAR2D_SUFFIXES = ("in_proj.weight", "out_proj.weight", "fc1.weight", "fc2.weight")
@@ -390,19 +387,9 @@ def _read_folder(folder: Path, *, weights: bool = True) -> tuple[VMambaConfig, d
 
 
 def save_vmamba(model: VMamba, folder) -> None:
-    """config.json + model.safetensors, which `load_vmamba` reads back (PEFT parts must be merged or saved apart)."""
-    with torch.device("meta"):
-        plain = set(VMamba(model.config).state_dict())
-    state = model.state_dict()
-    if set(state) != plain:
-        extra = sorted(set(state) - plain)[:4]
-        raise CheckpointError(f"the model carries PEFT adapters ({', '.join(extra)}, ...); save them with the adapter "
-                              f"API or merge them into the weights first")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **model.config.to_dict()}, indent=2) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    """config.json + model.safetensors, which `load_vmamba` reads back (PEFT parts must be merged or saved apart):
+    `VMamba.save_pretrained`."""
+    model.save_pretrained(folder)
 
 
 def looks_like_vmamba(name_or_path) -> bool:

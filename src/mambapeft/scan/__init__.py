@@ -108,7 +108,8 @@ def selective_scan(
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     backend = choose_backend(u, initial_state, backend)
     if backend == "reference":
-        out = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+        out = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                       return_last_state)
         if return_last_state:
             return out[0].to(u.dtype), out[1].float()
         return out.to(u.dtype)
@@ -188,14 +189,15 @@ def selective_scan_grouped(
     D: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
     """G independent scans of E channels each, channel-last: VMamba's four directions in one call.
 
     u, delta (batch, G, L, E); A (G, E, N); B, C (batch, G, L, N), shared by the E channels of their group;
-    D, delta_bias (G, E). Same recurrence as `selective_scan` (no gate, zero initial state). Returns
-    y (batch, G, L, E) in u's dtype; differentiable in every tensor argument.
+    D, delta_bias (G, E); initial_state (batch, G, E, N) or None (zeros). Same recurrence as `selective_scan` (no
+    gate). Returns y (batch, G, L, E) in u's dtype; differentiable in every tensor argument, the initial state included.
     """
     if u.dim() != 4 or delta.shape != u.shape:
         raise ValueError(f"selective_scan_grouped: u and delta must be (batch, G, L, E) alike, got u "
@@ -213,10 +215,14 @@ def selective_scan_grouped(
         if t is not None and t.shape != (groups, d_inner):
             raise ValueError(f"selective_scan_grouped: {name} must be (G, E) = {(groups, d_inner)}, got "
                              f"{tuple(t.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, groups, d_inner, d_state):
+        raise ValueError(f"selective_scan_grouped: initial_state must be (batch, G, E, N) = "
+                         f"{(batch, groups, d_inner, d_state)}, got {tuple(initial_state.shape)}")
 
-    backend = choose_backend(u, None, backend)
+    backend = choose_backend(u, initial_state, backend)
     if backend == "sequential":
-        y, _ = _grouped_core(u, delta, A.transpose(1, 2), B, C, D, delta_bias, delta_softplus, None)
+        h0 = initial_state.transpose(2, 3) if initial_state is not None else None          # (b, G, N, E)
+        y, _ = _grouped_core(u, delta, A.transpose(1, 2), B, C, D, delta_bias, delta_softplus, h0)
         return y.to(u.dtype)
     # the other backends take mamba_ssm's layout: (b, G, L, E) -> (b, G E, L), B and C (b, G, N, L)
     to_mamba = lambda t: t.transpose(2, 3).reshape(batch, groups * d_inner, length)  # noqa: E731
@@ -224,7 +230,8 @@ def selective_scan_grouped(
     args = (to_mamba(u), to_mamba(delta), A.reshape(groups * d_inner, d_state), B.transpose(2, 3).contiguous(),
             C.transpose(2, 3).contiguous(), flat(D))
     if backend == "reference":
-        y = selective_scan_reference(*args, None, flat(delta_bias), delta_softplus)
-    else:
+        h0 = initial_state.reshape(batch, groups * d_inner, d_state) if initial_state is not None else None
+        y = selective_scan_reference(*args, None, flat(delta_bias), delta_softplus, h0)
+    else:                                  # the kernel takes no initial state (choose_backend saw to it)
         y = cuda.kernel()(*args, None, flat(delta_bias), delta_softplus, False)
     return y.reshape(batch, groups, d_inner, length).transpose(2, 3).to(u.dtype)

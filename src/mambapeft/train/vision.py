@@ -1,10 +1,17 @@
-"""The vision task kind: a Vision Mamba fine-tuned on a VTAB-1k task (the paper's recipe), on the same pipeline.
+"""The vision task kind: a Vision Mamba or a VMamba fine-tuned on a VTAB-1k task (the paper's recipe), on the same
+pipeline.
 
 Recipe (paper, VTAB-1k): AdamW lr 1e-3, weight decay 1e-4, batch 32, 100 epochs with 10 warm-up epochs then cosine
 decay, gradient clipping 5, the classification head always trained (`linear_probe` is added to the methods), top-1
-accuracy. `split`: "final" trains on train800val200 and reports test (what the paper reports); "search" trains on
-train800 and keeps the checkpoint with the best val200 accuracy (for choosing hyper-parameters), then reports test.
-The built-in default (tiny-vim on digits_rotation) is shorter, at a higher rate: BUILTIN_VISION_DEFAULTS.
+accuracy. Stochastic depth stays on while fine-tuning, at the model's paper rate (Vim 0.1; VMamba the backbone's
+pretraining rate, 0.3 for S and 0.6 for B, as MambaPEFT's VMamba configs keep it); `drop_path` overrides it and the
+run's config records the rate used. The model is a VMamba when its name, folder or .pth is one
+(model/vmamba_loading.py `looks_like_vmamba`: "tiny-vmamba", "vmamba-small", a save_vmamba folder, a released
+vssm .pth), otherwise a Vim.
+
+`split`: "final" trains on train800val200 and reports test (what the paper reports); "search" trains on train800 and
+keeps the checkpoint with the best val200 accuracy (for choosing hyper-parameters), then reports test. The built-in
+default (tiny-vim or tiny-vmamba on digits_rotation) is shorter, at a higher rate: BUILTIN_VISION_DEFAULTS.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ from .tasks import Prepared, TaskKind, task_kind
 SPLIT_MODES = {"final": ("train800val200", None), "search": ("train800", "val200")}   # mode -> (train, validation)
 HEAD_METHODS = ("full", "linear_probe")
 BUILTIN_VIM = "tiny-vim"
+BUILTIN_MODELS = (BUILTIN_VIM, "tiny-vmamba")      # the built-in models the built-in demo's defaults are for
 
 
 @dataclass
 class VisionTrainConfig(RunConfig):
     kind = "vision"
 
-    model: str = default_of("model", BUILTIN_VIM, "(vision: a Vim: 'tiny-vim' built in, a save_vim folder, a .pth)")
+    model: str = default_of("model", BUILTIN_VIM, "(vision: a Vim or a VMamba: 'tiny-vim' or 'tiny-vmamba' built in, "
+                                 "a save_vim / save_vmamba folder, a .pth)")
     method: list[str] = default_of("method", ["lora_p_x:r=8"],
                                    "(vision: linear_probe, the head, is added unless full or linear_probe is given)")
     output_dir: str = default_of("output_dir", "runs/vision")
@@ -53,7 +62,8 @@ class VisionTrainConfig(RunConfig):
     eval_epochs: float = option(5.0, "evaluate (search split) and save a checkpoint every this many epochs",
                                 exclusive_minimum=0)
     drop_path: float | None = option(None, "stochastic depth while fine-tuning, rising over the blocks to this rate "
-                                     "(default: the paper's recipe for the model: Vim 0.1)", minimum=0, maximum=0.99)
+                                     "(default: the paper's recipe for the model: Vim 0.1, VMamba S 0.3, B 0.6)",
+                                     minimum=0, maximum=0.99)
 
 
 # The built-in demo: tiny-vim on digits_rotation; 20 epochs with 2 warm-up epochs (~640 steps) instead of 100/10,
@@ -131,7 +141,7 @@ class VisionTask(TaskKind):
     search_vision_methods = True
 
     def is_builtin(self, values: dict) -> bool:
-        return values.get("data_root") is None and values.get("model", BUILTIN_VIM) in (BUILTIN_VIM, "builtin")
+        return values.get("data_root") is None and values.get("model", BUILTIN_VIM) in (*BUILTIN_MODELS, "builtin")
 
     def resolve(self, values=None, where="the command line"):
         values = dict(values or {})
@@ -140,15 +150,17 @@ class VisionTask(TaskKind):
         return super().resolve(values, where)
 
     def is_builtin_model(self, config) -> bool:
-        return config.model == BUILTIN_VIM and config.data_root is None
+        return config.model in BUILTIN_MODELS and config.data_root is None
 
     def prepare(self, config: VisionTrainConfig, log=print) -> Prepared:
         from ..config import PeftConfig
         from ..data.images import collate_images
         from ..model.vim_loading import load_vim
+        from ..model.vmamba_loading import load_vmamba, looks_like_vmamba
         from ..peft import guess_arch
 
-        model = load_vim(config.model, img_size=config.image_size)
+        load = load_vmamba if looks_like_vmamba(config.model) else load_vim
+        model = load(config.model, img_size=config.image_size)
         train_set, val_set, test_set, classes = prepare_vision_data(config, model.config.img_size)
         torch.manual_seed(config.seed)
         model.reset_head(classes)                 # always a fresh head for the task, even with the same class count
