@@ -195,3 +195,14 @@ def test_orphans_are_failed_once_and_retried_with_the_same_parameters(tmp_path):
         check_not_surplus(late, 2)
     assert late.user_attrs == {"surplus": True}
     check_not_surplus(late, 3)
+
+
+def test_the_language_and_vision_demos_have_folders_of_their_own():
+    """A folder holding a search with other settings is refused, so `mambapeft search` followed by `mambapeft
+    search --task vision` (no other arguments) must not share one."""
+    from mambapeft.cli.search import default_output_dir
+    from mambapeft.train import language, vision  # noqa: F401  (registers both task kinds)
+    from mambapeft.train.tasks import get_task
+
+    folders = {default_output_dir(get_task(name)) for name in ("language", "vision")}
+    assert folders == {"runs/search", "runs/search-vision"}

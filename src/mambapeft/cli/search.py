@@ -43,7 +43,9 @@ def add_parser(commands):
                         "run keeps the config's full recipe)")
     parser.add_argument("--space", help="search-space file (JSON/YAML; schema in docs/search.md). Default: the paper's "
                         "Table 9 space (a short one for the built-in task)")
-    parser.add_argument("--output-dir", default="runs/search", help="run folder: storage, trials, report, best config")
+    parser.add_argument("--output-dir", default=None,
+                        help="run folder: storage, trials, report, best config (default: runs/search, or "
+                             "runs/search-vision for vision, so the two demos do not meet)")
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUTPUT_DIR/search.db)")
     parser.add_argument("--study-name", default="hybridpeft", help="study name inside the storage")
     parser.add_argument("--step1-trials", type=int, help="override the space's step-1 trial count")
@@ -173,8 +175,8 @@ def run(args) -> int:
     from ..search.space import SearchSpace
     from ..train.run_folder import FolderLock, write_atomic
 
-    out = Path(args.output_dir)
     kind, base, trial, tasks = load_run_config(args.config, args.task, args.trial_steps, args.model)
+    out = Path(args.output_dir or default_output_dir(kind))
     space = SearchSpace.load(args.space) if args.space else default_space(kind, base)
     if args.step1_trials is not None:
         space.step1_trials = args.step1_trials
@@ -242,6 +244,12 @@ def run(args) -> int:
         print(f"report: {report}/trials.md, {report}/summary.json, {report}/importances.json, {report}/history.png, "
               f"{report}/pareto.png")
     return 0
+
+
+def default_output_dir(kind) -> str:
+    """runs/search for language, runs/search-<kind> otherwise: the language and vision demos, run one after the
+    other with no arguments, must not find each other's search in their folder (which is refused)."""
+    return "runs/search" if kind.name == "language" else f"runs/search-{kind.name}"
 
 
 def shown_url(url: str) -> str:
