@@ -23,10 +23,9 @@ from transformers import FalconMambaConfig, MambaConfig
 
 from ..errors import CheckpointError, ConfigError, did_you_mean
 from .architectures import ARCHITECTURES, HUB_IDS, MAMBA2_ARCHITECTURES
-from .checkpoint import WEIGHTS_FILE, write_hf_checkpoint
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_hf_checkpoint
 from .lm import MambaLM
 
-CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = WEIGHTS_FILE
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
@@ -182,6 +181,36 @@ def _load_safetensors(file: Path) -> dict:
         return load_file(str(file))
     except Exception as err:
         raise CheckpointError(f"{file} is corrupt or truncated ({err}); download or save it again") from None
+
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def local_vision_checkpoint(name_or_path, builtin: dict[str, Path], script: str, filename=None) -> Path | None:
+    """What a vision family's checkpoint name means on this machine, or None (then it may be a hub id): a built-in
+    name (its folder, which `script` builds), a file, a folder in our format, or a folder with exactly one pickle."""
+    key = str(name_or_path).lower()
+    if key in builtin:
+        folder = builtin[key]
+        if not (folder / CONFIG_FILE).is_file():
+            raise CheckpointError(f"the built-in {name_or_path} is missing from this install ({folder}); "
+                                  f"build it with {script}")
+        return folder
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        return None
+    if (path / CONFIG_FILE).is_file():
+        return path
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if filename:
+        pickles = [p for p in pickles if p.name == filename]
+    if len(pickles) != 1:
+        found = ", ".join(p.name for p in pickles) or "none"
+        raise CheckpointError(f"{path} must hold {CONFIG_FILE} + {WEIGHTS_FILE} (our format) or exactly one .pth "
+                              f"checkpoint (found: {found}); pass the file itself")
+    return pickles[0]
 
 
 def pickle_refusal(file: Path, err: Exception, allowed: str = "tensors and plain data") -> CheckpointError:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError, ConfigError
-from .loading import check_tensors, pickle_refusal
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_model_folder
+from .loading import PICKLE_SUFFIXES, check_tensors, local_vision_checkpoint, pickle_refusal
 from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba
 
 # short name -> (hub id, file in it)
@@ -40,10 +41,7 @@ HUB_FILES = dict(HUB_CHECKPOINTS.values())
 # built into the package (scripts/pretrain_tiny_vim.py writes it): the vision default
 BUILTIN = {"tiny-vim": Path(__file__).resolve().parents[1] / "assets" / "tiny-vim"}
 ALLOWED_GLOBALS = (argparse.Namespace,)       # what a released checkpoint pickles besides tensors and plain data
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 FORMAT = "mambapeft-vim"
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def _global_name(cls) -> str:
@@ -206,26 +204,9 @@ def _hub_download(repo: str, filename: str | None, *, revision, cache_dir, local
 def resolve_checkpoint(name_or_path, *, filename=None, revision=None, cache_dir=None, local_files_only=None) -> Path:
     """A local .pth file or folder as is; "tiny-vim" (built in); a short name ("vim-small") or hub id fetched from
     the hub (or its cache)."""
-    if str(name_or_path).lower() in BUILTIN:
-        folder = BUILTIN[str(name_or_path).lower()]
-        if not (folder / CONFIG_FILE).is_file():
-            raise CheckpointError(f"the built-in {name_or_path} is missing from this install ({folder}); "
-                                  f"build it with scripts/pretrain_tiny_vim.py")
-        return folder
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if (path / CONFIG_FILE).is_file():
-            return path
-        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if filename:
-            pickles = [p for p in pickles if p.name == filename]
-        if len(pickles) != 1:
-            found = ", ".join(p.name for p in pickles) or "none"
-            raise CheckpointError(f"{path} must hold {CONFIG_FILE} + {WEIGHTS_FILE} (our format) or exactly one .pth "
-                                  f"checkpoint (found: {found}); pass the file itself")
-        return pickles[0]
+    local = local_vision_checkpoint(name_or_path, BUILTIN, "scripts/pretrain_tiny_vim.py", filename)
+    if local is not None:
+        return local
     name = str(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(PICKLE_SUFFIXES)
     if looks_local:
@@ -317,18 +298,7 @@ def _read_folder(folder: Path) -> tuple[VimConfig, dict]:
 
 def save_vim(model: VisionMamba, folder) -> None:
     """config.json + model.safetensors, which `load_vim` reads back (PEFT parts must be merged or saved apart)."""
-    with torch.device("meta"):
-        plain = set(VisionMamba(model.config).state_dict())
-    state = model.state_dict()
-    if set(state) != plain:
-        extra = sorted(set(state) - plain)[:4]
-        raise CheckpointError(f"the model carries PEFT adapters ({', '.join(extra)}, ...); save them with the adapter "
-                              f"API or merge them into the weights first")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **model.config.to_dict()}, indent=2) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    write_model_folder(model, folder, {"format": FORMAT, **model.config.to_dict()})
 
 
 def read_vim_shapes(name_or_path) -> VisionMamba:

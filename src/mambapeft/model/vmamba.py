@@ -48,25 +48,23 @@ nn.LayerNorm over the last axis: the same function with the same weights (a Line
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from ..errors import CheckpointError, ConfigError, NotApplicable
+from ..errors import ConfigError, NotApplicable
 from ..scan import selective_scan_grouped
+from .checkpoint import write_model_folder
 from .interface import PeftMixerInterface, PeftModelInterface, Projection, StackedLinear, TensorSlot, unwrap
 from .mixer import drop_inserted, insert_from_hooks
 from .vim import VimOutput
 
 DIRECTIONS = 4          # k0 row-major, k1 column-major, k2 / k3 their reverses
 # our folder format (VMamba.save_pretrained writes it, model/vmamba_loading.py load_vmamba reads it)
-CONFIG_FILE, WEIGHTS_FILE, FORMAT = "config.json", "model.safetensors", "mambapeft-vmamba"
+FORMAT = "mambapeft-vmamba"
 
 
 @dataclass
@@ -570,18 +568,7 @@ class VMamba(nn.Module, PeftModelInterface):
 
     def save_pretrained(self, folder) -> None:
         """config.json + model.safetensors, which load_vmamba reads back (PEFT parts must be merged or saved apart)."""
-        with torch.device("meta"):
-            plain = set(VMamba(self.config).state_dict())
-        state = self.state_dict()
-        if set(state) != plain:
-            extra = sorted(set(state) - plain)[:4]
-            raise CheckpointError(f"the model carries PEFT adapters ({', '.join(extra)}, ...); save them with the "
-                                  f"adapter API or merge them into the weights first")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **self.config.to_dict()}, indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        write_model_folder(self, folder, {"format": FORMAT, **self.config.to_dict()})
 
     @property
     def device(self) -> torch.device:

@@ -35,8 +35,9 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, ConfigError
-from .loading import check_tensors
-from .vmamba import CONFIG_FILE, FORMAT, VMAMBA_ARCHITECTURES, WEIGHTS_FILE, VMamba, VMambaConfig
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from .loading import PICKLE_SUFFIXES, check_tensors, local_vision_checkpoint
+from .vmamba import FORMAT, VMAMBA_ARCHITECTURES, VMamba, VMambaConfig
 
 RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls"
 # short names -> the released file (GitHub release assets of MzeroMiko/VMamba; not on the Hugging Face hub)
@@ -47,7 +48,6 @@ RELEASED_FILES = {
 }
 # built into the package (scripts/pretrain_tiny_vmamba.py writes it)
 BUILTIN = {"tiny-vmamba": Path(__file__).resolve().parents[1] / "assets" / "tiny-vmamba"}
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 HEAD_PREFIX = "classifier.head."
 LINEAR2D_SUFFIXES = ("in_proj.weight", "out_proj.weight", "fc1.weight", "fc2.weight")
 # upstream forward types with the maths of "v05_noz" (they differ only in kernels and einsum vs conv1d)
@@ -255,27 +255,10 @@ def load_state_dict_strict(model: VMamba, state: dict, source: str, *, with_head
 
 def resolve_checkpoint(name_or_path, *, filename=None, revision=None, cache_dir=None, local_files_only=None) -> Path:
     """A local .pth file or folder as is; "tiny-vmamba" (built in); a hub id (our folder format or one .pth)."""
+    local = local_vision_checkpoint(name_or_path, BUILTIN, "scripts/pretrain_tiny_vmamba.py", filename)
+    if local is not None:
+        return local
     key = str(name_or_path).lower()
-    if key in BUILTIN:
-        folder = BUILTIN[key]
-        if not (folder / CONFIG_FILE).is_file():
-            raise CheckpointError(f"the built-in {name_or_path} is missing from this install ({folder}); "
-                                  f"build it with scripts/pretrain_tiny_vmamba.py")
-        return folder
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if (path / CONFIG_FILE).is_file():
-            return path
-        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if filename:
-            pickles = [p for p in pickles if p.name == filename]
-        if len(pickles) != 1:
-            found = ", ".join(p.name for p in pickles) or "none"
-            raise CheckpointError(f"{path} must hold {CONFIG_FILE} + {WEIGHTS_FILE} (our format) or exactly one .pth "
-                                  f"checkpoint (found: {found}); pass the file itself")
-        return pickles[0]
     name = str(name_or_path)
     released = RELEASED_FILES.get(key) or next((f for f in RELEASED_FILES.values() if f.startswith(key)), None)
     if released or key.startswith(("vssm", "vmamba-")):
