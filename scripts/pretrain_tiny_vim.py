@@ -115,6 +115,34 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
     return hits / len(y)
 
 
+def pretrain(model, decays: dict[str, bool], x_train, y_train, x_watch, y_watch, args) -> list[float]:
+    """The tiny vision models' pretraining (Vim, VMamba): AdamW (decay 0.05 where `decays`), warm-up then cosine,
+    augmented batches, gradients clipped at 1.0; returns the losses."""
+    opt = torch.optim.AdamW([
+        {"params": [p for n, p in model.named_parameters() if decays[n]], "weight_decay": 0.05},
+        {"params": [p for n, p in model.named_parameters() if not decays[n]], "weight_decay": 0.0},
+    ], lr=args.lr)
+    warmup = min(100, args.steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    gen = torch.Generator().manual_seed(args.seed)
+    start, losses = time.time(), []
+    model.train()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(y_train), (args.batch,), generator=gen)
+        loss = model(augment(x_train[idx], gen), labels=y_train[idx]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == args.steps:
+            print(f"step {step}/{args.steps}  loss {np.mean(losses[-100:]):.4f}  watch acc "
+                  f"{accuracy(model, x_watch, y_watch):.3f}  {time.time() - start:.0f}s", flush=True)
+    return losses
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1500, help="optimiser steps (default 1500)")
@@ -142,28 +170,8 @@ def main(argv=None) -> None:
     model = VisionMamba(config)
     model.reset_parameters(seed=args.seed)
     decays = {n: p.dim() >= 2 and n not in ("pos_embed", "cls_token") for n, p in model.named_parameters()}
-    decay = [p for n, p in model.named_parameters() if decays[n]]
-    rest_params = [p for n, p in model.named_parameters() if not decays[n]]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest_params, "weight_decay": 0.0}],
-                            lr=args.lr)
-    warmup = min(100, args.steps // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)
-                                              * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    gen = torch.Generator().manual_seed(args.seed)
-    start, losses = time.time(), []
-    model.train()
-    for step in range(1, args.steps + 1):
-        idx = torch.randint(0, len(y_train), (args.batch,), generator=gen)
-        loss = model(augment(x_train[idx], gen), labels=y_train[idx]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == args.steps:
-            print(f"step {step}/{args.steps}  loss {np.mean(losses[-100:]):.4f}  watch acc "
-                  f"{accuracy(model, x_watch, y_watch):.3f}  {time.time() - start:.0f}s", flush=True)
+    start = time.time()
+    losses = pretrain(model, decays, x_train, y_train, x_watch, y_watch, args)
 
     folder = args.out / "tiny-vim"
     model.eval()

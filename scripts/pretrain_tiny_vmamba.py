@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from pretrain_tiny_vim import SIZE, TASK, accuracy, augment, render, split_digits  # noqa: E402
+from pretrain_tiny_vim import SIZE, TASK, accuracy, pretrain, render, split_digits  # noqa: E402
 
 from mambapeft.data.images import to_tensor  # noqa: E402
 from mambapeft.model.vmamba import VMamba, VMambaConfig  # noqa: E402
@@ -66,28 +65,8 @@ def main(argv=None) -> None:
     model.reset_parameters(seed=args.seed)
     # no decay on norms, biases, A_logs and Ds (upstream marks A_logs / Ds _no_weight_decay)
     decays = {n: p.dim() >= 2 and not n.endswith("A_logs") for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW([
-        {"params": [p for n, p in model.named_parameters() if decays[n]], "weight_decay": 0.05},
-        {"params": [p for n, p in model.named_parameters() if not decays[n]], "weight_decay": 0.0},
-    ], lr=args.lr)
-    warmup = min(100, args.steps // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)
-                                              * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    gen = torch.Generator().manual_seed(args.seed)
-    start, losses = time.time(), []
-    model.train()
-    for step in range(1, args.steps + 1):
-        idx = torch.randint(0, len(y_train), (args.batch,), generator=gen)
-        loss = model(augment(x_train[idx], gen), labels=y_train[idx]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == args.steps:
-            print(f"step {step}/{args.steps}  loss {np.mean(losses[-100:]):.4f}  watch acc "
-                  f"{accuracy(model, x_watch, y_watch):.3f}  {time.time() - start:.0f}s", flush=True)
+    start = time.time()
+    losses = pretrain(model, decays, x_train, y_train, x_watch, y_watch, args)
 
     folder = args.out / "tiny-vmamba"
     model.eval()
