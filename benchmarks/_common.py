@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmark scripts: thread setup, timing, machine description, peak memory."""
+"""Small helpers shared by the benchmark scripts: thread setup, timing, machine description, peak memory, one
+forward + backward of a scan."""
 
 from __future__ import annotations
 
@@ -74,3 +75,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     b = b.detach().double()
     return ((a.detach().double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def forward_backward(scan, inputs, weights):
+    """scan(**inputs) and the gradients of sum(y * weights) with respect to every input (fresh leaves)."""
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y = scan(**leaves)
+    (y * weights).sum().backward()
+    return y.detach(), {k: v.grad for k, v in leaves.items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import machine, rel_err, setup_threads, timed
+from _common import forward_backward, machine, rel_err, setup_threads, timed
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -23,13 +23,6 @@ def make_inputs(batch, d_inner, length, d_state, seed=0):
     return {"u": r(batch, d_inner, length), "delta": r(batch, d_inner, length) * 0.5 - 1.0,
             "A": -torch.exp(r(d_inner, d_state) * 0.5), "B": r(batch, d_state, length), "C": r(batch, d_state, length),
             "D": r(d_inner), "z": r(batch, d_inner, length), "delta_bias": r(d_inner) * 0.1}
-
-
-def forward_backward(scan, inputs, weights):
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    y = scan(**leaves)
-    (y * weights).sum().backward()
-    return y.detach(), {k: v.grad for k, v in leaves.items()}
 
 
 def main():

@@ -17,7 +17,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from _common import machine, rel_err, setup_threads, timed
+from _common import forward_backward, machine, rel_err, setup_threads, timed
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
@@ -43,13 +43,6 @@ def plain_loop(x, dt, A, B, C, D, dt_bias):
         state = torch.exp(dt[:, t] * A)[:, :, None, None] * state + drive
         ys.append((state @ C[:, t, :, :, None]).squeeze(-1))
     return torch.stack(ys, dim=1) + x * D[:, None]
-
-
-def forward_backward(scan, inputs, weights):
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    y = scan(**leaves)
-    (y * weights).sum().backward()
-    return y.detach(), {k: v.grad for k, v in leaves.items()}
 
 
 def main():
