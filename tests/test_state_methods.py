@@ -56,20 +56,34 @@ def reference_mixer(mixer, h, state_of=None, offset_of=None):
     return F.linear(y, f64(mixer.out_proj.weight))
 
 
-def lm(seed=0):
-    model = mambapeft.from_config("mamba-micro", seed=seed)
+def perturbed(arch: str, seed=0):
+    """A random model of `arch` moved off its initialisation (a random start would hide mistakes that keep it)."""
+    model = mambapeft.from_config(arch, seed=seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+def lm(seed=0):
+    return perturbed("mamba-micro", seed)
 
 
 def vim(seed=0):
-    model = mambapeft.from_config("vim-micro", seed=seed)
+    return perturbed("vim-micro", seed)
+
+
+def lm2(seed=0):
+    return perturbed("mamba2-tiny", seed)
+
+
+def as_if_trained(peft, seed: int, std: float = 0.5) -> None:
+    """Every trainable tensor drawn at random, as after training (methods start as the base model: a zero delta)."""
+    torch.manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+        for p in peft.base_model.parameters():
+            if p.requires_grad:
+                p.normal_(std=std)
 
 
 def hook_of(mixer):
@@ -80,11 +94,7 @@ def hook_of(mixer):
 @pytest.mark.parametrize("spec", ["initial_state", "state_offset", "state_offset:variant=y"])
 def test_each_method_is_its_formula_in_float64(build, spec):
     peft = get_peft_model(build(), [spec]).double().eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in peft.base_model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.5)
+    as_if_trained(peft, seed=3)
     mixers = peft.base_model.peft_mixers()
     h = torch.randn(2, 11, mixers[0].d_model, dtype=torch.float64)
     for mixer in mixers:
@@ -130,11 +140,7 @@ def test_counts_of_the_state_tuning_paper():
 def test_left_padding_gives_the_unpadded_outputs(spec):
     """The initial state meets each row's first real token: padded and unpadded prompts give the same outputs."""
     peft = get_peft_model(lm(), spec.split("+"))
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for p in peft.base_model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.5)
+    as_if_trained(peft, seed=4)
     peft.eval()
     ids = torch.randint(1, 97, (1, 8))
     padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)
@@ -147,24 +153,12 @@ def test_left_padding_gives_the_unpadded_outputs(spec):
     assert torch.equal(generated, peft.generate(ids, max_new_tokens=3, eos_token_id=None)[:, 8:])
 
 
-def lm2(seed=0):
-    model = mambapeft.from_config("mamba2-tiny", seed=seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
 @pytest.mark.parametrize("build", [lm, lm2], ids=["mamba", "mamba2"])
 @pytest.mark.parametrize("spec", ["initial_state", "state_offset", "state_offset:variant=y+additional_scan:n=2"])
 def test_decoding_steps_equal_full_forwards(build, spec):
     """Greedy decoding takes the one-token `step` path; each new token's logits equal a full forward's."""
     peft = get_peft_model(build(), spec.split("+"))
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in peft.base_model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.5)
+    as_if_trained(peft, seed=5)
     peft.eval()
     ids = torch.randint(1, 97, (2, 6))
     generated = peft.generate(ids, max_new_tokens=5, eos_token_id=None)
@@ -181,11 +175,7 @@ def test_decoding_steps_equal_full_forwards(build, spec):
 def test_initial_state_and_affix_tokens_compose():
     """With affix tokens (a prefix after in_proj), the scan starts from H0, reads the tokens, then the text."""
     peft = get_peft_model(lm(), ["initial_state", "affix:n=2"]).double().eval()
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in peft.base_model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.5)
+    as_if_trained(peft, seed=5)
     mixer = peft.base_model.peft_mixers()[0]
     h = torch.randn(2, 6, mixer.d_model, dtype=torch.float64)
     tokens = next(hk for hk in mixer.hooks if hasattr(hk, "weight") and hk.weight is not None).weight  # (n, 1, 2E)
@@ -271,11 +261,7 @@ def mamba2_reference(mixer, h, h0=None, offset=None):
 def test_mamba2_state_methods_are_their_formulas(spec):
     model = mambapeft.from_config("mamba2-tiny", seed=0)
     peft = get_peft_model(model, [spec]).double().eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in peft.base_model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.3)
+    as_if_trained(peft, seed=3, std=0.3)
     mixer = peft.base_model.peft_mixers()[0]
     value = hook_of(mixer).values[0]
     assert value.shape == ((mixer.num_heads, mixer.head_dim) if "=y" in spec else mixer.state_shape)
