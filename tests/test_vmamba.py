@@ -60,8 +60,12 @@ def scan_orders(H, W):
     return [rows, cols, rows[::-1], cols[::-1]]
 
 
-def ref_ss2d(p, x, N, R, eps):
-    """SS2D on x (b, H, W, d), direction by direction, one grid position at a time."""
+def ref_ss2d(p, x, N, R, eps, *, x_proj=None, tokens=None, h0=None, h_offset=None, y_offset=None):
+    """SS2D on x (b, H, W, d), direction by direction, one grid position at a time, in float64 from the mixer's
+    tensors `p`; for the PEFT tests (test_vmamba_peft.py), optionally with, per direction k:
+    x_proj[k] (R+2N, E) in place of x_proj_weight[k]; tokens[k] (n, E) read before the first grid position (they
+    skip in_proj, the conv and SiLU; their outputs are not kept); h0[k] (E, N) the state before the first input;
+    h_offset[k] (E, N) adding C_t h' to every output; y_offset[k] (E) adding y'."""
     b, H, W, _ = x.shape
     E = p["in_proj.weight"].shape[0]
     xi = (x @ p["in_proj.weight"].T).permute(0, 3, 1, 2)                 # (b, E, H, W)
@@ -73,17 +77,25 @@ def ref_ss2d(p, x, N, R, eps):
     xc = silu(conv).permute(0, 2, 3, 1)                                   # (b, H, W, E)
     y = torch.zeros(b, H, W, E, dtype=torch.float64)
     for k, order in enumerate(scan_orders(H, W)):
-        Wx, Wdt, bias = p["x_proj_weight"][k], p["dt_projs_weight"][k], p["dt_projs_bias"][k]
+        Wx = x_proj[k] if x_proj is not None else p["x_proj_weight"][k]
+        Wdt, bias = p["dt_projs_weight"][k], p["dt_projs_bias"][k]
         A = -torch.exp(p["A_logs"][k * E : (k + 1) * E])                   # (E, N)
         D = p["Ds"][k * E : (k + 1) * E]
-        s = torch.zeros(b, E, N, dtype=torch.float64)
-        for i, j in order:
-            u = xc[:, i, j]                                               # (b, E)
+        s = (h0[k].expand(b, E, N) if h0 is not None else torch.zeros(b, E, N, dtype=torch.float64)).clone()
+        inputs = [(None, tok.expand(b, E)) for tok in (tokens[k] if tokens is not None else [])]
+        inputs += [((i, j), xc[:, i, j]) for i, j in order]
+        for where, u in inputs:                                           # u (b, E)
             dbc = u @ Wx.T
             dt_low, B, C = dbc[:, :R], dbc[:, R : R + N], dbc[:, R + N :]
             delta = torch.log1p(torch.exp(dt_low @ Wdt.T + bias))         # softplus
             s = torch.exp(delta[:, :, None] * A) * s + (delta * u)[:, :, None] * B[:, None, :]
-            y[:, i, j] = y[:, i, j] + (s * C[:, None, :]).sum(-1) + D * u
+            out = (s * C[:, None, :]).sum(-1) + D * u
+            if h_offset is not None:
+                out = out + (h_offset[k] * C[:, None, :]).sum(-1)
+            if y_offset is not None:
+                out = out + y_offset[k]
+            if where is not None:                                         # a soft token's output is dropped
+                y[:, where[0], where[1]] += out
     y = ln(y, p["out_norm.weight"], p["out_norm.bias"], eps)
     return y @ p["out_proj.weight"].T
 

@@ -1,15 +1,14 @@
 """PEFT methods on VMamba's SS2D: per-direction parts against float64 restatements written here, the methods that
 cannot apply and why, Table 5's trainable counts (the arithmetic in each case), and the paper presets.
 
-The restatement `ss2d_with_parts` extends test_vmamba.py's loop reference (one direction, one grid position at a
-time) with what the methods add: a per-direction x_proj weight, soft tokens entering each direction's sequence after
-the cross-scan, an initial state and state offsets. The model runs in float64 (A in float32, as upstream), so agreement
+The restatement is test_vmamba.py's loop reference `ref_ss2d` (one direction, one grid position at a time) with its
+optional parts, what the methods add: a per-direction x_proj weight, soft tokens entering each direction's sequence
+after the cross-scan, an initial state and state offsets. The model runs in float64 (A in float32, as upstream), so agreement
 is far below float32 rounding."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_vmamba import jittered, ln, scan_orders, silu
+from test_vmamba import jittered, ref_ss2d
 
 from mambapeft import NotApplicable, get_peft_model
 from mambapeft.config import PeftConfig
@@ -20,45 +19,6 @@ from conftest import assert_rel_close
 
 DIRECTIONS = 4
 TOL = 1e-7              # float64 throughout, but A = -exp(A_log) enters the scan in float32, as upstream computes it
-
-
-def ss2d_with_parts(p, x, N, R, eps, *, x_proj=None, tokens=None, h0=None, h_offset=None, y_offset=None):
-    """SS2D on x (b, H, W, d) in float64 from the mixer's tensors `p`, with, per direction k:
-    x_proj[k] (R+2N, E) in place of x_proj_weight[k]; tokens[k] (n, E) read before the first grid position (they
-    skip in_proj, the conv and SiLU; their outputs are not kept); h0[k] (E, N) the state before the first input;
-    h_offset[k] (E, N) adding C_t h' to every output; y_offset[k] (E) adding y'."""
-    b, H, W, _ = x.shape
-    E = p["in_proj.weight"].shape[0]
-    xi = (x @ p["in_proj.weight"].T).permute(0, 3, 1, 2)                 # (b, E, H, W)
-    w = p["conv2d.weight"][:, 0]                                          # (E, K, K)
-    K = w.shape[-1]
-    r = K // 2
-    padded = F.pad(xi, (r, r, r, r))
-    conv = sum(w[:, di, dj, None, None] * padded[:, :, di : di + H, dj : dj + W] for di in range(K) for dj in range(K))
-    xc = silu(conv).permute(0, 2, 3, 1)                                   # (b, H, W, E)
-    y = torch.zeros(b, H, W, E, dtype=torch.float64)
-    for k, order in enumerate(scan_orders(H, W)):
-        Wx = x_proj[k] if x_proj is not None else p["x_proj_weight"][k]
-        Wdt, bias = p["dt_projs_weight"][k], p["dt_projs_bias"][k]
-        A = -torch.exp(p["A_logs"][k * E : (k + 1) * E])                   # (E, N)
-        D = p["Ds"][k * E : (k + 1) * E]
-        s = (h0[k].expand(b, E, N) if h0 is not None else torch.zeros(b, E, N, dtype=torch.float64)).clone()
-        inputs = [(None, tok.expand(b, E)) for tok in (tokens[k] if tokens is not None else [])]
-        inputs += [((i, j), xc[:, i, j]) for i, j in order]
-        for where, u in inputs:                                           # u (b, E)
-            dbc = u @ Wx.T
-            dt_low, B, C = dbc[:, :R], dbc[:, R : R + N], dbc[:, R + N :]
-            delta = torch.log1p(torch.exp(dt_low @ Wdt.T + bias))         # softplus
-            s = torch.exp(delta[:, :, None] * A) * s + (delta * u)[:, :, None] * B[:, None, :]
-            out = (s * C[:, None, :]).sum(-1) + D * u
-            if h_offset is not None:
-                out = out + (h_offset[k] * C[:, None, :]).sum(-1)
-            if y_offset is not None:
-                out = out + y_offset[k]
-            if where is not None:                                         # a soft token's output is dropped
-                y[:, where[0], where[1]] += out
-    y = ln(y, p["out_norm.weight"], p["out_norm.bias"], eps)
-    return y @ p["out_proj.weight"].T
 
 
 def peft_on_micro(spec: str, d_state: int = 2):
@@ -87,7 +47,7 @@ def test_per_direction_lora_on_x_proj_is_the_restatement_and_merges_into_its_ent
     assert not torch.allclose(weights[0], weights[1])                  # the directions really differ
     with torch.no_grad():
         got = mixer(x)
-        expected = ss2d_with_parts(p, x, mixer.d_state, mixer.dt_rank, 1e-5, x_proj=weights)
+        expected = ref_ss2d(p, x, mixer.d_state, mixer.dt_rank, 1e-5, x_proj=weights)
         assert_rel_close(got, expected, tol=TOL, what="per-direction LoRA on x_proj")
         merged = peft.merge_and_unload()
     mixer = merged.peft_mixers()[0]
@@ -105,9 +65,9 @@ def test_affix_after_the_cross_scan_is_the_restatement():
     assert hook.weight.shape == (2, DIRECTIONS, mixer.d_inner)         # (n, directions, E)
     tokens = [hook.weight[:, k] for k in range(DIRECTIONS)]
     with torch.no_grad():
-        expected = ss2d_with_parts(p, x, mixer.d_state, mixer.dt_rank, 1e-5, tokens=tokens)
+        expected = ref_ss2d(p, x, mixer.d_state, mixer.dt_rank, 1e-5, tokens=tokens)
         assert_rel_close(mixer(x), expected, tol=TOL, what="affix after the cross-scan")
-        without = ss2d_with_parts(p, x, mixer.d_state, mixer.dt_rank, 1e-5)
+        without = ref_ss2d(p, x, mixer.d_state, mixer.dt_rank, 1e-5)
     assert not torch.allclose(expected, without)
 
 
@@ -121,7 +81,7 @@ def test_state_methods_are_their_formula(spec, part):
     values = [hook.values[k].detach() for k in range(DIRECTIONS)]
     assert values[0].shape == ((mixer.d_inner,) if part == "y_offset" else (mixer.d_inner, mixer.d_state))
     with torch.no_grad():
-        expected = ss2d_with_parts(p, x, mixer.d_state, mixer.dt_rank, 1e-5, **{part: values})
+        expected = ref_ss2d(p, x, mixer.d_state, mixer.dt_rank, 1e-5, **{part: values})
         assert_rel_close(mixer(x), expected, tol=TOL, what=spec)
 
 
