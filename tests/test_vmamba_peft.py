@@ -3,8 +3,8 @@ cannot apply and why, Table 5's trainable counts (the arithmetic in each case), 
 
 The restatement is test_vmamba.py's loop reference `ref_ss2d` (one direction, one grid position at a time) with its
 optional parts, what the methods add: a per-direction x_proj weight, soft tokens entering each direction's sequence
-after the cross-scan, an initial state and state offsets. The model runs in float64 (A in float32, as upstream), so agreement
-is far below float32 rounding."""
+after the cross-scan, an initial state and state offsets. The model runs in float64 (A in float32, as upstream), so
+agreement is far below float32 rounding."""
 
 import pytest
 import torch
