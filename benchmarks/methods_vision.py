@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mambapeft.model.vmamba_loading import looks_like_vmamba
+from mambapeft.model.vmamba.loading import looks_like_vmamba
 from mambapeft.train import fine_tune_vision
 
 METHODS = [
@@ -42,8 +42,8 @@ VMAMBA_METHODS = [
 
 
 def load_model(name: str):
-    from mambapeft.model.vim_loading import load_vim
-    from mambapeft.model.vmamba_loading import load_vmamba
+    from mambapeft.model.vim.loading import load_vim
+    from mambapeft.model.vmamba.loading import load_vmamba
 
     return (load_vmamba if looks_like_vmamba(name) else load_vim)(name)
 

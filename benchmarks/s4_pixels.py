@@ -37,7 +37,7 @@ import torch
 from _common import machine, setup_threads
 
 from mambapeft import get_peft_model
-from mambapeft.model.s4d import build_s4d
+from mambapeft.model.s4d.modeling import build_s4d
 
 HEAD = "linear_probe"
 EXTRAS = ["partial_d", "partial_out_bias"]

@@ -84,7 +84,7 @@ def per_direction_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 
 
 def use_scan(fn):
-    from mambapeft.model import vmamba
+    from mambapeft.model.vmamba import modeling as vmamba
 
     vmamba.selective_scan_grouped = fn
 

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from mambapeft.data.images import to_tensor  # noqa: E402
-from mambapeft.model.vim import VimConfig, VisionMamba  # noqa: E402
-from mambapeft.model.vim_loading import save_vim  # noqa: E402
+from mambapeft.model.vim.loading import save_vim  # noqa: E402
+from mambapeft.model.vim.modeling import VimConfig, VisionMamba  # noqa: E402
 
 SIZE = 32
 HELD_OUT, TASK_TRAIN_DIGITS, TASK_VAL_DIGITS = 550, 200, 50

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from pretrain_tiny_vim import SIZE, TASK, accuracy, pretrain, render, split_digits  # noqa: E402
 
 from mambapeft.data.images import to_tensor  # noqa: E402
-from mambapeft.model.vmamba import VMamba, VMambaConfig  # noqa: E402
-from mambapeft.model.vmamba_loading import save_vmamba  # noqa: E402
+from mambapeft.model.vmamba.loading import save_vmamba  # noqa: E402
+from mambapeft.model.vmamba.modeling import VMamba, VMambaConfig  # noqa: E402
 
 CONFIG = VMambaConfig(embed_dim=16, depths=(1, 1, 2, 1), img_size=SIZE, patch_size=4, num_classes=10, d_state=1,
                       drop_path_rate=0.1)

@@ -31,7 +31,7 @@ def twin_models(config, seed=0, jitter=0.1, embed_std=None):
     from transformers import FalconMambaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
 
     from mambapeft import Mamba2LM, MambaLM
-    from mambapeft.model.loading import load_state_dict_strict
+    from mambapeft.model.registry import family_of_model
 
     torch.manual_seed(seed)
     cls = {"falcon_mamba": FalconMambaForCausalLM, "mamba2": Mamba2ForCausalLM}.get(config.model_type, MambaForCausalLM)
@@ -42,5 +42,5 @@ def twin_models(config, seed=0, jitter=0.1, embed_std=None):
         if embed_std is not None:
             hf.backbone.embeddings.weight.normal_(std=embed_std)
     ours = (Mamba2LM if config.model_type == "mamba2" else MambaLM)(config).eval()
-    load_state_dict_strict(ours, hf.state_dict(), "test")
+    family_of_model(ours).load_state(ours, hf.state_dict(), "test")
     return hf, ours

@@ -181,7 +181,7 @@ def test_the_parallel_adapter_is_the_official_module():
 
 
 def test_vim_drop_path_rises_over_the_blocks_and_acts_only_in_training():
-    from mambapeft.model.lm import drop_path
+    from mambapeft.model.mamba.lm import drop_path
 
     vim = mambapeft.from_config("vim-micro", seed=0)
     vim.set_drop_path(0.1)

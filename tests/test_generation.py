@@ -7,7 +7,7 @@ import torch
 from transformers import FalconMambaConfig, MambaConfig
 
 import mambapeft
-from mambapeft.model import mixer as mixer_module
+from mambapeft.model.mamba import mixer as mixer_module
 
 from conftest import assert_rel_close, twin_models
 

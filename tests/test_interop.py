@@ -76,6 +76,49 @@ def test_export_loads_in_peft_with_our_logits_and_imports_back(base, tmp_path, s
         assert_rel_close(back(IDS).logits, expected, tol=1e-5, what=f"imported {specs}")
 
 
+@pytest.fixture(scope="module")
+def base2(tmp_path_factory):
+    """A saved random mamba2-tiny (Hugging Face format), for peft on transformers' Mamba2ForCausalLM."""
+    folder = tmp_path_factory.mktemp("base2")
+    model = mambapeft.from_config("mamba2-tiny", seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+MAMBA2_EXPRESSIBLE = [["lora_in_proj:r=3"], ["lora_p_x:r=2", "lora_p_z:r=3"], ["lora_p_b:r=2", "lora_p_c:r=2"],
+                      ["lora_p_dt:r=2", "lora_embed:r=2"], ["dora_in_proj:r=2"]]
+
+
+@pytest.mark.parametrize("specs", MAMBA2_EXPRESSIBLE, ids=["+".join(s) for s in MAMBA2_EXPRESSIBLE])
+def test_mamba2_export_loads_in_peft_on_transformers_mamba2(base2, tmp_path, specs):
+    """LoRA on Mamba-2's in_proj and its row blocks is LoRA on in_proj in peft (other rows zero), which peft applies
+    on Mamba2ForCausalLM (its torch path calls in_proj as a module): the same logits, and back."""
+    from transformers import Mamba2ForCausalLM
+
+    ids = torch.randint(0, 1024, (2, 9), generator=torch.Generator().manual_seed(0))
+    peft = ours(base2, specs)
+    with torch.no_grad():
+        expected = peft(ids).logits
+    export_peft(peft, tmp_path / "peft", base_name_or_path=str(base2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft_lib.PeftModel.from_pretrained(Mamba2ForCausalLM.from_pretrained(str(base2)),
+                                                    str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert_rel_close(theirs(ids).logits, expected, tol=1e-5, what=f"peft on Mamba2ForCausalLM {specs}")
+    back = import_peft(mambapeft.from_pretrained(base2), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert_rel_close(back(ids).logits, expected, tol=1e-5, what=f"imported {specs}")
+
+
+def test_mamba2_export_refuses_out_proj_by_name(base2, tmp_path):
+    with pytest.raises(ConfigError, match="lora_out_proj.*out_proj"):
+        export_peft(ours(base2, ["lora_out_proj:r=2"]), tmp_path / "p")
+
+
 @pytest.mark.parametrize("specs, needles", [
     (["lora_out_proj:r=2"], ["lora_out_proj", "peft refuses LoRA on Mamba's out_proj"]),
     (["lora_dt_proj:r=2"], ["lora_dt_proj", "reads dt_proj.weight directly", "silently ignored"]),

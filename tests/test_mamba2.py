@@ -15,8 +15,8 @@ from transformers import Mamba2Config
 
 import mambapeft
 import mambapeft.scan.ssd as ssd
-from mambapeft.model.mamba2 import GatedRMSNorm, Mamba2LM
-from mambapeft.model.mixer import PeftHook
+from mambapeft.model.hooks import PeftHook
+from mambapeft.model.mamba2.modeling import GatedRMSNorm, Mamba2LM
 
 from conftest import assert_rel_close, twin_models
 
@@ -147,10 +147,11 @@ def test_large_architectures_build_instantly_on_meta():
 
 
 def test_architecture_names_and_hub_ids():
-    from mambapeft.model.architectures import HUB_IDS
+    from mambapeft.model import FAMILIES
 
-    assert HUB_IDS["mamba2-130m"] == "state-spaces/mamba2-130m" and "mamba2-tiny" not in HUB_IDS
-    assert HUB_IDS["mamba-130m"] == "state-spaces/mamba-130m-hf"
+    assert FAMILIES["mamba2"].hub_ids["mamba2-130m"] == "state-spaces/mamba2-130m"
+    assert "mamba2-tiny" not in FAMILIES["mamba2"].hub_ids
+    assert FAMILIES["mamba"].hub_ids["mamba-130m"] == "state-spaces/mamba-130m-hf"
     with pytest.raises(mambapeft.ConfigError, match="is a Mamba-2 architecture"):
         mambapeft.model.arch_config("mamba2-130m")
 

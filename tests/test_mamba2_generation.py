@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Mamba2Config
 
-import mambapeft.model.mamba2 as mamba2
+import mambapeft.model.mamba2.modeling as mamba2
 
 from conftest import assert_rel_close, twin_models
 

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 import mambapeft
 from mambapeft import MambaMixer, MixerState, PeftHook, selective_scan_reference
-from mambapeft.model.mixer import DIRECTION_NAMES
+from mambapeft.model.mamba import DIRECTION_NAMES
 
 from conftest import assert_rel_close
 

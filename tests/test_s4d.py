@@ -15,7 +15,7 @@ from mambapeft import NotApplicable, PeftModel, get_peft_model
 from mambapeft.cli.main import main
 from mambapeft.errors import CheckpointError, ConfigError
 from mambapeft.methods.sdt_s4d import select
-from mambapeft.model.s4d import S4DConfig, fft_conv, s4d_kernel, s4d_recurrence
+from mambapeft.model.s4d.modeling import S4DConfig, fft_conv, s4d_kernel, s4d_recurrence
 
 from conftest import assert_rel_close
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 import mambapeft
 from mambapeft import ConfigError, MambaMixer, PeftConfig, PeftModel, get_peft_model, selective_scan_reference
 from mambapeft.methods.prompt import soft_positions
-from mambapeft.model.architectures import arch_config
 from mambapeft.model.interface import PeftModelInterface
-from mambapeft.model.lm import MambaLM
-from mambapeft.model.mixer import DIRECTION_NAMES
+from mambapeft.model.mamba import DIRECTION_NAMES
+from mambapeft.model.mamba.architectures import arch_config
+from mambapeft.model.mamba.lm import MambaLM
 
 from conftest import assert_rel_close
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import mambapeft
 from mambapeft import get_peft_model
-from mambapeft.model.mixer import DIRECTION_NAMES
+from mambapeft.model.mamba import DIRECTION_NAMES
 
 from conftest import assert_rel_close
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from mambapeft import ConfigError
-from mambapeft.model.vim_loading import load_vim
+from mambapeft.model.vim.loading import load_vim
 from mambapeft.peft import PeftModel
 from mambapeft.train import fine_tune_vision
 from mambapeft.train.vision import VisionTrainConfig, resolve_vision_config, with_head
@@ -226,8 +226,8 @@ class DropPathProbe(TrainerCallback):
 def test_vmamba_run_trains_with_drop_path_on_and_the_adapter_reloads(vtab, tmp_path):
     """`--model tiny-vmamba` loads the VMamba; its stochastic depth (0.1 at the last block of tiny-vmamba, the
     paper's rule: the backbone's rate stays on) is active while training and recorded; the adapter reloads."""
-    from mambapeft.model.vmamba import VMamba
-    from mambapeft.model.vmamba_loading import load_vmamba
+    from mambapeft.model.vmamba.loading import load_vmamba
+    from mambapeft.model.vmamba.modeling import VMamba
 
     probe, keep = DropPathProbe(), KeepModel()
     results = fine_tune_vision(config(vtab, tmp_path, model="tiny-vmamba", method=["lora_x_proj:r=2"], epochs=1.0),

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mambapeft import CheckpointError, ConfigError, NotApplicable, from_config
-from mambapeft.model.vim import VIM_ARCHITECTURES, VimConfig, VisionMamba, build_vim, vim_config
-from mambapeft.model.vim_loading import load_vim, resize_pos_embed, save_vim, with_image_size
+from mambapeft.model.vim.loading import load_vim, resize_pos_embed, save_vim, with_image_size
+from mambapeft.model.vim.modeling import VIM_ARCHITECTURES, VimConfig, VisionMamba, build_vim, vim_config
 from mambapeft.peft import PeftModel, get_peft_model
 
 from conftest import assert_rel_close
@@ -327,14 +327,14 @@ def test_builtin_tiny_vim_loads_and_classifies_the_builtin_task_images():
 
 
 def test_builtin_tiny_vim_is_small_enough_to_ship():
-    from mambapeft.model.vim_loading import BUILTIN
+    from mambapeft.model.vim.loading import BUILTIN
 
     size = sum(f.stat().st_size for f in BUILTIN["tiny-vim"].iterdir())
     assert size < 20 * 2**20
 
 
 def test_looks_like_vim_tells_vision_checkpoints_from_language_ones(tmp_path):
-    from mambapeft.model.vim_loading import looks_like_vim
+    from mambapeft.model.vim.loading import looks_like_vim
 
     model = jittered(vim_config("vim-micro"))
     save_vim(model, tmp_path / "vim")

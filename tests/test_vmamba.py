@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mambapeft import CheckpointError, ConfigError, from_config
-from mambapeft.model.mixer import PeftHook
-from mambapeft.model.vmamba import (
+from mambapeft.model.hooks import PeftHook
+from mambapeft.model.vmamba.loading import load_vmamba, looks_like_vmamba, save_vmamba
+from mambapeft.model.vmamba.modeling import (
     VMAMBA_ARCHITECTURES,
     VMamba,
     VMambaConfig,
@@ -21,7 +22,6 @@ from mambapeft.model.vmamba import (
     cross_scan,
     vmamba_config,
 )
-from mambapeft.model.vmamba_loading import load_vmamba, looks_like_vmamba, save_vmamba
 
 from conftest import assert_rel_close
 

@@ -12,7 +12,7 @@ from test_vmamba import jittered, ref_ss2d
 
 from mambapeft import NotApplicable, get_peft_model
 from mambapeft.config import PeftConfig
-from mambapeft.model.vmamba import vmamba_config
+from mambapeft.model.vmamba.modeling import vmamba_config
 from mambapeft.peft import count_parameters
 
 from conftest import assert_rel_close

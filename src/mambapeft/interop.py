@@ -51,14 +51,21 @@ def _require_peft():
 
 
 @functools.cache
-def transformers_bypasses(layer: str) -> bool:
-    """Whether transformers' MambaMixer reads `layer`.weight directly instead of calling the module, which silently
-    bypasses a peft LoRA on it (transformers 5.x multiplies by dt_proj.weight in its CPU path)."""
-    from transformers import MambaConfig, MambaForCausalLM
+def transformers_bypasses(layer: str, family: str = "mamba") -> bool:
+    """Whether the mixer of the family's transformers class (MambaForCausalLM, Mamba2ForCausalLM) reads
+    `layer`.weight directly instead of calling the module, which silently bypasses a peft LoRA on it (transformers
+    5.x multiplies by Mamba-1's dt_proj.weight in its CPU path). Probed on the family's small architecture."""
+    import transformers
 
-    model = MambaForCausalLM(MambaConfig(hidden_size=8, num_hidden_layers=1, vocab_size=16)).eval()
+    from .model.registry import get_family
+
+    record = get_family(family)
+    model = getattr(transformers, record.transformers_class)(record.config(record.check_architecture)).eval()
+    mixer = model.backbone.layers[0].mixer
+    if not hasattr(mixer, layer):
+        return False
     called = []
-    getattr(model.backbone.layers[0].mixer, layer).register_forward_hook(lambda *_: called.append(1))
+    getattr(mixer, layer).register_forward_hook(lambda *_: called.append(1))
     with torch.no_grad():
         model(torch.zeros(1, 3, dtype=torch.long))
     return not called
@@ -87,10 +94,15 @@ class LayerLoRA:
         return sum(a.shape[0] for a in self.As)
 
 
-def _check_language_model(model) -> None:
-    if getattr(model, "family", None) != "mamba":
-        raise ConfigError(f"the peft format is for Hugging Face language models (MambaForCausalLM); this adapter is on "
-                          f"a {getattr(model, 'family', type(model).__name__)} model")
+def _check_language_model(model):
+    """The model's family, which must have a transformers class that peft can wrap."""
+    from .model.registry import family_of_model
+
+    family = family_of_model(model)
+    if not getattr(family, "transformers_class", None):
+        raise ConfigError(f"the peft format is for Hugging Face language models (MambaForCausalLM, Mamba2ForCausalLM, "
+                          f"...); this adapter is on a {family.title} model, which transformers does not have")
+    return family
 
 
 def _low_rank_parts(delta, out_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,10 +126,10 @@ def export_peft(peft_model, folder, *, base_name_or_path: str | None = None, mer
     """
     peft = _require_peft()
     model = peft_model.base_model
-    _check_language_model(model)
+    family = _check_language_model(model)
     folder = Path(folder)
     methods = {m.name: m for m in peft_model.methods}
-    uses_dora = any(name.startswith("dora_") and _why_not_expressible(m, "in_proj") is None
+    uses_dora = any(name.startswith("dora_") and _why_not_expressible(m, "in_proj", family) is None
                     for name, m in methods.items())
 
     # every low-rank part on a layer, with the reason it cannot go to peft (None: it can)
@@ -125,7 +137,7 @@ def export_peft(peft_model, folder, *, base_name_or_path: str | None = None, mer
     for path, module in list(model.named_modules()):
         if isinstance(module, AdaptedLayer):
             for key, delta in module.deltas.items():
-                reason = _why_not_expressible(methods[key], path.rsplit(".", 1)[-1])
+                reason = _why_not_expressible(methods[key], path.rsplit(".", 1)[-1], family)
                 if reason is None and uses_dora != isinstance(delta, DoRADelta):
                     reason = "peft's use_dora is one switch per adapter, and this adapter mixes LoRA and DoRA"
                 parts.append((path, key, delta, reason))
@@ -211,13 +223,14 @@ def export_peft(peft_model, folder, *, base_name_or_path: str | None = None, mer
     return {"exported": exported, "merged": merged, "base": base}
 
 
-def _why_not_expressible(method, layer: str) -> str | None:
-    """Why a low-rank part of `method` on `layer` has no peft form (None: it has one)."""
+def _why_not_expressible(method, layer: str, family) -> str | None:
+    """Why a low-rank part of `method` on `layer` has no peft form on the family's transformers class (None: it has
+    one)."""
     if layer == "out_proj" and peft_refuses_out_proj():
         return "peft refuses LoRA on Mamba's out_proj (its fused CUDA path bypasses it; huggingface/peft#2274, #2556)"
-    if layer in ("dt_proj", "x_proj", "in_proj") and transformers_bypasses(layer):
-        return (f"transformers' MambaForCausalLM reads {layer}.weight directly instead of calling the layer, so a "
-                f"peft LoRA on it would be silently ignored")
+    if layer in ("dt_proj", "x_proj", "in_proj") and transformers_bypasses(layer, family.name):
+        return (f"transformers' {family.transformers_class} reads {layer}.weight directly instead of calling the "
+                f"layer, so a peft LoRA on it would be silently ignored")
     if method.name.startswith("dora_") and getattr(method.config, "magnitude", "output") != "output":
         return "peft's DoRA normalises each output row; magnitude=input (the official MambaPEFT axis) has no peft form"
     if method.name.startswith(("lora_", "dora_")) or method.name == "sll_lora":
@@ -233,7 +246,7 @@ def import_peft(base_model, folder):
     from .config import MethodSpec, PeftConfig
     from .peft import PeftModel
 
-    _check_language_model(base_model)
+    family = _check_language_model(base_model)
     folder = Path(folder)
     config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config_file.is_file():
@@ -288,8 +301,9 @@ def import_peft(base_model, folder):
         if name not in LINEAR_TARGETS:
             raise ConfigError(f"{config_file}: LoRA on {name!r} has no mambapeft method (we adapt in_proj, x_proj, "
                               f"dt_proj, out_proj and the embeddings)")
-        if transformers_bypasses(name):
-            raise ConfigError(f"{config_file}: the LoRA on {name} was never applied by transformers' MambaForCausalLM "
+        if transformers_bypasses(name, family.name):
+            raise ConfigError(f"{config_file}: the LoRA on {name} was never applied by transformers' "
+                              f"{family.transformers_class} "
                               f"(it reads {name}.weight directly), so importing it would change the model's outputs; "
                               f"drop it from the adapter to import the rest")
         if len(modules) != n_layers:
@@ -345,18 +359,14 @@ def merge_to_folder(peft_model, folder, tokenizer=None) -> dict:
     """merge_and_unload, then a complete model folder: the weights and config (Hugging Face format for language
     models, which transformers loads), the tokenizer files, and, when some methods cannot merge, the small remaining
     adapter in folder/"remaining_adapter" with a note saying what stays and why."""
+    from .model.registry import family_of_model
     from .peft import PeftModel
 
     folder = Path(folder)
     kept_names = [m.name for m in peft_model.methods if not m.mergeable]
     merged = peft_model.merge_and_unload()
     base = plain_base(merged) if isinstance(merged, PeftModel) else merged
-    if getattr(base, "family", None) == "vim":
-        from .model.vim_loading import save_vim
-
-        save_vim(base, folder)
-    else:
-        base.save_pretrained(folder)
+    family_of_model(base).save(base, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     note = None

@@ -25,7 +25,6 @@ from .assets import BUILTIN_LANGUAGE_MODELS
 from .config import MethodSpec, PeftConfig
 from .errors import CheckpointError, ConfigError, NotApplicable
 from .methods import REGISTRY, Method
-from .model.architectures import ARCHITECTURES, MAMBA2_ARCHITECTURES
 from .model.summary import count_unique
 from .version import __version__
 
@@ -35,11 +34,13 @@ FORMAT = "mambapeft-adapter"
 
 
 def guess_arch(model) -> str | None:
-    """The named architecture a model has the sizes of (for per-size preset learning rates), if any: Mamba-1 names
-    for Mamba-1 models, Mamba-2 names for Mamba-2 ones."""
+    """The named architecture of the model's family that it has the sizes of (for per-size preset learning rates),
+    if any."""
+    from .model.registry import FAMILIES
+
     config = getattr(model, "config", None)
-    tables = {"mamba": ARCHITECTURES, "falcon_mamba": ARCHITECTURES, "mamba2": MAMBA2_ARCHITECTURES}
-    for name, sizes in tables.get(getattr(config, "model_type", None), {}).items():
+    family = FAMILIES.get(getattr(model, "family", None))
+    for name, sizes in (family.architectures if family else {}).items():
         if all(getattr(config, key, None) == value for key, value in sizes.items()):
             return name
     return None

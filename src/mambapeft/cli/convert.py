@@ -59,15 +59,30 @@ def fresh_output(path: str, overwrite: bool) -> Path:
     return out
 
 
-def load_base(name: str):
-    """A base model by any name `train` accepts (language or vision), for the adapter to go on."""
-    from ..model.vim_loading import load_vim, looks_like_vim
+def load_base(name: str, adapter: Path | None = None):
+    """A base model by any name `train` accepts (every family), fitted to `adapter` where the run that made it
+    changed more than the adapter holds (a vision run's task head for its classes)."""
+    from ..model.registry import family_of
+    from ..peft import read_adapter_config
 
-    if looks_like_vim(name):
-        return load_vim(name)
-    from .. import from_pretrained
+    family = family_of(name)
+    model = family.load(name)
+    if adapter is not None:
+        model = family.fit_to_adapter(model, read_adapter_config(adapter)["base_model"]["architecture"])
+    return model
 
-    return from_pretrained(name)
+
+def base_tokenizer(model, name: str, tokenizer: str | None):
+    """The tokenizer a merged folder carries: --tokenizer, else the base's (None for families without one)."""
+    from ..model.registry import family_of_model
+    from ..train.language import load_tokenizer
+
+    if not family_of_model(model).has_tokenizer:
+        if tokenizer:
+            raise ConfigError(f"--tokenizer {tokenizer}: {name} is a {family_of_model(model).title} model, which has "
+                              f"no tokenizer; drop --tokenizer")
+        return None
+    return load_tokenizer(tokenizer or name)
 
 
 def adapter_base(adapter: Path, given: str | None) -> str:
@@ -83,22 +98,22 @@ def adapter_base(adapter: Path, given: str | None) -> str:
 
 def hf_name(name: str) -> str:
     """What transformers' from_pretrained takes for one of our names ('builtin' is a packaged folder)."""
-    from ..model.loading import resolve_folder
+    from ..model.language import language_folder
+    from ..model.registry import builtin_names
 
     path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else (str(resolve_folder(name)) if name == "builtin" else name)
+    return str(path.resolve()) if path.is_dir() else (str(language_folder(name)) if name in builtin_names() else name)
 
 
 def run_export(args) -> int:
     from ..interop import export_peft
     from ..peft import PeftModel
-    from ..train.language import load_tokenizer
 
     adapter = Path(args.adapter)
     base_name = adapter_base(adapter, args.base)
     out = fresh_output(args.output, args.overwrite)
-    model = PeftModel.from_pretrained(load_base(base_name), adapter)
-    tokenizer = load_tokenizer(args.tokenizer or base_name) if args.merge_rest else None
+    model = PeftModel.from_pretrained(load_base(base_name, adapter), adapter)
+    tokenizer = base_tokenizer(model.base_model, base_name, args.tokenizer) if args.merge_rest else None
     result = export_peft(model, out, base_name_or_path=hf_name(base_name), merge_rest=args.merge_rest,
                          tokenizer=tokenizer)
     print(f"exported {', '.join(result['exported'])} to {out} in Hugging Face peft's format (base: {result['base']})")
@@ -133,13 +148,9 @@ def run_merge(args) -> int:
     from ..peft import PeftModel
 
     out = fresh_output(args.output, args.overwrite)
-    base = load_base(args.model)
+    base = load_base(args.model, Path(args.adapter))
     model = PeftModel.from_pretrained(base, args.adapter)
-    tokenizer = None
-    if getattr(base, "family", None) == "mamba":
-        from ..train.language import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = base_tokenizer(base, args.model, args.tokenizer)
     result = merge_to_folder(model, out, tokenizer)
     print(f"merged {', '.join(result['merged']) or 'nothing'} into {out}"
           + (" with the tokenizer" if tokenizer is not None else ""))

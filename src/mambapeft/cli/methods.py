@@ -21,15 +21,16 @@ def add_parser(commands):
 
 def applicability() -> dict[str, dict[str, str | None]]:
     """method -> family -> None (applies) or the reason it does not, tried on each family's small model (meta)."""
-    from ..model.factory import FAMILIES, from_config
+    from ..model.factory import from_config
+    from ..model.registry import FAMILIES
     from ..peft import get_peft_model
 
     table: dict[str, dict[str, str | None]] = {name: {} for name in REGISTRY}
-    for family, arch in FAMILIES.items():
+    for family, record in FAMILIES.items():
         for name, cls in REGISTRY.items():
             spec = cls.examples[0].spec if cls.examples else name
             try:
-                get_peft_model(from_config(arch, device="meta"), [spec])
+                get_peft_model(from_config(record.check_architecture, device="meta"), [spec])
                 table[name][family] = None
             except NotApplicable as err:
                 table[name][family] = str(err).split(" models: ", 1)[-1]

@@ -68,7 +68,7 @@ def config_from_args(args):
 
     file_values = RunConfig.from_file(args.config) if args.config else {}
     where = args.config or "the command line"
-    task = kind_of(file_values, args.task, where)
+    task = kind_of(file_values, args.task, where, model=getattr(args, "model", None))
     known = {f.name for f in fields(task.Config)}
     values = {k: v for k, v in file_values.items() if k != "task"}
     for name in {f.name for t in TASKS.values() for f in fields(t.Config)}:

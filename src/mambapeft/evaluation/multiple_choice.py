@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.multiple_choice import MCItem
-from ..model.lm import MambaState, cat_rows, map_rows
+from ..model.mamba.lm import MambaState, cat_rows, map_rows
 
 
 def _context_ids(tokenizer, context: str) -> list[int]:

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NotApplicable
-from ..model.mixer import PeftHook
+from ..model.hooks import PeftHook
 from .base import TABLE9_DECAY, TABLE9_LR, Example, Method, MethodConfig, is_meta, kaiming_, option, register, unwrap
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import NotApplicable
-from ..model.mixer import PeftHook
+from ..model.hooks import PeftHook
 from .base import TABLE9_DECAY, TABLE9_LR, Example, Method, MethodConfig, option, register
 from .prompt import POSITIONS, TokenMLP, check_hidden, check_position, normal_, soft_positions
 

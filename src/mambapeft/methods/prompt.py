@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, NotApplicable
-from ..model.mixer import PeftHook
+from ..model.hooks import PeftHook
 from .base import TABLE9_DECAY, TABLE9_LR, Example, Method, MethodConfig, get_module, is_meta, option, register, unwrap
 
 POSITIONS = ("prefix", "infix", "suffix", "prefix+suffix")

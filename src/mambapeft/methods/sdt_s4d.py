@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, NotApplicable
-from ..model.s4d import discretise
+from ..model.s4d.modeling import discretise
 from .base import add_delta, remove_delta
 
 WARMUP, SPARSE = 0, 1               # the phases, as SDT's on Mamba

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..model.mixer import PeftHook
+from ..model.hooks import PeftHook
 from .base import TABLE9_LR, Example, Method, MethodConfig, option, register
 
 # the released configs' learning rates (furiosa-ai/ssm-state-tuning cfg/final/exps): mamba-130m on DART, mamba-1.4b

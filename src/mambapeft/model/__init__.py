@@ -1,26 +1,51 @@
-"""The model layer: the PEFT interface of a family (interface.py), the Mamba-1 mixer, the language model and Vision
-Mamba around it, loading, generation, and building models by name (factory.py)."""
+"""The model layer: one folder per model family (mamba, mamba2, vim, vmamba, s4d), each registering itself with
+the family registry (registry.py); the PEFT interface every family implements (interface.py) and the hook
+plumbing methods use (hooks.py); reading and writing checkpoint files (files.py, checkpoint.py); building and
+loading any model by name (factory.py).
 
-from .architectures import ARCHITECTURES, HUB_IDS, MAMBA2_ARCHITECTURES, arch_config, mamba2_config
-from .factory import ALL_ARCHITECTURES, from_config, from_pretrained, shapes_model
+Adding a family: a folder model/<name>/ with its config, modeling and loading code and a `ModelFamily` registered
+with `@register_family`, and one import line below.
+"""
+
+from .factory import from_config, from_pretrained, load_model, shapes_model
+from .hooks import PeftHook
 from .interface import PeftMixerInterface, PeftModelInterface, Projection, TensorSlot
-from .lm import MambaBlock, MambaLM, MambaLMOutput, MambaState, RMSNorm
-from .loading import save_pretrained
-from .mamba2 import Mamba2LM, Mamba2Mixer, Mamba2MixerState
-from .mixer import DIRECTION_NAMES, MambaMixer, MixerState, PeftHook
-from .s4d import S4D_ARCHITECTURES, DeepS4D, S4DConfig, S4DLayer, build_s4d
-from .vim import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim, vim_config
-from .vim_loading import load_vim, save_vim
-from .vmamba import VMAMBA_ARCHITECTURES, VMamba, VMambaConfig, build_vmamba, vmamba_config
-from .vmamba_loading import load_vmamba, save_vmamba
+
+# the families: importing each registers it
+from .mamba import (  # noqa: I001
+    ARCHITECTURES,
+    HUB_IDS,
+    MambaBlock,
+    MambaLM,
+    MambaLMOutput,
+    MambaMixer,
+    MambaState,
+    MixerState,
+    RMSNorm,
+    arch_config,
+)
+from .mamba2 import MAMBA2_ARCHITECTURES, Mamba2LM, Mamba2Mixer, Mamba2MixerState, mamba2_config
+from .registry import FAMILIES, ModelFamily, family_of, register_family
+from .s4d import S4D_ARCHITECTURES, DeepS4D, S4DConfig, S4DLayer, build_s4d, load_s4d, save_s4d
+from .vim import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim, load_vim, save_vim, vim_config
+from .vmamba import VMAMBA_ARCHITECTURES, VMamba, VMambaConfig, build_vmamba, load_vmamba, save_vmamba, vmamba_config
+
+
+def save_pretrained(model, folder) -> None:
+    """A model's folder in its family's format (Hugging Face for language models), which `from_pretrained` reads."""
+    from .registry import family_of_model
+
+    family_of_model(model).save(model, folder)
+
 
 __all__ = [
-    "ARCHITECTURES", "ALL_ARCHITECTURES", "HUB_IDS", "arch_config", "from_config", "shapes_model",
-    "PeftMixerInterface", "PeftModelInterface", "Projection", "TensorSlot",
-    "MambaBlock", "MambaLM", "MambaLMOutput", "MambaState", "RMSNorm", "from_pretrained", "save_pretrained",
-    "DIRECTION_NAMES", "MambaMixer", "MixerState", "PeftHook",
+    "from_config", "from_pretrained", "load_model", "shapes_model", "save_pretrained",
+    "PeftHook", "PeftMixerInterface", "PeftModelInterface", "Projection", "TensorSlot",
+    "FAMILIES", "ModelFamily", "family_of", "register_family",
+    "ARCHITECTURES", "HUB_IDS", "arch_config", "MambaBlock", "MambaLM", "MambaLMOutput", "MambaMixer", "MambaState",
+    "MixerState", "RMSNorm",
     "MAMBA2_ARCHITECTURES", "mamba2_config", "Mamba2LM", "Mamba2Mixer", "Mamba2MixerState",
     "VIM_ARCHITECTURES", "VimConfig", "VimOutput", "VisionMamba", "build_vim", "vim_config", "load_vim", "save_vim",
     "VMAMBA_ARCHITECTURES", "VMamba", "VMambaConfig", "build_vmamba", "vmamba_config", "load_vmamba", "save_vmamba",
+    "S4D_ARCHITECTURES", "DeepS4D", "S4DConfig", "S4DLayer", "build_s4d", "load_s4d", "save_s4d",
 ]
-__all__ += ["S4D_ARCHITECTURES", "DeepS4D", "S4DConfig", "S4DLayer", "build_s4d"]

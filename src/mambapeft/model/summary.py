@@ -1,11 +1,9 @@
-"""Architecture and parameter counts of a language model, for `mambapeft info` and the parameter reports."""
+"""Architecture and parameter counts of a language model, for `mambapeft info` and the parameter reports; each
+family (model/<family>/) says which mixer parts and sizes it has."""
 
 from __future__ import annotations
 
-from .lm import MambaLM
-
-MIXER_PARTS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
-MAMBA2_MIXER_PARTS = ("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj")
+TENSOR_PARTS = ("A_log", "D", "dt_bias")     # parameters themselves, not modules
 
 
 def count_unique(parameters) -> int:
@@ -18,16 +16,15 @@ def count_unique(parameters) -> int:
     return total
 
 
-def architecture_summary(model: MambaLM) -> dict:
+def language_summary(model, mixer_parts: tuple[str, ...], sizes: dict, renamed: dict | None = None) -> dict:
+    """The summary of a language model whose blocks are `backbone.layers[i].{norm, mixer}`: `sizes` (d_inner,
+    d_state, ...) as the family states them, the parameters of each mixer part (`renamed`: a part's name in the
+    summary where it clashes with the block's own, e.g. Mamba-2's gated "norm")."""
     config = model.config
     first = model.backbone.layers[0]
     mixer = first.mixer
-    mamba2 = config.model_type == "mamba2"
-    tensors = ("A_log", "D", "dt_bias")     # parameters themselves, not modules
-    per_layer = {part: sum(p.numel() for p in getattr(mixer, part).parameters()) if part not in tensors
-                 else getattr(mixer, part).numel() for part in (MAMBA2_MIXER_PARTS if mamba2 else MIXER_PARTS)}
-    if mamba2:                       # the mixer's own (gated) norm; "norm" below is the block's
-        per_layer["gated_norm"] = per_layer.pop("norm")
+    per_layer = {(renamed or {}).get(part, part): sum(p.numel() for p in getattr(mixer, part).parameters())
+                 if part not in TENSOR_PARTS else getattr(mixer, part).numel() for part in mixer_parts}
     per_layer["norm"] = first.norm.weight.numel()
     layer_total = count_unique(first.parameters())
     tied = config.tie_word_embeddings
@@ -36,11 +33,7 @@ def architecture_summary(model: MambaLM) -> dict:
         "d_model": config.hidden_size,
         "n_layer": config.num_hidden_layers,
         "vocab_size": config.vocab_size,
-        "d_inner": mixer.d_inner,
-        "d_state": mixer.d_state,
-        "dt_rank": None if mamba2 else mixer.dt_rank,
-        "d_conv": mixer.d_conv,
-        **({"num_heads": mixer.num_heads, "head_dim": mixer.head_dim, "n_groups": mixer.n_groups} if mamba2 else {}),
+        **sizes,
         "use_bias": bool(config.use_bias),
         "use_conv_bias": bool(config.use_conv_bias),
         "tie_word_embeddings": bool(tied),
@@ -54,3 +47,23 @@ def architecture_summary(model: MambaLM) -> dict:
             "lm_head": 0 if tied else model.lm_head.weight.numel(),
         },
     }
+
+
+def language_summary_lines(summary: dict, sizes_line: str) -> list[str]:
+    """`mambapeft info`'s text for a language model (`sizes_line`: the family's own sizes, in words)."""
+    p = summary["parameters"]
+    parts = " · ".join(f"{k} {v:,}" for k, v in p["per_layer_parts"].items())
+    yes = {True: "yes", False: "no"}
+    return [
+        f"  model_type   {summary['model_type']}",
+        f"  d_model {summary['d_model']}   n_layer {summary['n_layer']}   vocab {summary['vocab_size']}",
+        f"  {sizes_line}",
+        f"  bias: in/out_proj {yes[summary['use_bias']]}, conv1d {yes[summary['use_conv_bias']]};  "
+        f"lm_head tied to embeddings: {yes[summary['tie_word_embeddings']]}",
+        f"parameters     {p['total']:,}",
+        f"  embeddings   {p['embeddings']:,}",
+        f"  per layer    {p['per_layer']:,}  ({parts})",
+        f"  all layers   {p['layers']:,}",
+        f"  norm_f       {p['norm_f']:,}",
+        f"  lm_head      {'tied' if summary['tie_word_embeddings'] else format(p['lm_head'], ',')}",
+    ]

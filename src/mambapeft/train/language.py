@@ -62,9 +62,9 @@ def load_tokenizer(name_or_path: str):
     a folder without tokenizer files makes transformers return an empty tokenizer that maps every text to nothing."""
     from transformers import AutoTokenizer
 
-    from ..model.loading import resolve_folder
+    from ..model.language import language_folder
 
-    folder = resolve_folder(name_or_path)
+    folder = language_folder(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:
@@ -163,10 +163,9 @@ class LanguageTask(TaskKind):
         return config.data == BUILTIN_NAME and config.model in BUILTIN_MODELS
 
     def prepare(self, config: TrainConfig, log=print) -> Prepared:
-        from .. import from_pretrained
         from ..data.tokenize import Collator
 
-        model = from_pretrained(config.model)
+        model = self.load_model(config.model)
         tokenizer = load_tokenizer(config.tokenizer or config.model)
         check_vocabulary(tokenizer, model)
         train_set, val_set, val_items, test_items = prepare_data(config, tokenizer, log)

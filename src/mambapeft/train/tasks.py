@@ -30,9 +30,20 @@ def get_task(name: str | None) -> TaskKind:
     return TASKS[name]
 
 
-def kind_of(data: dict, requested: str | None = None, where: str = "the config") -> TaskKind:
-    """The kind a config file declares ("task" key) or the one requested; they must agree when both are given."""
+def default_task_for(model: str | None) -> str | None:
+    """The task kind a model's family serves first (tiny-vim: vision), when its name says the family by itself."""
+    from ..model.registry import claimed_family
+
+    family = claimed_family(model) if isinstance(model, str) and model else None
+    return family.tasks[0] if family is not None and family.tasks else None
+
+
+def kind_of(data: dict, requested: str | None = None, where: str = "the config", model: str | None = None) -> TaskKind:
+    """The kind a config file declares ("task" key) or the one requested; they must agree when both are given.
+    Neither given: the kind the model's family serves (`model`, or the config's), else language."""
     declared = data.get("task")
+    if not declared and not requested:
+        requested = default_task_for(model or data.get("model"))
     if declared is not None and declared not in TASKS:
         raise ConfigError(f"{where}: task must be one of {', '.join(TASKS)}, not {declared!r}")
     if declared and requested and declared != requested:
@@ -83,6 +94,17 @@ class TaskKind:
     def prepare(self, config: RunConfig, log=print) -> Prepared:
         """Loads and checks the model, data and methods of `config`; writes nothing."""
         raise NotImplementedError
+
+    def load_model(self, name: str, **options):
+        """The pretrained model `name`, whose family must serve this kind of run (checked before loading)."""
+        from ..model.registry import family_of
+
+        family = family_of(name)
+        if self.name not in family.tasks:
+            serves = " / ".join(family.tasks) or "no"
+            raise ConfigError(f"--model {name} is a {family.title} model, for {serves} runs, and this is a {self.name} "
+                              f"run; pass --task {family.tasks[0] if family.tasks else '...'} or a {self.name} model")
+        return family.load(name, **options)
 
     def score_test(self, model, prepared: Prepared, config: RunConfig) -> dict:
         """Test scores of `model` ({"acc": ..., ...}); {} when the run has no test set."""

@@ -5,9 +5,8 @@ Recipe (paper, VTAB-1k): AdamW lr 1e-3, weight decay 1e-4, batch 32, 100 epochs 
 decay, gradient clipping 5, the classification head always trained (`linear_probe` is added to the methods), top-1
 accuracy. Stochastic depth stays on while fine-tuning, at the model's paper rate (Vim 0.1; VMamba the backbone's
 pretraining rate, 0.3 for S and 0.6 for B, as MambaPEFT's VMamba configs keep it); `drop_path` overrides it and the
-run's config records the rate used. The model is a VMamba when its name, folder or .pth is one
-(model/vmamba_loading.py `looks_like_vmamba`: "tiny-vmamba", "vmamba-small", a save_vmamba folder, a released
-vssm .pth), otherwise a Vim.
+run's config records the rate used. The model's family (Vim or VMamba) is the one the family registry finds for
+its name, folder or .pth (model/registry.py).
 
 `split`: "final" trains on train800val200 and reports test (what the paper reports); "search" trains on train800 and
 keeps the checkpoint with the best val200 accuracy (for choosing hyper-parameters), then reports test. The built-in
@@ -155,12 +154,9 @@ class VisionTask(TaskKind):
     def prepare(self, config: VisionTrainConfig, log=print) -> Prepared:
         from ..config import PeftConfig
         from ..data.images import collate_images
-        from ..model.vim_loading import load_vim
-        from ..model.vmamba_loading import load_vmamba, looks_like_vmamba
         from ..peft import guess_arch
 
-        load = load_vmamba if looks_like_vmamba(config.model) else load_vim
-        model = load(config.model, img_size=config.image_size)
+        model = self.load_model(config.model, img_size=config.image_size)
         train_set, val_set, test_set, classes = prepare_vision_data(config, model.config.img_size)
         torch.manual_seed(config.seed)
         model.reset_head(classes)                 # always a fresh head for the task, even with the same class count

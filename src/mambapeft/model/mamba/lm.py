@@ -24,10 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from ..errors import NotApplicable
-from .checkpoint import write_hf_checkpoint
-from .interface import PeftModelInterface, TensorSlot
-from .mixer import MambaMixer, MixerState, drop_inserted, insert_from_hooks
+from ...errors import NotApplicable
+from ..checkpoint import write_hf_checkpoint
+from ..hooks import drop_inserted, insert_from_hooks
+from ..interface import PeftModelInterface, TensorSlot
+from .mixer import MambaMixer, MixerState
 
 
 class RMSNorm(nn.Module):
@@ -280,7 +281,7 @@ class MambaLM(nn.Module, PeftModelInterface):
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
         """Greedy or sampled continuation; see `mambapeft.model.generation.generate` for the options."""
-        from .generation import generate
+        from ..generation import generate
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 

@@ -49,18 +49,19 @@ nn.LayerNorm over the last axis: the same function with the same weights (a Line
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, NotApplicable
-from ..scan import selective_scan_grouped
-from .checkpoint import write_model_folder
-from .interface import PeftMixerInterface, PeftModelInterface, Projection, StackedLinear, TensorSlot, unwrap
-from .mixer import drop_inserted, insert_from_hooks
-from .vim import VimOutput
+from ...errors import ConfigError, NotApplicable
+from ...scan import selective_scan_grouped
+from ..checkpoint import write_model_folder
+from ..config import FamilyConfig
+from ..hooks import drop_inserted, insert_from_hooks
+from ..interface import PeftMixerInterface, PeftModelInterface, Projection, StackedLinear, TensorSlot, unwrap
+from ..vim import VimOutput
 
 DIRECTIONS = 4          # k0 row-major, k1 column-major, k2 / k3 their reverses
 # our folder format (VMamba.save_pretrained writes it, model/vmamba_loading.py load_vmamba reads it)
@@ -68,8 +69,11 @@ FORMAT = "mambapeft-vmamba"
 
 
 @dataclass
-class VMambaConfig:
+class VMambaConfig(FamilyConfig):
     """The sizes of a VMamba; everything an adapter or a checkpoint depends on."""
+
+    title = "VMamba"
+    positive_ints = ("embed_dim", "img_size", "patch_size", "in_chans", "num_classes", "d_state", "d_conv")
 
     embed_dim: int = 96                     # width d of stage 0; stage i has embed_dim * 2**i
     depths: tuple[int, ...] = (2, 2, 15, 2)
@@ -86,13 +90,8 @@ class VMambaConfig:
     norm_eps: float = 1e-5
     model_type: str = "vmamba"
 
-    def __post_init__(self):
-        if self.model_type != "vmamba":
-            raise ConfigError(f"a VMambaConfig has model_type 'vmamba', not {self.model_type!r}")
+    def validate(self):
         self.depths = tuple(self.depths)
-        for name in ("embed_dim", "img_size", "patch_size", "in_chans", "num_classes", "d_state", "d_conv"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"VMamba config: {name}={getattr(self, name)!r} must be a positive integer")
         if not self.depths or not all(isinstance(n, int) and n >= 1 for n in self.depths):
             raise ConfigError(f"VMamba config: depths={self.depths!r} must be positive integers (blocks per stage)")
         if self.patch_size % 2:
@@ -120,19 +119,6 @@ class VMambaConfig:
         """Per block, linear from 0 to drop_path_rate (upstream: torch.linspace(0, rate, sum(depths)))."""
         return torch.linspace(0, self.drop_path_rate, sum(self.depths), device="cpu").tolist()
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["depths"] = list(self.depths)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> VMambaConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"VMamba config: unknown keys {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
 
 # Named architectures. small / base: vssm_{small,base}_0229 (MambaPEFT's backbones; drop path as in its fine-tuning
 # recipe); tiny: the released VMamba-T, vssm1_tiny_0230s (ssm_ratio 1); micro: a tiny model for tests.
@@ -146,14 +132,7 @@ VMAMBA_ARCHITECTURES: dict[str, dict] = {
 
 def vmamba_config(name: str, **overrides) -> VMambaConfig:
     """The VMambaConfig of a named architecture ("vmamba-small", ...), with any field overridden."""
-    key = name.lower()
-    if key not in VMAMBA_ARCHITECTURES:
-        import difflib
-
-        close = difflib.get_close_matches(key, VMAMBA_ARCHITECTURES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown VMamba architecture {name!r}{hint}; known: {', '.join(VMAMBA_ARCHITECTURES)}")
-    return VMambaConfig(**{**VMAMBA_ARCHITECTURES[key], **overrides})
+    return VMambaConfig.named(VMAMBA_ARCHITECTURES, name, **overrides)
 
 
 # ---------------------------------------------------------------- the pieces

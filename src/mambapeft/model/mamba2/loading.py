@@ -18,8 +18,9 @@ from pathlib import Path
 
 from transformers import Mamba2Config
 
-from ..errors import ConfigError
-from .loading import CONFIG_FILE, read_raw_config
+from ...errors import ConfigError
+from ..checkpoint import CONFIG_FILE
+from ..files import read_raw_config
 
 # mamba_ssm Mamba2 options we read, and those that only shape the random initialisation or the kernels
 _SSM_OPTIONS = {"layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "bias", "conv_bias", "chunk_size",

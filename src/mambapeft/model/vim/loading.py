@@ -16,7 +16,6 @@ out of the middle, interpolating the patch grid bicubically and putting the clas
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -24,12 +23,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from ..errors import CheckpointError, ConfigError
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_model_folder
-from .loading import PICKLE_SUFFIXES, check_tensors, local_vision_checkpoint, pickle_refusal
-from .vim import VIM_ARCHITECTURES, VimConfig, VisionMamba
+from ...assets import HERE as ASSETS
+from ...errors import CheckpointError, ConfigError
+from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_model_folder
+from ..files import (
+    PICKLE_SUFFIXES,
+    check_tensors,
+    config_format,
+    hub_download,
+    local_checkpoint,
+    looks_local,
+    read_our_config,
+    read_safe_pickle,
+    read_weights_file,
+)
+from .modeling import VIM_ARCHITECTURES, VimConfig, VisionMamba
 
 # short name -> (hub id, file in it)
 HUB_CHECKPOINTS = {
@@ -39,13 +48,9 @@ HUB_CHECKPOINTS = {
 }
 HUB_FILES = dict(HUB_CHECKPOINTS.values())
 # built into the package (scripts/pretrain_tiny_vim.py writes it): the vision default
-BUILTIN = {"tiny-vim": Path(__file__).resolve().parents[1] / "assets" / "tiny-vim"}
+BUILTIN = {"tiny-vim": ASSETS / "tiny-vim"}
 ALLOWED_GLOBALS = (argparse.Namespace,)       # what a released checkpoint pickles besides tensors and plain data
 FORMAT = "mambapeft-vim"
-
-
-def _global_name(cls) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # ---------------------------------------------------------------- reading the released pickles
@@ -53,41 +58,8 @@ def _global_name(cls) -> str:
 
 def read_vim_pickle(file: Path) -> tuple[dict, argparse.Namespace | None]:
     """(state dict, training args or None) from a released-style .pth, without running anything in it."""
-    file = Path(file)
-    if not file.is_file():
-        raise CheckpointError(f"no checkpoint file {file}")
-    allowed = {_global_name(cls) for cls in ALLOWED_GLOBALS}
-    if not hasattr(torch.serialization, "safe_globals"):
-        raise CheckpointError(f"reading {file} safely (weights only, argparse.Namespace allow-listed) needs "
-                              f"torch >= 2.5; this is torch {torch.__version__}")
-    try:
-        asked = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file)))
-    except Exception:
-        asked = set()       # not a zip checkpoint (legacy format): the restricted load below still guards it
-    refused = sorted(asked - allowed)
-    if refused:
-        raise CheckpointError(
-            f"{file} asks to unpickle {', '.join(refused)}, which a Vim checkpoint does not need; refusing to load it "
-            f"(only tensors, plain data and {', '.join(sorted(allowed))} are allowed). If you trust the file, convert "
-            f"it to a plain state dict or safetensors first."
-        )
-    try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
-            obj = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise pickle_refusal(file, err, f"tensors, plain data and {', '.join(sorted(allowed))}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        state, args = obj["model"], obj.get("args")
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state, args = obj, None             # a bare state dict
-    else:
-        raise CheckpointError(f"{file} holds no Vim state dict: expected a dict with a 'model' state dict "
-                              f"(the released layout) or a plain state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):      # saved from a DistributedDataParallel wrapper
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{file}: the state dict holds non-tensors under {bad[:3]}")
+    state, whole = read_safe_pickle(Path(file), list(ALLOWED_GLOBALS), "a Vim checkpoint")
+    args = whole.get("args") if whole else None
     return state, args if isinstance(args, argparse.Namespace) else None
 
 
@@ -164,52 +136,14 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
 # ---------------------------------------------------------------- where the files are
 
 
-def _hub_download(repo: str, filename: str | None, *, revision, cache_dir, local_files_only) -> Path:
-    """The checkpoint file of a hub repo (its known .pth, `filename`, or our config.json + model.safetensors)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    filename = filename or HUB_FILES.get(repo)
-    options = dict(revision=revision, cache_dir=cache_dir, local_files_only=bool(local_files_only))
-    try:
-        if filename:
-            return Path(hf_hub_download(repo, filename, **options))
-        return Path(snapshot_download(repo, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "*.pth"], **options))
-    except HFValidationError:
-        raise CheckpointError(f"{repo!r} is neither a local path nor a valid Hugging Face hub id") from None
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"cannot fetch {repo!r} from the Hugging Face hub: it needs the network (none reachable, or "
-            f"HF_HUB_OFFLINE is set) and it is not in the local cache. Download it where there is a network "
-            f"(`hf download {repo}{' ' + filename if filename else ''}`) and pass the local .pth path."
-        ) from None
-    except GatedRepoError:
-        raise CheckpointError(f"{repo!r} is gated on the hub: accept its terms and log in (`hf auth login`)") from None
-    except RevisionNotFoundError:
-        raise CheckpointError(f"{repo!r} has no revision {revision!r} on the hub") from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(
-            f"no repository {repo!r} on the Hugging Face hub (and no local file of that name)") from None
-    except EntryNotFoundError:
-        raise CheckpointError(f"{repo!r} has no file {filename!r}; pass filename= with the checkpoint's name") from None
-
-
 def resolve_checkpoint(name_or_path, *, filename=None, revision=None, cache_dir=None, local_files_only=None) -> Path:
     """A local .pth file or folder as is; "tiny-vim" (built in); a short name ("vim-small") or hub id fetched from
     the hub (or its cache)."""
-    local = local_vision_checkpoint(name_or_path, BUILTIN, "scripts/pretrain_tiny_vim.py", filename)
+    local = local_checkpoint(name_or_path, BUILTIN, "scripts/pretrain_tiny_vim.py", filename)
     if local is not None:
         return local
     name = str(name_or_path)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(PICKLE_SUFFIXES)
-    if looks_local:
+    if looks_local(name):
         raise CheckpointError(f"no file or folder {name}: pass an existing Vim checkpoint or a hub id")
     key = name.lower()
     if key in HUB_CHECKPOINTS:
@@ -218,7 +152,9 @@ def resolve_checkpoint(name_or_path, *, filename=None, revision=None, cache_dir=
         hint = f"; {name!r} is an architecture: build it with from_config({name!r})" if key in VIM_ARCHITECTURES else ""
         raise CheckpointError(f"{name!r} is not a file, a folder, a released Vim ({', '.join(HUB_CHECKPOINTS)}) or a "
                               f"hub id of the form owner/name{hint}")
-    found = _hub_download(name, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    filename = filename or HUB_FILES.get(name)
+    found = hub_download(name, filename=filename, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "*.pth"],
+                         revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     return resolve_checkpoint(found, filename=filename) if found.is_dir() else found
 
 
@@ -270,30 +206,8 @@ def with_image_size(model: VisionMamba, img_size: int) -> VisionMamba:
     return resized
 
 
-def _read_config(folder: Path) -> VimConfig:
-    file = folder / CONFIG_FILE
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err})") from None
-    if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
-        raise CheckpointError(f"{file} is not a mambapeft Vim config (format {FORMAT!r}); "
-                              f"language models load with mambapeft.from_pretrained")
-    try:
-        return VimConfig.from_dict(raw)
-    except (ConfigError, TypeError) as err:
-        raise CheckpointError(f"{file}: {err}") from None
-
-
 def _read_folder(folder: Path) -> tuple[VimConfig, dict]:
-    config = _read_config(folder)
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"no {WEIGHTS_FILE} in {folder}")
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE))
-    except Exception as err:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} is corrupt or truncated ({err})") from None
-    return config, state
+    return read_our_config(folder, FORMAT, VimConfig, "Vim"), read_weights_file(folder)
 
 
 def save_vim(model: VisionMamba, folder) -> None:
@@ -305,7 +219,7 @@ def read_vim_shapes(name_or_path) -> VisionMamba:
     """A meta-device Vim (shapes only) for a checkpoint: our folders are read from config.json alone."""
     file = resolve_checkpoint(name_or_path)
     if file.is_dir():
-        config = _read_config(file)
+        config = read_our_config(file, FORMAT, VimConfig, "Vim")
     else:
         state, args = read_vim_pickle(file)
         config = config_from_state(state, args, str(file))
@@ -314,14 +228,8 @@ def read_vim_shapes(name_or_path) -> VisionMamba:
 
 
 def looks_like_vim(name_or_path) -> bool:
-    """Whether a path or name is a Vim checkpoint (for front ends that take language and vision models)."""
+    """Whether a name is one of Vim's, a .pth (Vim's release format), or one of our Vim folders (by its config)."""
     key = str(name_or_path).lower()
-    if key in HUB_CHECKPOINTS or key in BUILTIN or key.startswith("hustvl/vim"):
-        return True
     path = Path(os.fspath(name_or_path)).expanduser()
-    if path.is_file():
-        return path.suffix in PICKLE_SUFFIXES
-    try:
-        return path.is_dir() and json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (key in HUB_CHECKPOINTS or key in BUILTIN or key.startswith("hustvl/vim")
+            or (path.is_file() and path.suffix in PICKLE_SUFFIXES) or config_format(path) == FORMAT)

@@ -19,22 +19,27 @@ recipe sets.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from ..errors import ConfigError, did_you_mean
-from .interface import PeftModelInterface, TensorSlot
-from .lm import MambaBlock, RMSNorm
-from .mixer import MambaMixer, drop_inserted, insert_from_hooks
+from ...errors import ConfigError
+from ..config import FamilyConfig
+from ..hooks import drop_inserted, insert_from_hooks
+from ..interface import PeftModelInterface, TensorSlot
+from ..mamba import MambaBlock, MambaMixer, RMSNorm
 
 
 @dataclass
-class VimConfig:
+class VimConfig(FamilyConfig):
     """The sizes of a Vision Mamba; everything an adapter or a checkpoint depends on."""
+
+    title = "Vim"
+    positive_ints = ("d_model", "depth", "img_size", "patch_size", "stride", "in_chans", "num_classes", "d_state",
+                     "d_conv", "expand")
 
     d_model: int = 192
     depth: int = 24
@@ -51,13 +56,7 @@ class VimConfig:
     residual_in_fp32: bool = True
     model_type: str = "vim"
 
-    def __post_init__(self):
-        if self.model_type != "vim":
-            raise ConfigError(f"a VimConfig has model_type 'vim', not {self.model_type!r}")
-        for name in ("d_model", "depth", "img_size", "patch_size", "stride", "in_chans", "num_classes", "d_state",
-                     "d_conv", "expand"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"Vim config: {name}={getattr(self, name)!r} must be a positive integer")
+    def validate(self):
         if self.img_size < self.patch_size:
             raise ConfigError(f"Vim config: img_size {self.img_size} is smaller than one patch ({self.patch_size})")
 
@@ -85,17 +84,6 @@ class VimConfig:
         """Index of the class token in the sequence of M + 1 tokens: the middle, M // 2."""
         return self.num_patches // 2
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> VimConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Vim config: unknown keys {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
 
 # Named architectures: the released sizes (depth 24, patch 16, 224 px) and their stride-8 variants, plus
 # "vim-micro", a tiny model for tests and quick demos.
@@ -112,11 +100,7 @@ VIM_ARCHITECTURES: dict[str, dict] = {
 
 def vim_config(name: str, **overrides) -> VimConfig:
     """The VimConfig of a named architecture ("vim-small", ...), with any field overridden."""
-    key = name.lower()
-    if key not in VIM_ARCHITECTURES:
-        raise ConfigError(f"unknown Vision Mamba architecture {name!r}{did_you_mean(key, VIM_ARCHITECTURES)}; "
-                          f"known: {', '.join(VIM_ARCHITECTURES)}")
-    return VimConfig(**{**VIM_ARCHITECTURES[key], **overrides})
+    return VimConfig.named(VIM_ARCHITECTURES, name, **overrides)
 
 
 class PatchEmbed(nn.Module):

@@ -41,10 +41,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..scan.ssd import NO_LIMIT, ssd_scan
-from .interface import PeftMixerInterface, Projection, TensorSlot, unwrap
-from .lm import MambaLM, MambaState
-from .mixer import _masked, drop_inserted, insert_from_hooks
+from ...scan.ssd import NO_LIMIT, ssd_scan
+from ..hooks import drop_inserted, insert_from_hooks, masked
+from ..interface import PeftMixerInterface, Projection, TensorSlot, unwrap
+from ..mamba import MambaLM, MambaState
 
 
 @dataclass
@@ -201,7 +201,7 @@ class Mamba2Mixer(nn.Module, PeftMixerInterface):
         length = hidden_states.shape[1]
         E, H, G, N = self.d_inner, self.num_heads, self.n_groups, self.d_state
 
-        h = _masked(hidden_states, mask)
+        h = masked(hidden_states, mask)
         h, mask, kept = insert_from_hooks(self.hooks, "before_in_proj", 0, h, mask, offset)       # (b, L1, d)
         zxbcdt = self.in_proj(h)                                                                   # (b, L1, 2E+2GN+H)
         extra = [(hook, x) for hook in self.hooks if (x := hook.extra_channels(h)) is not None]   # (b, L1, 2Gn') each
@@ -213,12 +213,12 @@ class Mamba2Mixer(nn.Module, PeftMixerInterface):
         if state is not None and L2 == 1:
             y = self._step(xBC, dt, mask, state, extra)                                            # (b, 1, H, P)
         else:
-            xBC = _masked(F.silu(self._causal_conv(xBC, state)), mask)                            # (b, L2, E+2GN)
+            xBC = masked(F.silu(self._causal_conv(xBC, state)), mask)                            # (b, L2, E+2GN)
             x, B, C = xBC.split([E, G * N, G * N], dim=-1)
             B, C = B.view(b, L2, G, N), C.view(b, L2, G, N)
             C_pretrained = C                                                                       # offsets read these
             for hook, channels in extra:                                                           # N -> n states
-                more = _masked(F.silu(hook.extra_conv(channels, state)), mask)                    # (b, L2, 2Gn')
+                more = masked(F.silu(hook.extra_conv(channels, state)), mask)                    # (b, L2, 2Gn')
                 B, C = hook.join_states(B, C, more)
             fresh = state is None or state.ssm is None
             h0 = self._initial_state(b) if fresh else state.ssm                                    # (b, H, P, n)
@@ -291,13 +291,13 @@ class Mamba2Mixer(nn.Module, PeftMixerInterface):
         window = torch.cat([state.conv.to(xBC.dtype), xBC.mT], dim=-1)                # (b, E+2GN, K)
         state.conv = window[..., 1:]
         xBC = self.conv1d(window)[..., past: past + 1].mT                             # the output seeing the window
-        xBC = _masked(F.silu(xBC), mask)                                               # (b, 1, E+2GN)
+        xBC = masked(F.silu(xBC), mask)                                               # (b, 1, E+2GN)
         x, B, C = xBC[:, 0].float().split([E, G * N, G * N], dim=-1)
         x = x.view(b, H, P)
         B, C = B.view(b, 1, G, N), C.view(b, 1, G, N)
         C_pretrained = C
         for hook, channels in extra:                                                   # N -> n states
-            more = _masked(F.silu(hook.extra_conv(channels, state)), mask).float()
+            more = masked(F.silu(hook.extra_conv(channels, state)), mask).float()
             B, C = hook.join_states(B, C, more)
         n = B.shape[-1]
         B = B.view(b, G, 1, n).expand(b, G, H // G, n).reshape(b, H, 1, n)           # head h reads group h // (H/G)

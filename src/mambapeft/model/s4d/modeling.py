@@ -37,23 +37,27 @@ and embedding LoRA do not apply; `full` trains the encoder like every other weig
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from ..errors import ConfigError, did_you_mean
-from .interface import PeftMixerInterface, PeftModelInterface, Projection, TensorSlot, unwrap
+from ...errors import ConfigError
+from ..config import FamilyConfig
+from ..interface import PeftMixerInterface, PeftModelInterface, Projection, TensorSlot, unwrap
 
 FORMS = ("theory", "classifier")
 A_INITS = ("random", "default")
 
 
 @dataclass
-class S4DConfig:
+class S4DConfig(FamilyConfig):
     """The sizes of a deep S4D model; everything an adapter depends on, plus its initialisation."""
+
+    title = "S4D"
+    positive_ints = ("d_model", "n_layers", "d_state", "d_input", "num_classes", "l_max")
 
     d_model: int = 64                  # H: channels of every layer
     n_layers: int = 4
@@ -68,12 +72,7 @@ class S4DConfig:
     l_max: int = 200                   # the sequence length the model is built for: its `peft_inputs`, SDT's horizon
     model_type: str = "s4d"
 
-    def __post_init__(self):
-        if self.model_type != "s4d":
-            raise ConfigError(f"an S4DConfig has model_type 's4d', not {self.model_type!r}")
-        for name in ("d_model", "n_layers", "d_state", "d_input", "num_classes", "l_max"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"S4D config: {name}={getattr(self, name)!r} must be a positive integer")
+    def validate(self):
         if self.form not in FORMS:
             raise ConfigError(f"S4D config: form={self.form!r}; one of {', '.join(FORMS)}")
         if self.A_init not in A_INITS:
@@ -82,17 +81,6 @@ class S4DConfig:
             raise ConfigError(f"S4D config: dropout={self.dropout} must be in [0, 1)")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"S4D config: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> S4DConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"S4D config: unknown keys {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**data)
 
 
 # Named architectures. "s4d-theory" and "s4d-target" are the synthetic task's frozen model and teacher (run_s4.py:
@@ -111,11 +99,7 @@ S4D_ARCHITECTURES: dict[str, dict] = {
 
 def s4d_config(name: str, **overrides) -> S4DConfig:
     """The S4DConfig of a named architecture ("s4d-theory", ...), with any field overridden."""
-    key = name.lower()
-    if key not in S4D_ARCHITECTURES:
-        raise ConfigError(f"unknown S4D architecture {name!r}{did_you_mean(key, S4D_ARCHITECTURES)}; "
-                          f"known: {', '.join(S4D_ARCHITECTURES)}")
-    return S4DConfig(**{**S4D_ARCHITECTURES[key], **overrides})
+    return S4DConfig.named(S4D_ARCHITECTURES, name, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------- the math

@@ -21,10 +21,8 @@ The official weights are GitHub release assets, not Hugging Face repositories: t
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import pickle
 import re
 import warnings
 from collections import OrderedDict
@@ -32,12 +30,22 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
-from ..errors import CheckpointError, ConfigError
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from .loading import PICKLE_SUFFIXES, check_tensors, local_vision_checkpoint
-from .vmamba import FORMAT, VMAMBA_ARCHITECTURES, VMamba, VMambaConfig
+from ...assets import HERE as ASSETS
+from ...errors import CheckpointError, ConfigError
+from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ..files import (
+    PICKLE_SUFFIXES,
+    check_tensors,
+    config_format,
+    hub_download,
+    local_checkpoint,
+    looks_local,
+    read_our_config,
+    read_safe_pickle,
+    read_weights_file,
+)
+from .modeling import FORMAT, VMAMBA_ARCHITECTURES, VMamba, VMambaConfig
 
 RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls"
 # short names -> the released file (GitHub release assets of MzeroMiko/VMamba; not on the Hugging Face hub)
@@ -47,7 +55,7 @@ RELEASED_FILES = {
     "vmamba-base": "vssm_base_0229_ckpt_epoch_237.pth",
 }
 # built into the package (scripts/pretrain_tiny_vmamba.py writes it)
-BUILTIN = {"tiny-vmamba": Path(__file__).resolve().parents[1] / "assets" / "tiny-vmamba"}
+BUILTIN = {"tiny-vmamba": ASSETS / "tiny-vmamba"}
 HEAD_PREFIX = "classifier.head."
 LINEAR2D_SUFFIXES = ("in_proj.weight", "out_proj.weight", "fc1.weight", "fc2.weight")
 # upstream forward types with the maths of "v05_noz" (they differ only in kernels and einsum vs conv1d)
@@ -81,59 +89,11 @@ def _cfg(cfg, *path, default=None):
 # ---------------------------------------------------------------- reading the released pickles
 
 
-def _refused_global(err: Exception) -> str | None:
-    found = re.search(r"GLOBAL ([\w.]+)", str(err))
-    return found.group(1) if found else None
-
-
 def read_vmamba_pickle(file: Path, *, mmap: bool = False) -> tuple[dict, dict | None]:
     """(state dict, training config or None) from a released-style .pth, without running anything in it."""
-    file = Path(file)
-    if not file.is_file():
-        raise CheckpointError(f"no checkpoint file {file}")
-    allowed = {name for _, name in ALLOWED_GLOBALS}
-    if not hasattr(torch.serialization, "safe_globals"):
-        raise CheckpointError(f"reading {file} safely (weights only, yacs CfgNode allow-listed) needs torch >= 2.5; "
-                              f"this is torch {torch.__version__}")
-    try:
-        asked = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file)))
-    except Exception:
-        asked = set()       # not a zip checkpoint (legacy format): the restricted load below still guards it
-    refused = sorted(asked - allowed)
-    if refused:
-        raise CheckpointError(
-            f"{file} asks to unpickle {', '.join(refused)}, which a VMamba checkpoint does not need; refusing to load "
-            f"it (only tensors, plain data and {', '.join(sorted(allowed))} are allowed). If you trust the file, "
-            f"convert it to a plain state dict or safetensors first."
-        )
-    try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:
-        name = _refused_global(err)
-        if name is not None:
-            why = f"it asks to unpickle {name}, which is not allowed; refusing to load it"
-        elif isinstance(err, pickle.UnpicklingError):
-            why = "the restricted unpickler refused its contents"
-        else:
-            why = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        raise CheckpointError(
-            f"{file} cannot be read as a VMamba checkpoint ({why}); it is corrupt, truncated, or pickles objects "
-            f"other than tensors, plain data and {', '.join(sorted(allowed))}"
-        ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        state, cfg = obj["model"], obj.get("config")
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state, cfg = obj, None             # a bare state dict
-    else:
-        raise CheckpointError(f"{file} holds no VMamba state dict: expected a dict with a 'model' state dict (the "
-                              f"released layout) or a plain state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):      # saved from a DistributedDataParallel wrapper
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{file}: the state dict holds non-tensors under {bad[:3]}")
-    return dict(state), cfg if isinstance(cfg, dict) else None
+    state, whole = read_safe_pickle(Path(file), ALLOWED_GLOBALS, "a VMamba checkpoint", mmap=mmap)
+    cfg = whole.get("config") if whole else None
+    return state, cfg if isinstance(cfg, dict) else None
 
 
 def _blocks_per_stage(state: dict) -> list[int]:
@@ -255,7 +215,7 @@ def load_state_dict_strict(model: VMamba, state: dict, source: str, *, with_head
 
 def resolve_checkpoint(name_or_path, *, filename=None, revision=None, cache_dir=None, local_files_only=None) -> Path:
     """A local .pth file or folder as is; "tiny-vmamba" (built in); a hub id (our folder format or one .pth)."""
-    local = local_vision_checkpoint(name_or_path, BUILTIN, "scripts/pretrain_tiny_vmamba.py", filename)
+    local = local_checkpoint(name_or_path, BUILTIN, "scripts/pretrain_tiny_vmamba.py", filename)
     if local is not None:
         return local
     key = str(name_or_path).lower()
@@ -271,13 +231,11 @@ def resolve_checkpoint(name_or_path, *, filename=None, revision=None, cache_dir=
             f"architecture with random weights instead, use "
             f"from_config('{key if key in VMAMBA_ARCHITECTURES else 'vmamba-small'}')."
         )
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(PICKLE_SUFFIXES)
-    if looks_local or "/" not in name:
+    if looks_local(name) or "/" not in name:
         raise CheckpointError(f"no file or folder {name}: pass a VMamba checkpoint (.pth or a save_vmamba folder), "
                               f"'tiny-vmamba', or a hub id of the form owner/name")
-    from .vim_loading import _hub_download
-
-    found = _hub_download(name, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    found = hub_download(name, filename=filename, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "*.pth"],
+                         revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     return resolve_checkpoint(found, filename=filename) if found.is_dir() else found
 
 
@@ -346,27 +304,8 @@ def read_vmamba_shapes(name_or_path) -> VMamba:
 
 
 def _read_folder(folder: Path, *, weights: bool = True) -> tuple[VMambaConfig, dict | None]:
-    file = folder / CONFIG_FILE
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err})") from None
-    if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
-        raise CheckpointError(f"{file} is not a mambapeft VMamba config (format {FORMAT!r}); Vim folders load with "
-                              f"load_vim, language models with mambapeft.from_pretrained")
-    try:
-        config = VMambaConfig.from_dict(raw)
-    except (ConfigError, TypeError) as err:
-        raise CheckpointError(f"{file}: {err}") from None
-    if not weights:
-        return config, None
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"no {WEIGHTS_FILE} in {folder}")
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE))
-    except Exception as err:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} is corrupt or truncated ({err})") from None
-    return config, state
+    config = read_our_config(folder, FORMAT, VMambaConfig, "VMamba")
+    return config, read_weights_file(folder) if weights else None
 
 
 def save_vmamba(model: VMamba, folder) -> None:
@@ -387,7 +326,4 @@ def looks_like_vmamba(name_or_path) -> bool:
         except CheckpointError:
             return False
         return "layers.0.blocks.0.op.A_logs" in state
-    try:
-        return path.is_dir() and json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return config_format(path) == FORMAT
