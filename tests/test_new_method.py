@@ -35,7 +35,7 @@ class ToyDTuning(Method):
     """D + scale * delta, through the model interface's tensor roles: works on every family that has a D."""
 
     name = "toy_d"
-    family = "toy"
+    category = "toy"
     description = "a test-only method: a scaled delta on the skip D"
     Config = ToyConfig
     examples = (Example("toy_d:scale=2"),)

@@ -146,7 +146,7 @@ def export_peft(peft_model, folder, *, base_name_or_path: str | None = None, mer
     on_layers = {key for _, key, _, _ in parts}
     for name, method in methods.items():
         if name not in on_layers:
-            refusals[name] = f"{method.family} is not a low-rank update of a linear layer"
+            refusals[name] = f"{method.category} is not a low-rank update of a linear layer"
     if not any(reason is None for *_, reason in parts):
         raise ConfigError("nothing in this adapter is expressible in peft's format: "
                           + "; ".join(f"{k}: {v}" for k, v in refusals.items()))
@@ -235,7 +235,7 @@ def _why_not_expressible(method, layer: str, family) -> str | None:
         return "peft's DoRA normalises each output row; magnitude=input (the official MambaPEFT axis) has no peft form"
     if method.name.startswith(("lora_", "dora_")) or method.name == "sll_lora":
         return None
-    return f"{method.family} is not a low-rank update of a linear layer"
+    return f"{method.category} is not a low-rank update of a linear layer"
 
 
 # ---------------------------------------------------------------- import

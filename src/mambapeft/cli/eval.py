@@ -30,10 +30,17 @@ def add_parser(commands):
 
 
 def load_model(model: str, adapter: str | None):
-    from .. import from_pretrained
+    from ..errors import ConfigError
+    from ..model.registry import family_of
     from ..peft import PeftModel
+    from .convert import load_base
 
-    base = from_pretrained(model)
+    family = family_of(model)
+    if "language" not in family.tasks:
+        raise ConfigError(f"{model} is a {family.title} model: `mambapeft eval` scores language models on "
+                          f"multiple-choice tasks; a {family.tasks[0]} run reports its test accuracy in "
+                          f"OUTPUT_DIR/results.json (mambapeft train --task {family.tasks[0]})")
+    base = load_base(model, Path(adapter) if adapter else None)
     return PeftModel.from_pretrained(base, adapter).eval() if adapter else base
 
 

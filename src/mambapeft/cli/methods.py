@@ -44,14 +44,14 @@ def describe(name: str, applies: dict[str, str | None]) -> dict:
         default = f.default if f.default is not MISSING else None
         options[f.name] = {"default": default, "help": f.metadata.get("help", ""),
                            **{k: v for k, v in f.metadata.items() if k != "help"}}
-    return {"method": name, "family": cls.family, "description": cls.description, "mergeable": cls.mergeable,
+    return {"method": name, "category": cls.category, "description": cls.description, "mergeable": cls.mergeable,
             "why_not_mergeable": cls.why_not_mergeable or None, "applies_to": applies, "options": options}
 
 
 def run(args) -> int:
     from ..config.spec import MethodSpec
 
-    names = sorted(REGISTRY, key=lambda n: (REGISTRY[n].family, n))
+    names = sorted(REGISTRY, key=lambda n: (REGISTRY[n].category, n))
     if args.method:
         MethodSpec.build(args.method, {})                     # unknown id: the error with a suggestion
         names = [args.method]
@@ -61,12 +61,12 @@ def run(args) -> int:
         print(json.dumps(described, indent=2))
         return 0
     families = list(next(iter(table.values())))
-    family = None
+    category = None
     print(f"{'':22}{'  '.join(families)}    (x: applies, -: not applicable; `mambapeft methods ID` says why)")
     for d in described:
-        if d["family"] != family:
-            family = d["family"]
-            print(f"\n[{family}]")
+        if d["category"] != category:
+            category = d["category"]
+            print(f"\n[{category}]")
         marks = "  ".join(("x" if d["applies_to"][f] is None else "-").center(len(f)) for f in families)
         merge = "" if d["mergeable"] else "  (stays unmerged)"
         print(f"  {d['method']:<20}{marks}    {d['description']}{merge}")

@@ -1,4 +1,4 @@
-"""PEFT methods: one file per family, each method registered under its id in REGISTRY.
+"""PEFT methods: one file per kind of method, each method registered under its id in REGISTRY.
 
 Adding a method: write its file (see base.py) and add its module to the import line below.
 """

@@ -64,7 +64,7 @@ class ParallelBranch(nn.Module):
 @register
 class ParallelAdapter(Method):
     name = "parallel_adapter"
-    family = "adapter"
+    category = "adapter"
     description = "parallel adapter beside out_proj: out += s * Up(ReLU(Down(y))); stays unmerged (non-linear)"
     Config = ParallelAdapterConfig
     mergeable = False

@@ -25,8 +25,6 @@ in_proj's B and C blocks and those channels to conv1d, a plain Mamba-2 checkpoin
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -172,7 +170,7 @@ def _hooks(model):
 @register
 class AdditionalScan(Method):
     name = "additional_scan"
-    family = "additional scan"
+    category = "additional scan"
     description = ("N' extra state dimensions (extra A columns, extra B and C rows of x_proj); "
                    "pretrained states untouched")
     Config = AdditionalScanConfig
@@ -249,12 +247,7 @@ class AdditionalScan(Method):
                     p.layer.out_features = p.layer.weight.shape[0]
             mixer.d_state += n
             del mixer.hooks[[i for i, h in enumerate(mixer.hooks) if h is hook][0]]
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "state_size"):
-            model.config = copy.deepcopy(config)
-            model.config.state_size = config.state_size + n
-        elif getattr(model, "family", None) == "vmamba":
-            model.config = dataclasses.replace(config, d_state=config.d_state + n)     # save_vmamba writes it
+        model.record_state_growth(n)
 
 
 def replace_tensors(slots, values) -> None:

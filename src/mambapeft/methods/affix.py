@@ -114,7 +114,7 @@ class AffixProjection(PeftHook):
 @register
 class AffixTuning(Method):
     name = "affix"
-    family = "affix tuning"
+    category = "affix tuning"
     description = "per-layer soft tokens after (or before) in_proj, their outputs discarded after the scan"
     Config = AffixConfig
     mergeable = False      # tokens are not a weight; merge_and_unload collapses a projection into plain tokens

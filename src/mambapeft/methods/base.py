@@ -5,7 +5,7 @@ A method is a small class beside its config dataclass, and it owns every fact ab
     @register
     class MyMethod(Method):
         name = "my_method"                     # the id users type
-        family = "LoRA"                        # groups `mambapeft methods`
+        category = "LoRA"                      # groups `mambapeft methods`
         description = "one line for `mambapeft methods`"
         Config = MyConfig                      # a MethodConfig dataclass; every field has a help text (options.py)
         examples = (Example("my_method:r=4"),) # the conformance test's cases (tests/test_conformance.py)
@@ -80,7 +80,7 @@ class Method:
     """One attached PEFT method. Subclasses set the class attributes and implement `attach`."""
 
     name: ClassVar[str]
-    family: ClassVar[str]
+    category: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = True
@@ -214,7 +214,7 @@ def owner_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 class AdaptedLayer(nn.Module):
     """A frozen layer plus the deltas methods hang on it: out = base(x), then each delta updates out.
 
-    The shared wrapping logic of the weight methods (LoRA family, DoRA, parallel adapter). A delta is a
+    The shared wrapping logic of the weight methods (the LoRAs, DoRA, parallel adapter). A delta is a
     module with forward(x, out) -> out; mergeable ones also have merge_into(base).
     """
 

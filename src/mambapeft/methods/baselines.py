@@ -11,7 +11,7 @@ FULL_LR = {"mamba-130m": 5e-5, "mamba-370m": 5e-5, "mamba-790m": 5e-5, "mamba-1.
 @register
 class FullFineTuning(Method):
     name = "full"
-    family = "baseline"
+    category = "baseline"
     description = "full fine-tuning: every weight of the model is trained"
     examples = (Example("full"),)
     presets = {"full": ["full"], "vmamba/full": ["full"]}             # Table 5's Full row too
@@ -45,7 +45,7 @@ class FullFineTuning(Method):
 @register
 class LinearProbe(Method):
     name = "linear_probe"
-    family = "baseline"
+    category = "baseline"
     description = "linear probing: only the output head is trained (a tied LM head gets its own copy)"
     targets = frozenset({("head", None)})
     examples = (Example("linear_probe"),)

@@ -71,7 +71,7 @@ class DoRADelta(LoRADelta):
 class DoRA(Method):
     """DoRA on the `role` projection of every mixer. Subclassed once per target below."""
 
-    family = "LoRA"
+    category = "LoRA"
     Config = DoRAConfig
     role: str
     exclusive = True                  # the normalisation covers the whole of its rows: nothing else may change them

@@ -159,7 +159,7 @@ def merge_linear_lora(model, key: str, role: str) -> None:
 class LinearLoRA(Method):
     """LoRA on the `role` projection of every mixer (a whole layer or a row block). Subclassed once per target below."""
 
-    family = "LoRA"
+    category = "LoRA"
     Config = LoRAConfig
     role: str
     scaled_update = True
@@ -257,7 +257,7 @@ def merge_embedding_lora(model, key: str) -> None:
 @register
 class EmbeddingLoRA(Method):
     name = "lora_embed"
-    family = "LoRA"
+    category = "LoRA"
     description = "LoRA on the token embedding (Vim: on the patch-embedding convolution)"
     Config = LoRAConfig
     targets = frozenset({("embedding", None)})
@@ -290,7 +290,7 @@ SLL_RANK = {"mamba-130m": 8, "mamba-370m": 16, "mamba-790m": 32, "mamba-1.4b": 6
 @register
 class SLLLoRA(Method):
     name = "sll_lora"
-    family = "LoRA"
+    category = "LoRA"
     description = "baseline of Halloran et al. (2024): LoRA on in_proj, out_proj, x_proj and the embedding, s=1"
     Config = SLLLoRAConfig
     targets = frozenset({(layer, None) for layer in SLL_LAYERS} | {("embedding", None)})

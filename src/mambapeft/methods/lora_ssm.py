@@ -66,7 +66,7 @@ class LowRankDelta(nn.Module):
 @register
 class SSMLoRA(Method):
     name = "lora_ssm"
-    family = "LoRA"
+    category = "LoRA"
     description = "LoRA on S4D's SSM parameters: rank-r updates of C (complex), log_A_real and A_imag (H x N each)"
     Config = SSMLoRAConfig
     targets = frozenset({(role, None) for role in ROLES})

@@ -54,7 +54,7 @@ class Delta(nn.Module):
 class PartialTuning(Method):
     """A delta on the `role` tensor of every mixer and direction (see model/interface.py for the roles)."""
 
-    family = "partial tuning"
+    category = "partial tuning"
     Config = PartialConfig
     role: str
     search_step1 = {"weight_decay": 1e-3}          # Table 9, step 1: every partial target at decay 1e-3
@@ -90,7 +90,7 @@ class ModelTensorTuning(PartialTuning):
 
 
 class S4DTensorTuning(PartialTuning):
-    """A delta on a tensor only S4D has (model/s4d.py); not in the default search space, which serves Mamba and Vim."""
+    """A delta on a tensor only S4D has (model/s4d/modeling.py); not in the default search space, which serves Mamba and Vim."""
 
     search_step1 = None
 

@@ -182,7 +182,7 @@ def _embedding_table(model) -> torch.Tensor | None:
 @register
 class PromptTuning(Method):
     name = "prompt"
-    family = "prompt tuning"
+    category = "prompt tuning"
     description = ("n soft tokens added to the input sequence (prefix, infix, suffix or both ends), "
                    "stripped from the output")
     Config = PromptConfig

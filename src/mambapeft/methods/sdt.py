@@ -19,7 +19,7 @@ the optimiser state is dropped and the learning-rate schedule starts again, for 
 warm-up, all in the same command (and resumable as any run). Counts round as the authors do:
 `dim - round((1 - fraction) * dim)` (31 channels on mamba-790m, 41 on mamba-1.4b).
 
-On S4D models (model/s4d.py) `sdt` runs the S4 experiments' version instead (methods/sdt_s4d.py, docs/s4d.md): the
+On S4D models (model/s4d/modeling.py) `sdt` runs the S4 experiments' version instead (methods/sdt_s4d.py, docs/s4d.md): the
 strategy is chosen in `check` / `attach` by what the mixers offer, and the Mamba path below is unchanged.
 """
 
@@ -131,7 +131,7 @@ def _parts(model):
 @register
 class SparseDimensionTuning(Method):
     name = "sdt"
-    family = "sparse dimension tuning"
+    category = "sparse dimension tuning"
     description = ("SDT: dense A_log warm-up, then only the selected channels x states of A_log and those "
                    "channels' B, C columns of x_proj train (S4D: of C, log_A_real, A_imag; docs/s4d.md)")
     Config = SDTConfig
@@ -164,7 +164,7 @@ class SparseDimensionTuning(Method):
             if len(mixer.state_shape) != 2:
                 raise NotApplicable(
                     "SDT selects channels and states of an (E, N) A and the matching columns of x_proj's B and C rows; "
-                    f"{mixer.family_name} has one scalar A per head and takes B and C from in_proj, whose inputs are "
+                    f"{mixer.display_name} has one scalar A per head and takes B and C from in_proj, whose inputs are "
                     "the residual width, not the channels, so neither selection has a counterpart (the SDT authors' "
                     "Mamba-2 code was never released: furiosa-ai/ssm-peft#2)")
             mixer.tensors("A_log")

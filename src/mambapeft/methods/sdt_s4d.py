@@ -64,9 +64,9 @@ def refuse_s4d_options(config, model) -> None:
     """On another family, the S4D-only options have no meaning: NotApplicable names them."""
     set_here = [name for name, default in S4D_OPTIONS.items() if getattr(config, name) != default]
     if set_here:
-        family = model.peft_mixers()[0].family_name if model.peft_mixers() else type(model).__name__
+        owner = model.peft_mixers()[0].display_name if model.peft_mixers() else type(model).__name__
         raise NotApplicable(f"sdt: {', '.join(set_here)} {'is an option' if len(set_here) == 1 else 'are options'} "
-                            f"of SDT on S4D; {family} has no S4D layers (its SDT selects from the warm-up change "
+                            f"of SDT on S4D; {owner} has no S4D layers (its SDT selects from the warm-up change "
                             f"of A_log, with no usable / unusable split)")
 
 

@@ -76,7 +76,7 @@ class StateTensors(PeftHook):
 class StateMethod(Method):
     """Attaches one StateTensors hook per mixer, for the stage the method acts at."""
 
-    family = "state tuning"
+    category = "state tuning"
     mergeable = False
     stage: str
 

@@ -13,7 +13,7 @@ Roles name the parts of a mixer by what they do, not by where a family keeps the
                   x_proj finds B and C elsewhere or declares them not applicable)
     tensors       "A_log", "D", "conv" (the conv kernel), "dt_bias"   small tensors, read at every call
                   "norm" (the norm before out_proj: Mamba-2's gated RMSNorm, VMamba's out_norm)
-                  S4D (model/s4d.py): "C" (H, N, 2: complex as real pairs), "log_A_real", "A_imag" (H, N),
+                  S4D (model/s4d/modeling.py): "C" (H, N, 2: complex as real pairs), "log_A_real", "A_imag" (H, N),
                   "log_dt" (H), "out_bias" (the output linear's bias), and "D"
     stages        where `PeftHook`s are called: "embeddings" (the model), "before_in_proj", "after_in_proj"
                   (soft tokens; VMamba: "after_cross_scan"), "extend_state" (extra state dimensions),
@@ -30,6 +30,8 @@ Adding a family = implementing these members (and one line in tests/test_conform
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -41,7 +43,7 @@ from ..errors import NotApplicable
 
 PROJECTION_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "X", "Z", "dt", "B", "C")
 TENSOR_ROLES = ("A_log", "D", "conv", "dt_bias")
-TENSOR_ROLES += ("C", "log_A_real", "A_imag", "log_dt", "out_bias")      # S4D's time-invariant SSM (model/s4d.py)
+TENSOR_ROLES += ("C", "log_A_real", "A_imag", "log_dt", "out_bias")      # S4D's time-invariant SSM (model/s4d/modeling.py)
 
 
 def unwrap(layer: nn.Module) -> nn.Module:
@@ -170,7 +172,7 @@ class PeftMixerInterface(ABC):
     and calls them at the stages it lists in `peft_stages`; its projections are called as modules and its small
     tensors read as attributes at every call, so that wrappers and parametrizations always apply."""
 
-    family_name: ClassVar[str] = "this model"      # in messages: "Mamba-2 has no x_proj ..."
+    display_name: ClassVar[str] = "this model"      # in messages: "Mamba-2 has no x_proj ..."
     peft_stages: ClassVar[frozenset[str]] = frozenset()
 
     d_model: int            # width of the residual stream
@@ -191,7 +193,7 @@ class PeftMixerInterface(ABC):
 
     def soft_token_width(self, stage: str) -> int:
         """Width of soft tokens inserted at `stage` ("before_in_proj" or "after_in_proj")."""
-        raise NotApplicable(f"{self.family_name} takes no soft tokens {stage.replace('_', ' ')}")
+        raise NotApplicable(f"{self.display_name} takes no soft tokens {stage.replace('_', ' ')}")
 
     def token_stage(self, where: str) -> str:
         """The stage that plays the part of `where` in this family (affix's option): itself, except where a family
@@ -201,10 +203,10 @@ class PeftMixerInterface(ABC):
 
     def require_stage(self, stage: str, method: str) -> None:
         if stage not in self.peft_stages:
-            raise NotApplicable(f"{method}: {self.family_name} has no {stage.replace('_', ' ')} stage for PEFT hooks")
+            raise NotApplicable(f"{method}: {self.display_name} has no {stage.replace('_', ' ')} stage for PEFT hooks")
 
     def not_applicable(self, role: str, why: str = "") -> NotApplicable:
-        return NotApplicable(f"{self.family_name} has no {role}" + (f": {why}" if why else ""))
+        return NotApplicable(f"{self.display_name} has no {role}" + (f": {why}" if why else ""))
 
 
 class PeftModelInterface(ABC):
@@ -240,6 +242,16 @@ class PeftModelInterface(ABC):
     def untie_weights(self) -> None:
         """Gives a head tied to the embedding its own copy (before a method changes one of them). Default: none."""
         return None
+
+    def record_state_growth(self, n: int) -> None:
+        """Its mixers' states grew by n (additional_scan merged): the config says so, so a saved model reloads.
+        Default: a transformers config's `state_size` or a dataclass config's `d_state`."""
+        config = getattr(self, "config", None)
+        if hasattr(config, "state_size"):
+            self.config = copy.deepcopy(config)
+            self.config.state_size = config.state_size + n
+        elif dataclasses.is_dataclass(config) and hasattr(config, "d_state"):
+            self.config = dataclasses.replace(config, d_state=config.d_state + n)
 
     def model_tensor(self, role: str) -> TensorSlot:
         """A tensor the model itself holds (Vim: "cls_token", "pos_embed"); NotApplicable by default."""

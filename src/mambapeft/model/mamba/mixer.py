@@ -111,7 +111,7 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         return 2 if self.bidirectional else 1
 
     @property
-    def family_name(self) -> str:
+    def display_name(self) -> str:
         return "Vision Mamba's mixer" if self.bidirectional else "the Mamba-1 mixer"
 
     # ------------------------------------------------------------------ the PEFT interface (model/interface.py)

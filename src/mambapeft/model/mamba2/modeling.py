@@ -80,7 +80,7 @@ class GatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module, PeftMixerInterface):
-    family_name = "the Mamba-2 mixer"
+    display_name = "the Mamba-2 mixer"
     peft_stages = frozenset({"before_in_proj", "after_in_proj", "extend_state", "initial_state", "state_offset"})
     num_directions = 1
 

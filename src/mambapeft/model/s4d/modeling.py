@@ -165,7 +165,7 @@ def s4d_recurrence(u, C, log_dt, log_A_real, A_imag, D) -> torch.Tensor:
 class S4DLayer(nn.Module, PeftMixerInterface):
     """One S4D layer: FFT convolution with the S4D kernel, + D u, output linear, ReLU. (b, L, H) -> (b, L, H)."""
 
-    family_name = "S4D"
+    display_name = "S4D"
     peft_stages = frozenset()          # no soft-token or state-extension stages: see the module docstring
 
     def __init__(self, d_model: int, d_state: int, *, A_init: str = "random", dt_min: float = 1e-3,

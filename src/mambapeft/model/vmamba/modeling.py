@@ -64,7 +64,7 @@ from ..interface import PeftMixerInterface, PeftModelInterface, Projection, Stac
 from ..vim import VimOutput
 
 DIRECTIONS = 4          # k0 row-major, k1 column-major, k2 / k3 their reverses
-# our folder format (VMamba.save_pretrained writes it, model/vmamba_loading.py load_vmamba reads it)
+# our folder format (VMamba.save_pretrained writes it, model/vmamba/loading.py load_vmamba reads it)
 FORMAT = "mambapeft-vmamba"
 
 
@@ -212,7 +212,7 @@ def cross_merge(ys: torch.Tensor, H: int, W: int) -> torch.Tensor:
 class SS2D(nn.Module, PeftMixerInterface):
     """The 2-D selective scan of VMamba ("v05_noz"); see the module docstring for the data flow."""
 
-    family_name = "VMamba"
+    display_name = "VMamba"
     peft_stages = frozenset({"after_cross_scan", "extend_state", "initial_state", "state_offset"})
     num_directions = DIRECTIONS
 
