@@ -90,7 +90,7 @@ class ModelTensorTuning(PartialTuning):
 
 
 class S4DTensorTuning(PartialTuning):
-    """A delta on a tensor only S4D has (model/s4d/modeling.py); not in the default search space, which serves Mamba and Vim."""
+    """A delta on a tensor only S4D has (model/s4d/); not in the default search space, which serves Mamba and Vim."""
 
     search_step1 = None
 

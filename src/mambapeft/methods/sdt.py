@@ -19,7 +19,7 @@ the optimiser state is dropped and the learning-rate schedule starts again, for 
 warm-up, all in the same command (and resumable as any run). Counts round as the authors do:
 `dim - round((1 - fraction) * dim)` (31 channels on mamba-790m, 41 on mamba-1.4b).
 
-On S4D models (model/s4d/modeling.py) `sdt` runs the S4 experiments' version instead (methods/sdt_s4d.py, docs/s4d.md): the
+On S4D models (model/s4d/) `sdt` runs the S4 experiments' version instead (methods/sdt_s4d.py, docs/s4d.md): the
 strategy is chosen in `check` / `attach` by what the mixers offer, and the Mamba path below is unchanged.
 """
 

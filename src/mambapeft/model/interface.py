@@ -43,7 +43,7 @@ from ..errors import NotApplicable
 
 PROJECTION_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "X", "Z", "dt", "B", "C")
 TENSOR_ROLES = ("A_log", "D", "conv", "dt_bias")
-TENSOR_ROLES += ("C", "log_A_real", "A_imag", "log_dt", "out_bias")      # S4D's time-invariant SSM (model/s4d/modeling.py)
+TENSOR_ROLES += ("C", "log_A_real", "A_imag", "log_dt", "out_bias")      # S4D's time-invariant SSM (model/s4d/)
 
 
 def unwrap(layer: nn.Module) -> nn.Module:
