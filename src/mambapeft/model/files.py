@@ -232,10 +232,10 @@ def read_state_dict(folder: Path) -> dict:
     )
 
 
-def read_safe_pickle(file: Path, allowed: list, what: str, *, mmap: bool = False) -> tuple[dict, dict | None]:
+def read_safe_pickle(file: Path, allowed: list, family: str, *, mmap: bool = False) -> tuple[dict, dict | None]:
     """(state dict, the whole unpickled dict or None for a bare state dict) of a released-style .pth, without running
     anything in it. `allowed`: the globals besides tensors and plain data, as torch's safe_globals takes them
-    (classes, or (stand-in, "module.Name") pairs); `what` names the family in messages ("a Vim checkpoint")."""
+    (classes, or (stand-in, "module.Name") pairs); `family` names the family in messages ("Vim")."""
     file = Path(file)
     if not file.is_file():
         raise CheckpointError(f"no checkpoint file {file}")
@@ -251,7 +251,8 @@ def read_safe_pickle(file: Path, allowed: list, what: str, *, mmap: bool = False
     refused = sorted(asked - names)
     if refused:
         raise CheckpointError(
-            f"{file} asks to unpickle {', '.join(refused)}, which {what} does not need; refusing to load it (only "
+            f"{file} asks to unpickle {', '.join(refused)}, which a {family} checkpoint does not need; refusing to "
+            f"load it (only "
             f"{allowed_text} are allowed). If you trust the file, convert it to a plain state dict or safetensors "
             f"first."
         )
@@ -259,13 +260,18 @@ def read_safe_pickle(file: Path, allowed: list, what: str, *, mmap: bool = False
         with torch.serialization.safe_globals(list(allowed)):
             obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
-        raise pickle_refusal(file, err, allowed_text) from None
+        if "GLOBAL" in str(err):
+            raise pickle_refusal(file, err, allowed_text) from None
+        why = "the restricted unpickler refused its contents" if isinstance(err, pickle.UnpicklingError) else (
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+        raise CheckpointError(f"{file} cannot be read as a {family} checkpoint ({why}); it is corrupt, truncated, or "
+                              f"pickles objects other than {allowed_text}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         state, whole = obj["model"], obj
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state, whole = obj, None             # a bare state dict
     else:
-        raise CheckpointError(f"{file} holds no state dict of {what}: expected a dict with a 'model' state dict "
+        raise CheckpointError(f"{file} holds no {family} state dict: expected a dict with a 'model' state dict "
                               f"(the released layout) or a plain state dict of tensors")
     if state and all(k.startswith("module.") for k in state):      # saved from a DistributedDataParallel wrapper
         state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -303,3 +309,14 @@ def load_strict(model: torch.nn.Module, state: dict, source: str, *, against: st
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(skip or ("\0",))}
     check_tensors(expected, state, source, against=against, implied=implied)
     model.load_state_dict(state, strict=not skip, assign=True)
+
+
+def ready(model: torch.nn.Module, name_or_path, *, dtype=None, device=None) -> torch.nn.Module:
+    """A loaded model as every loader hands it back: in `dtype` and on `device` where given (None: as loaded),
+    remembering where it came from (adapters record it), in eval mode."""
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if device is not None:
+        model.to(device)
+    model.name_or_path = str(name_or_path)
+    return model.eval()

@@ -179,8 +179,17 @@ class PeftMixerInterface(ABC):
     d_inner: int            # channels of the scan (E)
     d_state: int            # states per channel (N)
     num_directions: int     # scan directions (Vim 2, VMamba 4)
-    state_shape: tuple      # one direction's scan state without the batch: (E, N) for Mamba-1, (H, P, N) Mamba-2
-    channel_shape: tuple    # one direction's output channels: (E,) for Mamba-1, (H, P) for Mamba-2
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """One direction's scan state without the batch: (E, N) by default (Mamba-1, Vim, VMamba), (H, P, N) for
+        Mamba-2."""
+        return (self.d_inner, self.d_state)
+
+    @property
+    def channel_shape(self) -> tuple[int, ...]:
+        """One direction's output channels: (E,) by default, (H, P) for Mamba-2."""
+        return (self.d_inner,)
 
     @abstractmethod
     def projections(self, role: str) -> list[Projection]:

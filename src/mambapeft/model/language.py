@@ -11,7 +11,7 @@ import torch
 
 from ..errors import CheckpointError
 from .checkpoint import write_hf_checkpoint
-from .files import FILES_OF_HF, hub_download, looks_local, read_state_dict
+from .files import FILES_OF_HF, hub_download, looks_local, read_state_dict, ready
 from .registry import FILES, ModelFamily, known_names_hint
 
 
@@ -84,12 +84,7 @@ class HFLanguageFamily(ModelFamily):
         with torch.device("meta"):
             model = self.model_class(config)
         self.load_state(model, state, str(folder))
-        if dtype not in ("auto", None):
-            model.to(dtype=dtype)
-        if device is not None:
-            model.to(device)
-        model.name_or_path = str(name_or_path)
-        return model.eval()
+        return ready(model, name_or_path, dtype=None if dtype == "auto" else dtype, device=device)
 
     def load_state(self, model, state: dict, source: str) -> None:
         """`state` into the meta-device `model`, every key and shape checked; a tied head is the embedding."""

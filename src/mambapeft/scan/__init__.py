@@ -104,6 +104,7 @@ def selective_scan(
     in float32. Differentiable in every tensor argument, the initial state included.
 
     B and C may be grouped, (batch, G, N, L): channel e uses group e // (E / G), as in mamba_ssm.
+    (The argument list is the reference's and mamba_ssm's on purpose: every backend is called the same way.)
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     backend = choose_backend(u, initial_state, backend)

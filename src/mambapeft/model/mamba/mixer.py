@@ -145,14 +145,6 @@ class MambaMixer(nn.Module, PeftMixerInterface):
             slots.append(TensorSlot(unwrap(getattr(self, attr)), inside, d) if inside else TensorSlot(self, attr, d))
         return slots
 
-    @property
-    def state_shape(self) -> tuple[int, ...]:
-        return (self.d_inner, self.d_state)
-
-    @property
-    def channel_shape(self) -> tuple[int, ...]:
-        return (self.d_inner,)
-
     def soft_token_width(self, stage: str) -> int:
         widths = {"before_in_proj": self.d_model, "after_in_proj": 2 * self.d_inner}
         if stage not in widths:

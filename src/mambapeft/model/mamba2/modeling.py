@@ -325,7 +325,8 @@ def spread_like(t: torch.Tensor, kept_list: list[torch.Tensor]) -> torch.Tensor:
 
 
 def mixer_from_config(config, device=None, dtype=None) -> Mamba2Mixer:
-    """A mixer for a transformers Mamba2Config."""
+    """A mixer for a transformers Mamba2Config (Mamba-1's `mixer_from_config` reads the same field names for the
+    sizes the two configs share; each maps its own config class, so neither reaches into the other)."""
     return Mamba2Mixer(
         config.hidden_size,
         d_state=config.state_size,

@@ -8,7 +8,7 @@ import torch
 
 from ...errors import CheckpointError
 from ..checkpoint import write_model_folder
-from ..files import load_strict, read_our_config, read_weights_file
+from ..files import load_strict, read_our_config, read_weights_file, ready
 from .modeling import DeepS4D, S4DConfig
 
 FORMAT = "mambapeft-s4d"
@@ -29,12 +29,7 @@ def load_s4d(name_or_path, *, dtype: torch.dtype | None = torch.float32, device=
     with torch.device("meta"):
         model = DeepS4D(config)
     load_strict(model, state, str(folder), against="the S4D architecture it describes", implied="expected")
-    if dtype is not None:
-        model.to(dtype=dtype)
-    if device is not None:
-        model.to(device)
-    model.name_or_path = str(name_or_path)
-    return model.eval()
+    return ready(model, name_or_path, dtype=dtype, device=device)
 
 
 def read_s4d_shapes(name_or_path) -> DeepS4D:

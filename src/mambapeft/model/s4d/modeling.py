@@ -174,9 +174,7 @@ class S4DLayer(nn.Module, PeftMixerInterface):
         factory = {"device": device, "dtype": dtype}
         self.d_model = self.d_inner = H = d_model
         self.d_state = N = d_state
-        self.num_directions = 1
-        self.state_shape = (H, N)          # complex states (the recurrence's h); no hook stage reaches them
-        self.channel_shape = (H,)
+        self.num_directions = 1             # state_shape (H, N): complex states; no hook stage reaches them
         self.A_init, self.dt_min, self.dt_max = A_init, dt_min, dt_max
         self.C = nn.Parameter(torch.empty(H, N, 2, **factory))                # complex, as real pairs
         self.log_dt = nn.Parameter(torch.empty(H, **factory))

@@ -37,6 +37,7 @@ from ..files import (
     read_our_config,
     read_safe_pickle,
     read_weights_file,
+    ready,
 )
 from .modeling import VIM_ARCHITECTURES, VimConfig, VisionMamba
 
@@ -58,7 +59,7 @@ FORMAT = "mambapeft-vim"
 
 def read_vim_pickle(file: Path) -> tuple[dict, argparse.Namespace | None]:
     """(state dict, training args or None) from a released-style .pth, without running anything in it."""
-    state, whole = read_safe_pickle(Path(file), list(ALLOWED_GLOBALS), "a Vim checkpoint")
+    state, whole = read_safe_pickle(Path(file), list(ALLOWED_GLOBALS), "Vim")
     args = whole.get("args") if whole else None
     return state, args if isinstance(args, argparse.Namespace) else None
 
@@ -186,12 +187,7 @@ def load_vim(name_or_path, *, num_classes: int | None = None, img_size: int | No
         model = with_image_size(model, img_size)
     if num_classes is not None and num_classes != model.config.num_classes:
         model.reset_head(num_classes)
-    if dtype is not None:
-        model.to(dtype=dtype)
-    if device is not None:
-        model.to(device)
-    model.name_or_path = str(name_or_path)
-    return model.eval()
+    return ready(model, name_or_path, dtype=dtype, device=device)
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ from ..files import (
     read_our_config,
     read_safe_pickle,
     read_weights_file,
+    ready,
 )
 from .modeling import FORMAT, VMAMBA_ARCHITECTURES, VMamba, VMambaConfig
 
@@ -91,7 +92,7 @@ def _cfg(cfg, *path, default=None):
 
 def read_vmamba_pickle(file: Path, *, mmap: bool = False) -> tuple[dict, dict | None]:
     """(state dict, training config or None) from a released-style .pth, without running anything in it."""
-    state, whole = read_safe_pickle(Path(file), ALLOWED_GLOBALS, "a VMamba checkpoint", mmap=mmap)
+    state, whole = read_safe_pickle(Path(file), ALLOWED_GLOBALS, "VMamba", mmap=mmap)
     cfg = whole.get("config") if whole else None
     return state, cfg if isinstance(cfg, dict) else None
 
@@ -283,12 +284,7 @@ def load_vmamba(name_or_path, *, num_classes: int | None = None, img_size: int |
     with torch.device("meta"):
         model = VMamba(config)
     load_state_dict_strict(model, state, source, with_head=with_head)
-    if dtype is not None:
-        model.to(dtype=dtype)
-    if device is not None:
-        model.to(device)
-    model.name_or_path = str(name_or_path)
-    return model.eval()
+    return ready(model, name_or_path, dtype=dtype, device=device)
 
 
 def read_vmamba_shapes(name_or_path) -> VMamba:

@@ -294,14 +294,6 @@ class SS2D(nn.Module, PeftMixerInterface):
     def token_stage(self, where: str) -> str:
         return "after_cross_scan" if where == "after_in_proj" else where
 
-    @property
-    def state_shape(self) -> tuple[int, ...]:
-        return (self.d_inner, self.d_state)
-
-    @property
-    def channel_shape(self) -> tuple[int, ...]:
-        return (self.d_inner,)
-
     # -------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
