@@ -24,16 +24,20 @@ from transformers import AutoTokenizer, MambaForCausalLM  # noqa: E402
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A saved random mamba-micro (Hugging Face format): the base both libraries load."""
-    folder = tmp_path_factory.mktemp("base")
-    model = mambapeft.from_config("mamba-micro", seed=0)
+def saved_random(arch: str, folder):
+    """A random model of `arch`, every weight moved off its init, saved in the Hugging Face format."""
+    model = mambapeft.from_config(arch, seed=0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A saved random mamba-micro (Hugging Face format): the base both libraries load."""
+    return saved_random("mamba-micro", tmp_path_factory.mktemp("base"))
 
 
 def ours(base, specs, seed=2):
@@ -79,13 +83,7 @@ def test_export_loads_in_peft_with_our_logits_and_imports_back(base, tmp_path, s
 @pytest.fixture(scope="module")
 def base2(tmp_path_factory):
     """A saved random mamba2-tiny (Hugging Face format), for peft on transformers' Mamba2ForCausalLM."""
-    folder = tmp_path_factory.mktemp("base2")
-    model = mambapeft.from_config("mamba2-tiny", seed=0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
-    return folder
+    return saved_random("mamba2-tiny", tmp_path_factory.mktemp("base2"))
 
 
 MAMBA2_EXPRESSIBLE = [["lora_in_proj:r=3"], ["lora_p_x:r=2", "lora_p_z:r=3"], ["lora_p_b:r=2", "lora_p_c:r=2"],
