@@ -70,75 +70,126 @@ def _check_shapes(q, k, v, g, beta, initial_state):
         fail(f"initial_state must be (batch, H, d_k, d_v) = {state_shape}, got {tuple(initial_state.shape)}")
 
 
-class PassStates(torch.autograd.Function):
-    """The sequential part: S_{c+1} = P_c S_c + R_c, with S_0 = initial.
+def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^-1 for A (..., n, n) strictly lower triangular, by halves: [[T11, 0], [-T22 A21 T11, T22]]; blocks of
+    at most 16 by the product (I + X)(I + X^2)(I + X^4)... with X = -A, exact because X^n = 0."""
+    n = A.shape[-1]
+    if n <= 16:
+        X = -A
+        T = X + torch.eye(n, dtype=A.dtype, device=A.device)
+        power = 2
+        while power < n:                                    # T = sum of X^j for j < 2 power
+            X = X @ X
+            T = T + T @ X
+            power *= 2
+        return T
+    h = n // 2
+    if n % 2 == 0:                                          # both halves in one call
+        T11, T22 = _unit_lower_inverse(torch.stack([A[..., :h, :h], A[..., h:, h:]]))
+    else:
+        T11, T22 = _unit_lower_inverse(A[..., :h, :h]), _unit_lower_inverse(A[..., h:, h:])
+    T21 = -(T22 @ (A[..., h:, :h] @ T11))
+    top = torch.cat([T11, T11.new_zeros(*T11.shape[:-1], n - h)], -1)
+    return torch.cat([top, torch.cat([T21, T22], -1)], -2)
 
-    P (B, n, d_k, d_k); R (B, n, d_k, d_v); initial (B, d_k, d_v). Returns every state S_0 .. S_n (B, n+1, d_k, d_v).
-    The backward is one reverse loop, g_c = dS_c + P_c^T g_{c+1}, then dP and dR for all chunks in one product.
+
+class UnitLowerInverse(torch.autograd.Function):
+    """T = (I + A)^-1 for a strictly lower triangular A (..., n, n), the UT transform of each chunk.
+    Backward: dA = -strictly_lower(T^T dT T^T) (the gradient of an inverse, kept to A's pattern)."""
+
+    @staticmethod
+    def forward(ctx, A):
+        T = _unit_lower_inverse(A)
+        ctx.save_for_backward(T)
+        return T
+
+    @staticmethod
+    def backward(ctx, grad_T):
+        (T,) = ctx.saved_tensors
+        return -(T.mT @ grad_T @ T.mT).tril(-1)
+
+
+class PassStates(torch.autograd.Function):
+    """The sequential part, chunk by chunk (c = 0 .. n-1), from S_0 = initial:
+
+        U_c = W_v,c - W_k,c S_c                           (Q x d_v) the new values of chunk c
+        S_{c+1} = exp(gamma_Q,c) S_c + Kd_c^T U_c         (d_k x d_v)
+
+    W_v (n, B, Q, d_v); W_k, Kd (n, B, Q, d_k); decay (n, B) = exp(gamma_Q); initial (B, d_k, d_v). Returns every
+    state S_0 .. S_n (n+1, B, d_k, d_v) and U (n, B, Q, d_v). Chunk-major, so that each step reads and writes
+    contiguous blocks. The backward is one reverse loop (two products per chunk); the gradients of W_k, Kd and the
+    decays are then one batched product each.
     """
 
     @staticmethod
-    def forward(ctx, P, R, initial):
-        n = P.shape[1]
-        states = R.new_empty(R.shape[0], n + 1, *R.shape[2:])
-        states[:, 0] = initial
+    def forward(ctx, W_v, W_k, Kd, decay, initial):
+        n = W_v.shape[0]
+        states = initial.new_empty(n + 1, *initial.shape)
+        U = torch.empty_like(W_v)
+        states[0] = initial
         for c in range(n):
-            torch.baddbmm(R[:, c], P[:, c], states[:, c], out=states[:, c + 1])
-        ctx.save_for_backward(P, states)
-        return states
+            torch.baddbmm(W_v[c], W_k[c], states[c], alpha=-1, out=U[c])
+            torch.addcmul(Kd[c].mT @ U[c], decay[c, :, None, None], states[c], out=states[c + 1])
+        ctx.save_for_backward(W_k, Kd, decay, states, U)
+        return states, U
 
     @staticmethod
-    def backward(ctx, grad_states):
-        P, states = ctx.saved_tensors
-        n = P.shape[1]
-        grad_R = torch.empty_like(states[:, 1:])                                     # dLoss/dS_{c+1}, total
-        grad = grad_states[:, n]
+    def backward(ctx, grad_states, grad_U):
+        W_k, Kd, decay, states, U = ctx.saved_tensors
+        n = W_k.shape[0]
+        grad_U_total = torch.empty_like(U)                    # dLoss/dU_c, through every path
+        grad_next = torch.empty_like(states[1:])              # dLoss/dS_{c+1}, through every path
+        grad = grad_states[n]
         for c in range(n - 1, -1, -1):
-            grad_R[:, c] = grad
-            grad = torch.baddbmm(grad_states[:, c], P[:, c].mT, grad)
-        grad_P = grad_R @ states[:, :n].mT if ctx.needs_input_grad[0] else None     # (B, n, d_k, d_k)
-        return grad_P, grad_R, grad
+            grad_next[c] = grad
+            torch.baddbmm(grad_U[c], Kd[c], grad, out=grad_U_total[c])
+            grad = torch.addcmul(grad_states[c], decay[c, :, None, None], grad)
+            grad = torch.baddbmm(grad, W_k[c].mT, grad_U_total[c], alpha=-1)
+        before = states[:n]
+        grad_W_k = -(grad_U_total @ before.mT)                                     # (n, B, Q, d_k)
+        grad_Kd = U @ grad_next.mT                                                 # (n, B, Q, d_k)
+        grad_decay = (grad_next * before).sum((-1, -2))                            # (n, B)
+        return grad_U_total, grad_W_k, grad_Kd, grad_decay, grad
 
 
 def gated_delta_chunked(q, k, v, g, beta, initial_state, chunk: int):
-    """The chunked core (see the module docstring). q, k (B, L, d_k) already normalised, scaled and repeated to the
-    value heads; v (B, L, d_v); g, beta (B, L); initial_state (B, d_k, d_v) or None; B = batch x heads.
-    Returns o (B, L, d_v) and the final state (B, d_k, d_v)."""
-    B, length, d_k = k.shape
-    d_v = v.shape[2]
-    Q = chunk
+    """The chunked core (see the module docstring). q, k (b, L, H, d_k) already normalised, scaled and repeated to
+    the value heads; v (b, L, H, d_v); g, beta (b, L, H); initial_state (b, H, d_k, d_v) or None.
+    Returns o (b, L, H, d_v) and the final state (b, H, d_k, d_v)."""
+    b, length, H, d_k = k.shape
+    d_v = v.shape[3]
+    B, Q = b * H, chunk
     nc = math.ceil(length / Q)
     pad = nc * Q - length
     if pad:   # steps with k = 0 and beta = 0, g = 0: no decay and no write, so o and the final state are unchanged
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
-    q, k, v = (t.view(B, nc, Q, t.shape[-1]) for t in (q, k, v))                       # (B, c, Q, d)
-    beta = beta.view(B, nc, Q, 1)
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = F.pad(g, (0, 0, 0, pad)), F.pad(beta, (0, 0, 0, pad))
+    # chunk-major: (b, L, H, ...) -> (c, b H, Q, ...)
+    chunked = lambda t: t.reshape(b, nc, Q, H, -1).permute(1, 0, 3, 2, 4).reshape(nc, B, Q, t.shape[-1])  # noqa: E731
+    q, k, v, beta = chunked(q), chunked(k), chunked(v), chunked(beta[..., None])
 
     # decays: gamma = cumulative log-decay inside the chunk, in float64 (see the module docstring)
-    gamma = g.double().view(B, nc, Q).cumsum(-1)                                         # (B, c, Q)
+    gamma = chunked(g.double()[..., None]).squeeze(-1).cumsum(-1)                        # (c, B, Q)
     causal = torch.ones(Q, Q, dtype=torch.bool, device=k.device).tril()
     Gamma = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, -math.inf).to(k.dtype).exp()  # [t, s]
-    e = gamma.to(k.dtype).exp()[..., None]                                               # (B, c, Q, 1) exp(gamma_t)
+    e = gamma.to(k.dtype).exp()[..., None]                                               # (c, B, Q, 1) exp(gamma_t)
     to_end = (gamma[..., -1:] - gamma).to(k.dtype).exp()[..., None]                      # exp(gamma_Q - gamma_s)
-    e_end = e[:, :, -1]                                                                  # (B, c, 1) exp(gamma_Q)
+    decay = e[..., -1, 0]                                                                # (c, B) exp(gamma_Q)
 
-    # 1. the UT system of every chunk: W = T [beta V | beta e K]  (unit lower-triangular solve)
-    k_beta = k * beta
-    system = (k_beta @ k.mT) * Gamma                                    # its strictly lower part is A; diagonal unused
-    W = torch.linalg.solve_triangular(system, torch.cat([v * beta, k_beta * e], -1), upper=False, unitriangular=True)
-    # 2. each chunk as affine maps of its entering state
-    M = (q @ k.mT) * Gamma                                                               # (B, c, Q, Q)
-    MW = M @ W                                                                           # [M W_v | M W_k]
-    out_bias, out_map = MW[..., :d_v], q * e - MW[..., d_v:]                             # (B, c, Q, d_v), (.., d_k)
-    KW = (k * to_end).mT @ W                                                             # [Kd^T W_v | Kd^T W_k]
-    eye = torch.eye(d_k, dtype=k.dtype, device=k.device)
-    state_bias, state_map = KW[..., :d_v], e_end[..., None] * eye - KW[..., d_v:]       # (B, c, d_k, d_v), (.., d_k)
-    # 3. the states entering each chunk, in sequence; 4. every chunk's outputs at once
-    start = initial_state if initial_state is not None else k.new_zeros(B, d_k, d_v)
-    states = PassStates.apply(state_map, state_bias, start)                             # (B, c+1, d_k, d_v)
-    o = out_map @ states[:, :nc] + out_bias                                              # (B, c, Q, d_v)
-    return o.reshape(B, nc * Q, d_v)[:, :length], states[:, nc]
+    # 1. the UT transform of every chunk: T = (I + A)^-1, W_v = T (beta V), W_k = T (beta e K); the diagonal
+    # factors beta and e scale the rows and columns of the Q x Q matrices (smaller than the Q x d ones when Q < d)
+    strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=k.device).tril(-1)
+    A = ((k @ k.mT) * Gamma * beta).masked_fill(~strictly_lower, 0.0)                    # (c, B, Q, Q) [t, s]
+    T = UnitLowerInverse.apply(A)
+    beta_row = beta.mT                                                                   # (c, B, 1, Q)
+    W_v, W_k = (T * beta_row) @ v, (T * (beta_row * e.mT)) @ k
+    # 2. the states entering each chunk and the new values, in sequence
+    start = initial_state.reshape(B, d_k, d_v) if initial_state is not None else k.new_zeros(B, d_k, d_v)
+    states, U = PassStates.apply(W_v, W_k, k * to_end, decay, start)                    # (c+1, B, d_k, d_v)
+    # 3. every chunk's outputs at once: o = (e Q) S_c + M U,  M = lower(Q K^T * Gamma)
+    o = (q * e) @ states[:nc] + ((q @ k.mT) * Gamma) @ U                                  # (c, B, Q, d_v)
+    o = o.view(nc, b, H, Q, d_v).permute(1, 0, 3, 2, 4).reshape(b, nc * Q, H, d_v)
+    return o[:, :length], states[nc].view(b, H, d_k, d_v)
 
 
 def _prepare(q, k, g, beta, heads, use_qk_l2norm, scale, compute):
@@ -174,16 +225,14 @@ def gated_delta_rule(
     b, length, heads, d_v = v.shape
     d_k = k.shape[-1]
     q, k, g, beta = _prepare(q, k, g, beta, heads, use_qk_l2norm, scale, compute)
-    s0 = initial_state.to(compute).reshape(b * heads, d_k, d_v) if initial_state is not None else None
+    s0 = initial_state.to(compute) if initial_state is not None else None
     if length == 0:
         o = v.new_zeros(v.shape)
-        last = s0 if s0 is not None else v.new_zeros(b * heads, d_k, d_v, dtype=compute)
+        last = s0 if s0 is not None else v.new_zeros(b, heads, d_k, d_v, dtype=compute)
     else:
-        heads_first = lambda t: t.transpose(1, 2).reshape(b * heads, length, *t.shape[3:])  # noqa: E731
-        o, last = gated_delta_chunked(heads_first(q), heads_first(k), heads_first(v.to(compute)), heads_first(g),
-                                      heads_first(beta), s0, chunk_length(length))
-        o = o.view(b, heads, length, d_v).transpose(1, 2).to(v.dtype)                    # (b, L, H, d_v)
-    return o, (last.reshape(b, heads, d_k, d_v) if output_final_state else None)
+        o, last = gated_delta_chunked(q, k, v.to(compute), g, beta, s0, chunk_length(length))
+        o = o.to(v.dtype)
+    return o, (last if output_final_state else None)
 
 
 def gated_delta_step(
