@@ -115,10 +115,10 @@ class PassStates(torch.autograd.Function):
         U_c = W_v,c - W_k,c S_c                           (Q x d_v) the new values of chunk c
         S_{c+1} = exp(gamma_Q,c) S_c + Kd_c^T U_c         (d_k x d_v)
 
-    W_v (n, B, Q, d_v); W_k, Kd (n, B, Q, d_k); decay (n, B) = exp(gamma_Q); initial (B, d_k, d_v). Returns every
-    state S_0 .. S_n (n+1, B, d_k, d_v) and U (n, B, Q, d_v). Chunk-major, so that each step reads and writes
-    contiguous blocks. The backward is one reverse loop (two products per chunk); the gradients of W_k, Kd and the
-    decays are then one batched product each.
+    W_v (n, B, Q, d_v); W_k, Kd (n, B, Q, d_k); decay (n, B) = exp(gamma_Q); initial (B, d_k, d_v). Returns the
+    states entering the chunks S_0 .. S_{n-1} (n, B, d_k, d_v), U (n, B, Q, d_v) and the final state S_n (B, d_k,
+    d_v). Chunk-major, so that each step reads and writes contiguous blocks. The backward is one reverse loop (two
+    products per chunk); the gradients of W_k, Kd and the decays are then one batched product each.
     """
 
     @staticmethod
@@ -129,27 +129,28 @@ class PassStates(torch.autograd.Function):
         states[0] = initial
         for c in range(n):
             torch.baddbmm(W_v[c], W_k[c], states[c], alpha=-1, out=U[c])
-            torch.addcmul(Kd[c].mT @ U[c], decay[c, :, None, None], states[c], out=states[c + 1])
+            torch.addcmul(torch.bmm(Kd[c].mT, U[c]), decay[c, :, None, None], states[c], out=states[c + 1])
         ctx.save_for_backward(W_k, Kd, decay, states, U)
-        return states, U
+        return states[:n], U, states[n]
 
     @staticmethod
-    def backward(ctx, grad_states, grad_U):
+    def backward(ctx, grad_entering, grad_U, grad_final):
         W_k, Kd, decay, states, U = ctx.saved_tensors
         n = W_k.shape[0]
         grad_U_total = torch.empty_like(U)                    # dLoss/dU_c, through every path
         grad_next = torch.empty_like(states[1:])              # dLoss/dS_{c+1}, through every path
-        grad = grad_states[n]
+        grad = grad_final
         for c in range(n - 1, -1, -1):
             grad_next[c] = grad
             torch.baddbmm(grad_U[c], Kd[c], grad, out=grad_U_total[c])
-            grad = torch.addcmul(grad_states[c], decay[c, :, None, None], grad)
+            grad = torch.addcmul(grad_entering[c], decay[c, :, None, None], grad)
             grad = torch.baddbmm(grad, W_k[c].mT, grad_U_total[c], alpha=-1)
-        before = states[:n]
-        grad_W_k = -(grad_U_total @ before.mT)                                     # (n, B, Q, d_k)
-        grad_Kd = U @ grad_next.mT                                                 # (n, B, Q, d_k)
-        grad_decay = (grad_next * before).sum((-1, -2))                            # (n, B)
-        return grad_U_total, grad_W_k, grad_Kd, grad_decay, grad
+        flat = lambda t: t.flatten(0, 1)  # noqa: E731    (n, B, ...) -> (n B, ...) for one batched product
+        before = flat(states[:n])
+        grad_W_k = torch.baddbmm(torch.empty_like(flat(W_k)), flat(grad_U_total), before.mT, beta=0, alpha=-1)
+        grad_Kd = torch.bmm(flat(U), flat(grad_next).mT)
+        grad_decay = (grad_next * states[:n]).sum((-1, -2))                        # (n, B)
+        return grad_U_total, grad_W_k.view_as(W_k), grad_Kd.view_as(Kd), grad_decay, grad
 
 
 def gated_delta_chunked(q, k, v, g, beta, initial_state, chunk: int):
@@ -164,32 +165,34 @@ def gated_delta_chunked(q, k, v, g, beta, initial_state, chunk: int):
     if pad:   # steps with k = 0 and beta = 0, g = 0: no decay and no write, so o and the final state are unchanged
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
         g, beta = F.pad(g, (0, 0, 0, pad)), F.pad(beta, (0, 0, 0, pad))
-    # chunk-major: (b, L, H, ...) -> (c, b H, Q, ...)
-    chunked = lambda t: t.reshape(b, nc, Q, H, -1).permute(1, 0, 3, 2, 4).reshape(nc, B, Q, t.shape[-1])  # noqa: E731
+    # chunk-major, every (chunk, head) one matrix of a batch: (b, L, H, ...) -> (c b H, Q, ...); kept 3-D so that
+    # every product is a bmm on views (4-D matmuls copy transposed operands)
+    chunked = lambda t: t.reshape(b, nc, Q, H, -1).permute(1, 0, 3, 2, 4).reshape(nc * B, Q, t.shape[-1])  # noqa: E731
     q, k, v, beta = chunked(q), chunked(k), chunked(v), chunked(beta[..., None])
 
     # decays: gamma = cumulative log-decay inside the chunk, in float64 (see the module docstring)
-    gamma = chunked(g.double()[..., None]).squeeze(-1).cumsum(-1)                        # (c, B, Q)
+    gamma = chunked(g.double()[..., None]).squeeze(-1).cumsum(-1)                        # (c B, Q)
     causal = torch.ones(Q, Q, dtype=torch.bool, device=k.device).tril()
     Gamma = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, -math.inf).to(k.dtype).exp()  # [t, s]
-    e = gamma.to(k.dtype).exp()[..., None]                                               # (c, B, Q, 1) exp(gamma_t)
+    e = gamma.to(k.dtype).exp()[..., None]                                               # (c B, Q, 1) exp(gamma_t)
     to_end = (gamma[..., -1:] - gamma).to(k.dtype).exp()[..., None]                      # exp(gamma_Q - gamma_s)
-    decay = e[..., -1, 0]                                                                # (c, B) exp(gamma_Q)
+    decay = e[:, -1, 0].view(nc, B)                                                      # exp(gamma_Q)
 
     # 1. the UT transform of every chunk: T = (I + A)^-1, W_v = T (beta V), W_k = T (beta e K); the diagonal
     # factors beta and e scale the rows and columns of the Q x Q matrices (smaller than the Q x d ones when Q < d)
     strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=k.device).tril(-1)
-    A = ((k @ k.mT) * Gamma * beta).masked_fill(~strictly_lower, 0.0)                    # (c, B, Q, Q) [t, s]
+    A = (torch.bmm(k, k.mT) * Gamma * beta).masked_fill(~strictly_lower, 0.0)            # (c B, Q, Q) [t, s]
     T = UnitLowerInverse.apply(A)
-    beta_row = beta.mT                                                                   # (c, B, 1, Q)
-    W_v, W_k = (T * beta_row) @ v, (T * (beta_row * e.mT)) @ k
+    beta_row = beta.mT                                                                   # (c B, 1, Q)
+    W_v, W_k = torch.bmm(T * beta_row, v), torch.bmm(T * (beta_row * e.mT), k)
     # 2. the states entering each chunk and the new values, in sequence
     start = initial_state.reshape(B, d_k, d_v) if initial_state is not None else k.new_zeros(B, d_k, d_v)
-    states, U = PassStates.apply(W_v, W_k, k * to_end, decay, start)                    # (c+1, B, d_k, d_v)
+    by_chunk = lambda t: t.view(nc, B, *t.shape[1:])  # noqa: E731
+    entering, U, last = PassStates.apply(by_chunk(W_v), by_chunk(W_k), by_chunk(k * to_end), decay, start)
     # 3. every chunk's outputs at once: o = (e Q) S_c + M U,  M = lower(Q K^T * Gamma)
-    o = (q * e) @ states[:nc] + ((q @ k.mT) * Gamma) @ U                                  # (c, B, Q, d_v)
+    o = torch.baddbmm(torch.bmm(torch.bmm(q, k.mT) * Gamma, U.flatten(0, 1)), q * e, entering.flatten(0, 1))
     o = o.view(nc, b, H, Q, d_v).permute(1, 0, 3, 2, 4).reshape(b, nc * Q, H, d_v)
-    return o[:, :length], states[nc].view(b, H, d_k, d_v)
+    return o[:, :length], last.view(b, H, d_k, d_v)
 
 
 def _prepare(q, k, g, beta, heads, use_qk_l2norm, scale, compute):
