@@ -33,8 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 NAMES = ("q", "k", "v", "g", "beta")
 aten = torch.ops.aten
-PRODUCTS = {aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.addmm.default: (1, 2),
-            aten.baddbmm.default: (1, 2)}
+PRODUCTS = {aten.mm: (0, 1), aten.bmm: (0, 1), aten.addmm: (1, 2), aten.baddbmm: (1, 2)}   # operands, any overload
 
 
 def make_inputs(batch, length, key_heads, heads, d_k, d_v, initial_state, seed=0):
@@ -66,8 +65,8 @@ class RecordProducts(TorchDispatchMode):
         self.shapes = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in PRODUCTS:
-            left, right = PRODUCTS[func]
+        if func.overloadpacket in PRODUCTS:
+            left, right = PRODUCTS[func.overloadpacket]
             self.shapes[(tuple(args[left].shape), tuple(args[right].shape))] += 1
         return func(*args, **(kwargs or {}))
 
