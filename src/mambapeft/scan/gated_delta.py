@@ -71,11 +71,12 @@ def _check_shapes(q, k, v, g, beta, initial_state):
 
 
 def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
-    """(I + A)^-1 for A (..., n, n) strictly lower triangular, by halves: [[T11, 0], [-T22 A21 T11, T22]]; blocks of
-    at most 16 by the product (I + X)(I + X^2)(I + X^4)... with X = -A, exact because X^n = 0."""
+    """(I + A)^-1 for the strictly lower triangle A of (..., n, n) (what lies on and above the diagonal is not read),
+    by halves: [[T11, 0], [-T22 A21 T11, T22]]; blocks of at most 16 by the product (I + X)(I + X^2)(I + X^4)...
+    with X = -A, exact because X^n = 0."""
     n = A.shape[-1]
     if n <= 16:
-        X = -A
+        X = -A.tril(-1)
         T = X + torch.eye(n, dtype=A.dtype, device=A.device)
         power = 2
         while power < n:                                    # T = sum of X^j for j < 2 power
@@ -94,7 +95,7 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
 
 
 class UnitLowerInverse(torch.autograd.Function):
-    """T = (I + A)^-1 for a strictly lower triangular A (..., n, n), the UT transform of each chunk.
+    """T = (I + A)^-1 for the strictly lower triangle A of (..., n, n), the UT transform of each chunk.
     Backward: dA = -strictly_lower(T^T dT T^T) (the gradient of an inverse, kept to A's pattern)."""
 
     @staticmethod
@@ -149,7 +150,7 @@ class PassStates(torch.autograd.Function):
         before = flat(states[:n])
         grad_W_k = torch.baddbmm(torch.empty_like(flat(W_k)), flat(grad_U_total), before.mT, beta=0, alpha=-1)
         grad_Kd = torch.bmm(flat(U), flat(grad_next).mT)
-        grad_decay = (grad_next * states[:n]).sum((-1, -2))                        # (n, B)
+        grad_decay = torch.bmm(flat(grad_next).flatten(1)[:, None], before.flatten(1)[:, :, None]).view(n, -1)  # dots
         return grad_U_total, grad_W_k.view_as(W_k), grad_Kd.view_as(Kd), grad_decay, grad
 
 
@@ -180,8 +181,7 @@ def gated_delta_chunked(q, k, v, g, beta, initial_state, chunk: int):
 
     # 1. the UT transform of every chunk: T = (I + A)^-1, W_v = T (beta V), W_k = T (beta e K); the diagonal
     # factors beta and e scale the rows and columns of the Q x Q matrices (smaller than the Q x d ones when Q < d)
-    strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=k.device).tril(-1)
-    A = (torch.bmm(k, k.mT) * Gamma * beta).masked_fill(~strictly_lower, 0.0)            # (c B, Q, Q) [t, s]
+    A = torch.bmm(k, k.mT) * Gamma * beta                   # (c B, Q, Q) [t, s]; only its strictly lower part is read
     T = UnitLowerInverse.apply(A)
     beta_row = beta.mT                                                                   # (c B, 1, Q)
     W_v, W_k = torch.bmm(T * beta_row, v), torch.bmm(T * (beta_row * e.mT), k)
