@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mambapeft.errors import NotApplicable
 from mambapeft.model.gated_deltanet import GatedDeltaNetMixer, GatedDeltaNetState, mixer_from_config
@@ -195,21 +194,15 @@ def test_mixer_continues_a_state_across_segments():
         assert rel(parts, ours(h)) < 1e-5
 
 
-class Hook(nn.Module):
-    """A state hook as methods/state.py's: an initial state and/or an offset ("h" or "y")."""
+def state_hook(mixer, role: str, value: torch.Tensor):
+    """methods/state.py's hook for `role` ("initial", "h" or "y") on this mixer, holding `value`."""
+    from mambapeft.methods.state import StateTensors
 
-    def __init__(self, h0=None, offset=None):
-        super().__init__()
-        self.h0 = nn.Parameter(h0) if h0 is not None else None
-        self.offset = (offset[0], nn.Parameter(offset[1])) if offset is not None else None
-        if offset is not None:
-            self.offset_value = self.offset[1]
-
-    def initial_state(self, direction):
-        return self.h0
-
-    def state_offset(self, direction):
-        return self.offset
+    shape = mixer.channel_shape if role == "y" else mixer.state_shape
+    hook = StateTensors(mixer, shape, role)
+    with torch.no_grad():
+        hook.values[0].copy_(value)
+    return hook
 
 
 def test_mixer_initial_state_and_offsets():
@@ -233,20 +226,21 @@ def test_mixer_initial_state_and_offsets():
                                          use_qk_l2norm=True)
     read = (l2_normalize(q) * d_k**-0.5).repeat_interleave(H // mixer.num_key_heads, dim=2)
 
-    mixer.hooks.append(Hook(h0=h0))
+    mixer.hooks.append(state_hook(mixer, "initial", h0))
     out = mixer(x)
     assert rel(captured["o"], o_h0) < 1e-5
     out.sum().backward()
-    assert mixer.hooks[0].h0.grad is not None and mixer.hooks[0].h0.grad.abs().sum() > 0
+    assert mixer.hooks[0].values[0].grad.abs().sum() > 0
 
-    mixer.hooks[0] = Hook(offset=("h", h_off))
+    mixer.hooks[0] = state_hook(mixer, "h", h_off)
     mixer(x)
     assert rel(captured["o"], o_plain + torch.einsum("blhk,hkv->blhv", read, h_off)) < 1e-5
-    mixer.hooks[0] = Hook(offset=("y", y_off))
+    mixer.hooks[0] = state_hook(mixer, "y", y_off)
     mixer(x)
     assert rel(captured["o"], o_plain + y_off) < 1e-5
 
-    mixer.hooks[0] = Hook(h0=h0, offset=("h", h_off))          # step == forward with both
+    mixer.hooks[0] = state_hook(mixer, "initial", h0)          # step == forward with both
+    mixer.hooks.append(state_hook(mixer, "h", h_off))
     state = GatedDeltaNetState()
     with torch.no_grad():
         full = mixer(x)
@@ -263,7 +257,7 @@ def test_mixer_left_padding():
     mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 10)], 1)
     with torch.no_grad():
         assert rel(mixer(padded, mask=mask)[:, 4:], mixer(x)) < 1e-5
-        mixer.hooks.append(Hook(h0=torch.randn(mixer.state_shape)))
+        mixer.hooks.append(state_hook(mixer, "initial", torch.randn(mixer.state_shape)))
         assert rel(mixer(padded, mask=mask)[:, 4:], mixer(x)) < 1e-5
 
 
