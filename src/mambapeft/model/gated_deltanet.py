@@ -156,7 +156,7 @@ class GatedDeltaNetMixer(nn.Module, PeftMixerInterface):
                 attr, width = layers[role]
                 return [Projection(self, attr, (0, width))]
             if role == "in_proj":
-                return [Projection(self, *layers[r][:1], (0, layers[r][1])) for r in ("qkv", "z", "b", "a")]
+                return [Projection(self, layers[r][0], (0, layers[r][1])) for r in ("qkv", "z", "b", "a")]
             rows = {"q": (0, K), "k": (K, 2 * K), "v": (2 * K, 2 * K + V)}
             rows.update({"C": rows["q"], "B": rows["k"], "X": rows["v"]})
             if role in rows:
