@@ -81,7 +81,7 @@ def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class GatedDeltaNetMixer(nn.Module, PeftMixerInterface):
-    family_name = "the Gated DeltaNet mixer"
+    display_name = "the Gated DeltaNet mixer"
     peft_stages = frozenset({"initial_state", "state_offset"})
     num_directions = 1
 
@@ -185,7 +185,7 @@ class GatedDeltaNetMixer(nn.Module, PeftMixerInterface):
 
     def require_stage(self, stage: str, method: str) -> None:
         if stage == "extend_state":
-            raise NotApplicable(f"{method}: {self.family_name} has no extra state dimensions to add: its state is a "
+            raise NotApplicable(f"{method}: {self.display_name} has no extra state dimensions to add: its state is a "
                                 "d_k x d_v matrix per head written by the delta rule, not independent (channel, "
                                 "state) pairs, so neither additional scan's extra A columns with B and C rows nor "
                                 "SDT's selection of channels and states has a counterpart")
