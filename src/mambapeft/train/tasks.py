@@ -30,9 +30,19 @@ def get_task(name: str | None) -> TaskKind:
     return TASKS[name]
 
 
-def kind_of(data: dict, requested: str | None = None, where: str = "the config") -> TaskKind:
-    """The kind a config file declares ("task" key) or the one requested; they must agree when both are given."""
+def kind_for_model(model: str | None) -> str | None:
+    """The task kind a model name calls for when no kind is given (an S4D: sequence), or None (the default)."""
+    if model is None:
+        return None
+    return next((name for name, kind in TASKS.items() if kind.serves_model(str(model))), None)
+
+
+def kind_of(data: dict, requested: str | None = None, where: str = "the config", model: str | None = None) -> TaskKind:
+    """The kind a config file declares ("task" key) or the one requested; they must agree when both are given.
+    Neither given: the kind `model` (the --model flag, else the file's) calls for, else language."""
     declared = data.get("task")
+    if declared is None and requested is None:
+        requested = kind_for_model(model or data.get("model"))
     if declared is not None and declared not in TASKS:
         raise ConfigError(f"{where}: task must be one of {', '.join(TASKS)}, not {declared!r}")
     if declared and requested and declared != requested:
@@ -67,10 +77,21 @@ class TaskKind:
     search_builtin_trial: ClassVar[dict] = {}
     search_builtin_methods: ClassVar[tuple[str, ...]] = ()
     search_vision_methods: ClassVar[bool] = False     # whether the paper space's vision-only methods apply
+    search_extra_step1: ClassVar[dict] = {}           # methods outside the paper space added to it (method -> step 1)
 
     def is_builtin(self, values: dict) -> bool:
         """Whether `values` describe the built-in demo (which gets `builtin_defaults` for fields not given)."""
         return False
+
+    def serves_model(self, name: str) -> bool:
+        """Whether `name` is a model only this kind trains (`train --model tiny-s4d` picks the sequence kind)."""
+        return False
+
+    def shapes_model(self, config: RunConfig):
+        """A meta-device model (shapes only) of `config.model`, for the search's applicability checks."""
+        from ..model.factory import shapes_model
+
+        return shapes_model(config.model)[0]
 
     def resolve(self, values: dict | None = None, where: str = "the command line") -> RunConfig:
         """Given values (None = not given), then the built-in defaults when the run is the built-in demo."""
