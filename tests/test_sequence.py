@@ -180,7 +180,8 @@ def test_method_rows_run_and_the_adapter_reloads(tmp_path):
     scores the run reported."""
     small = dict(task="sequence", epochs=1.0, max_steps=3, batch_size=32, micro_batch_size=32, eval_epochs=1.0,
                  logging_steps=1)
-    rows = {"sdlora": ["sdt:warmup_steps=1,channel_fraction=0.0625,state_fraction=0.0625", "lora_out_proj:r=4"],
+    rows = {"sdlora": ["sdt:warmup_steps=1,restart=true,channel_fraction=0.0625,state_fraction=0.0625",
+                       "lora_out_proj:r=4"],
             "lora_ssm": ["lora_ssm:r=2", "partial_log_dt"], "full": ["full"]}
     for name, methods in rows.items():
         out = tmp_path / name

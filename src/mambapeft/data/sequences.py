@@ -15,6 +15,7 @@ A .npz file holds `sequences`, a float or integer array (n, L) or (n, L, feature
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def read_npz(path, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"{where}: no such file (a .npz of 'sequences' and 'labels', or a built-in task: "
                           f"{', '.join(BUILTIN_TASKS)})")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{where} cannot be read as a .npz file (not a zip archive of .npy arrays: another format, "
+                          f"or truncated); write it with numpy.savez(path, sequences=..., labels=...)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

@@ -82,7 +82,7 @@ def sequence_methods(methods: list[str], steps_per_epoch: int, log=print) -> lis
             log(f"note: sdt warms up for one epoch ({steps_per_epoch} steps); set sdt:warmup_steps=N to change it")
             spec = f"sdt:warmup_steps={steps_per_epoch}" + (f",{options}" if options else "")
         out.append(spec)
-    return with_head(out, log)
+    return with_head(out, log, why="the task's fresh decoder is always trained, as the SDT authors train theirs")
 
 
 @torch.no_grad()
