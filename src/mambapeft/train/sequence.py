@@ -25,7 +25,7 @@ import torch
 from ..errors import ConfigError
 from ..options import option
 from .config import RunConfig, default_of
-from .tasks import Prepared, TaskKind, task_kind
+from .tasks import Prepared, TaskKind, task_kind, total_steps
 from .vision import _accuracy_metric, _logits_only, with_head
 
 BUILTIN_S4D = "tiny-s4d"
@@ -201,7 +201,8 @@ class SequenceTask(TaskKind):
             trainer_kwargs=dict(data_collator=collate_sequences, compute_metrics=_accuracy_metric,
                                 preprocess_logits_for_metrics=_logits_only),
             lr=config.lr, warmup_steps=config.warmup_steps,
-            eval_steps=max(1, round(config.eval_epochs * steps_per_epoch)), metric="eval_acc",
+            eval_steps=max(1, min(round(config.eval_epochs * steps_per_epoch),        # at least once: at the end
+                                  total_steps(config, len(train_set)))), metric="eval_acc",
             describe={"model": config.model, "data": config.data, "classes": classes,
                       "length": train_set.x.shape[1]},
             test=test_set)
