@@ -234,8 +234,10 @@ def test_command_line_run_resume_protection_and_eval(tmp_path, capsys):
     assert scores["digits"]["acc"] == pytest.approx(results["fine_tuned"]["acc"])
 
     # --method sdt alone: sdt's own fractions, a one-epoch warm-up filled in, the head added
-    assert main(["train", "--task", "sequence", "--method", "sdt", "--max-steps", "3", "--threads", "2",
-                 "--output-dir", str(tmp_path / "sdt")]) == 0
-    out = capsys.readouterr().out
-    assert "sdt warms up for one epoch (7 steps)" in out
-    assert json.loads((tmp_path / "sdt" / "results.json").read_text())["steps"] == 10
+    short = ["train", "--task", "sequence", "--method", "sdt", "--threads", "2", "--output-dir", str(tmp_path / "sdt")]
+    assert main([*short, "--max-steps", "7"]) == 2                     # refused: nothing left after the warm-up
+    assert "warmup_steps=7 is not shorter than the run (7 optimiser steps)" in capsys.readouterr().err
+    assert main([*short, "--max-steps", "9"]) == 0
+    assert "sdt warms up for one epoch (7 steps)" in capsys.readouterr().out
+    results = json.loads((tmp_path / "sdt" / "results.json").read_text())
+    assert results["steps"] == 9 and results["fine_tuned"]["n"] == 448
