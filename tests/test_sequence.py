@@ -161,6 +161,15 @@ def test_config_defaults_and_methods():
         "sdt:warmup_steps=3,out_proj=true", "full"]
     trial = task.search_trial_values(builtin.to_dict(), with_test=False)
     assert trial["test_data"] is None and trial["val_fraction"] == 0.2
+    # the search space: S4D's own methods join the paper space's, what S4D lacks is left out
+    from mambapeft.cli.search import check_space_fits_model, default_space
+
+    assert set(default_space(task, builtin, log=quiet).step1) == set(task.search_builtin_methods)
+    own_base = task.resolve({"model": "s4d-pixels", "data": "x.npz"})
+    space = default_space(task, own_base, log=quiet)
+    assert {"lora_ssm", "partial_log_dt", "sdt", "lora_out_proj"} <= set(space.step1)
+    assert not {"lora_p_x", "additional_scan", "affix"} & set(space.step1)
+    check_space_fits_model(space, own_base)
 
 
 # ---------------------------------------------------------------- runs
