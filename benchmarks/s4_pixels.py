@@ -22,6 +22,13 @@ authors train them; + log_dt where they tune the SSM):
 The encoder (Linear 1 -> 64, 128 weights), which the authors train in every row, is trained by `full` only (no
 method targets it). Test accuracy after the last epoch, mean and spread over --seeds fine-tuning seeds.
 
+Everything runs through the library: the data are the built-in sequence tasks (data/sequences.py: `digits-rows`,
+`digits`, split by `data_seed` = the fine-tuning seed), the pretrained model is the built-in `tiny-s4d`
+(scripts/pretrain_tiny_s4d.py, the same recipe; other --pretrain-* settings pretrain again with that script's
+function), and every row is a `mambapeft train --task sequence` run (`fine_tune`: the Trainer, SDT's restart, the
+adapter) with the authors' settings: constant rate, no clipping, weight decay 0.01 on every tensor (the partial
+methods' own decay set to it), and SDT's warm-up at --warmup-lr (a callback raises the rate for those steps).
+
     python benchmarks/s4_pixels.py                    # writes benchmarks/results/s4_pixels.json
 """
 
@@ -29,119 +36,96 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
 from _common import machine, setup_threads
+from transformers import TrainerCallback
 
-from mambapeft import get_peft_model
-from mambapeft.model.s4d.modeling import build_s4d
+from mambapeft.data.sequences import SequenceDataset, builtin_split
+from mambapeft.model.s4d import load_s4d, save_s4d
+from mambapeft.train.run import fine_tune
+from mambapeft.train.sequence import accuracy
 
 HEAD = "linear_probe"
-EXTRAS = ["partial_d", "partial_out_bias"]
+DECAY = "weight_decay=0.01"                      # torch's AdamW default, which the authors' runs put on every tensor
+EXTRAS = [f"partial_d:{DECAY}", f"partial_out_bias:{DECAY}"]
+DT = f"partial_log_dt:{DECAY}"
+LORA = "lora_out_proj:r=16,s=1,dropout=0"
 SDT = "sdt:warmup_steps={warmup},restart=true,channel_fraction=0.0625,state_fraction=0.0625,out_proj={out_proj}"
 ROWS = {
     "head only": [HEAD],
-    "head + D, dt, bias": [HEAD, *EXTRAS, "partial_log_dt"],
-    "LoRA (Proj)": [HEAD, "lora_out_proj:r=16,s=1,dropout=0", *EXTRAS],
+    "head + D, dt, bias": [HEAD, *EXTRAS, DT],
+    "LoRA (Proj)": [HEAD, LORA, *EXTRAS],
     # not an authors' row: LoRA (Proj) with log_dt too, to tell what SDT's few SSM entries add beside dt
-    "LoRA (Proj) + dt": [HEAD, "lora_out_proj:r=16,s=1,dropout=0", *EXTRAS, "partial_log_dt"],
-    "LoRA (S4+Proj)": [HEAD, "lora_ssm:r=4", "lora_out_proj:r=16,s=1,dropout=0", *EXTRAS, "partial_log_dt"],
-    "SDT": [HEAD, SDT.replace("{out_proj}", "true"), *EXTRAS, "partial_log_dt"],
-    "SDT + LoRA": [HEAD, SDT.replace("{out_proj}", "false"), "lora_out_proj:r=16,s=1,dropout=0", *EXTRAS,
-                   "partial_log_dt"],
+    "LoRA (Proj) + dt": [HEAD, LORA, *EXTRAS, DT],
+    "LoRA (S4+Proj)": [HEAD, "lora_ssm:r=4", LORA, *EXTRAS, DT],
+    "SDT": [HEAD, SDT.replace("{out_proj}", "true"), *EXTRAS, DT],
+    "SDT + LoRA": [HEAD, SDT.replace("{out_proj}", "false"), LORA, *EXTRAS, DT],
     "full": ["full"],
 }
+PRETRAIN_DEFAULTS = {"pretrain_epochs": 40, "pretrain_lr": 1e-2, "seed": 123}    # scripts/pretrain_tiny_s4d.py's
 
 
-def digits(order: str):
-    """(sequences (n, 64, 1) in [0, 1], labels) of scikit-learn's 8x8 digits, read row by row or column by column."""
-    from sklearn.datasets import load_digits
+class WarmupRate(TrainerCallback):
+    """The authors' SDT warm-up runs at its own rate: every group at `rate` for the first `steps` optimiser steps
+    (the scheduler puts the run's rate back after each step)."""
 
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32) / 16.0          # (n, 8, 8)
-    if order == "column":
-        images = images.transpose(1, 2)
-    return images.reshape(-1, 64, 1), torch.tensor(data.target)
+    def __init__(self, rate: float, steps: int):
+        self.rate, self.steps = rate, steps
 
-
-def split(x, y, classes, seed: int, test_fraction: float):
-    """The images of `classes` (relabelled 0..k-1), shuffled with `seed`, cut into train and test."""
-    keep = torch.isin(y, torch.tensor(classes))
-    x, y = x[keep], y[keep] - min(classes)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    n_test = int(len(y) * test_fraction)
-    return (x[n_test:], y[n_test:]), (x[:n_test], y[:n_test])
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step < self.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = self.rate
 
 
-def batches(x, y, size: int, generator):
-    order = torch.randperm(len(y), generator=generator)
-    for i in range(0, len(y), size):
-        yield x[order[i: i + size]], y[order[i: i + size]]
+class KeepModel(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
 
 
-@torch.no_grad()
-def accuracy(model, x, y) -> float:
-    model.eval()
-    return (model(x).logits.argmax(-1) == y).float().mean().item()
+def pretrained_model(args, folder: Path, log) -> tuple[str, dict]:
+    """(the pretrained model's folder or name, what the report says of it): the built-in tiny-s4d when the settings
+    are its own, else pretrained again with scripts/pretrain_tiny_s4d.py's function."""
+    x, y = builtin_split("digits-rows", "test")
+    if all(getattr(args, k) == v for k, v in PRETRAIN_DEFAULTS.items()):
+        model, name = load_s4d("tiny-s4d"), "tiny-s4d"
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        from pretrain_tiny_s4d import pretrain
+
+        model, _ = pretrain(folder / "pretrain", epochs=args.pretrain_epochs, lr=args.pretrain_lr, seed=args.seed,
+                            threads=args.threads, log=lambda *_: None)
+        name = str(folder / "pretrained")
+        save_s4d(model, name)
+    acc = accuracy(model, SequenceDataset(x, y))
+    log(f"pretrained on digits 0-4, rows ({name}): test accuracy {acc:.1%}")
+    return name, {"model": name, "test_accuracy": acc, "train": len(builtin_split("digits-rows", "train")[1]),
+                  "test": len(y)}
 
 
-def pretrain(args, log) -> dict:
-    x, y = digits("row")
-    (train_x, train_y), (test_x, test_y) = split(x, y, [0, 1, 2, 3, 4], seed=0, test_fraction=0.2)
-    model = build_s4d("s4d-pixels", seed=args.seed, num_classes=5)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr)
-    generator = torch.Generator().manual_seed(args.seed)
-    for _ in range(args.pretrain_epochs):
-        model.train()
-        for bx, by in batches(train_x, train_y, args.batch, generator):
-            loss = model(bx, labels=by).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    acc = accuracy(model, test_x, test_y)
-    log(f"pretrained on digits 0-4, rows: {len(train_y)} train, test accuracy {acc:.1%}")
-    return {"state": model.state_dict(), "test_accuracy": acc, "train": len(train_y), "test": len(test_y)}
-
-
-def fine_tune(specs: list[str], pretrained: dict, data, seed: int, args) -> dict:
-    (train_x, train_y), (test_x, test_y) = data
-    model = build_s4d("s4d-pixels", seed=seed, num_classes=5)
-    model.load_state_dict(pretrained["state"])
-    torch.manual_seed(seed)
-    model.decoder.reset_parameters()                              # a fresh head for the new classes
-    steps_per_epoch = -(-len(train_y) // args.batch)
+def fine_tune_row(specs: list[str], model: str, seed: int, args, folder: Path) -> dict:
+    """One `mambapeft train --task sequence` run of `specs` on digits 5-9 by columns, split and seeded by `seed`."""
+    steps_per_epoch = -(-len(builtin_split("digits", "train", seed)[1]) // args.batch)
     specs = [s.replace("{warmup}", str(steps_per_epoch)) for s in specs]
-    peft = get_peft_model(model, specs)
-    warmup = peft.extra_steps()
-
-    def optimizer(lr):
-        groups = peft.parameter_groups(lr=lr, weight_decay=0.01)
-        for group in groups:                                      # torch's AdamW default on every tensor
-            group["weight_decay"], group["lr"] = 0.01, lr
-        return torch.optim.AdamW(groups)
-
-    opt = optimizer(args.warmup_lr if warmup else args.lr)
-    generator = torch.Generator().manual_seed(seed)
-    step, start, cpu = 0, time.perf_counter(), time.process_time()
-    total = warmup + args.epochs * steps_per_epoch
-    while step < total:
-        peft.train()
-        for bx, by in batches(train_x, train_y, args.batch, generator):
-            loss = peft(bx, labels=by).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if peft.on_step_end(step):                            # SDT's selection: the main run starts afresh
-                opt = optimizer(args.lr)
-            if step == total:
-                break
-    return {"trainable": peft.parameter_counts()["trainable"], "test_accuracy": accuracy(peft, test_x, test_y),
-            "train_accuracy": accuracy(peft, train_x, train_y), "steps": total, "config": str(peft.peft_config),
+    warmup = steps_per_epoch if any(s.startswith("sdt:") for s in specs) else 0
+    keep = KeepModel()
+    start, cpu = time.perf_counter(), time.process_time()
+    results = fine_tune({"task": "sequence", "model": model, "method": specs, "data": "digits", "data_seed": seed,
+                         "seed": seed, "epochs": float(args.epochs), "batch_size": args.batch,
+                         "micro_batch_size": args.batch, "lr": args.lr, "weight_decay": 0.01, "scheduler": "constant",
+                         "max_grad_norm": 0.0, "val_fraction": 0.0, "eval_epochs": float(args.epochs),
+                         "save_total_limit": 1, "logging_steps": 1000, "output_dir": str(folder)},
+                        overwrite=True, callbacks=[WarmupRate(args.warmup_lr, warmup), keep], log=lambda *_: None)
+    train = SequenceDataset(*builtin_split("digits", "train", seed))
+    return {"trainable": keep.model.parameter_counts()["trainable"], "test_accuracy": results["fine_tuned"]["acc"],
+            "zero_shot_accuracy": results["zero_shot"]["acc"], "train_accuracy": accuracy(keep.model, train),
+            "steps": results["steps"], "config": " + ".join(m["method"] for m in results["methods"]),
             "seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
 
 
@@ -163,10 +147,9 @@ def main() -> None:
     setup_threads(args.threads)
     start, cpu = time.perf_counter(), time.process_time()
 
-    pretrained = pretrain(args, print)
-    x, y = digits("column")
-    splits = {seed: split(x, y, [5, 6, 7, 8, 9], seed=seed, test_fraction=0.5) for seed in range(args.seeds)}
-    base = sum(t.numel() for t in pretrained["state"].values())
+    folder = Path(tempfile.mkdtemp(prefix="s4_pixels-"))
+    model, pretraining = pretrained_model(args, folder, print)
+    base = sum(t.numel() for t in load_s4d(model).parameters())
     settings = {k: getattr(args, k) for k in ("epochs", "pretrain_epochs", "batch", "lr", "warmup_lr", "pretrain_lr",
                                               "seeds", "seed")}
     out = Path(args.out)
@@ -178,7 +161,7 @@ def main() -> None:
     for name, specs in ROWS.items():
         if args.only and name not in args.only:
             continue
-        runs = [fine_tune(specs, pretrained, splits[seed], seed, args) for seed in range(args.seeds)]
+        runs = [fine_tune_row(specs, model, seed, args, folder / "run") for seed in range(args.seeds)]
         accs = [r["test_accuracy"] for r in runs]
         rows[name] = {"specs": specs, "config": runs[0]["config"], "trainable": runs[0]["trainable"],
                       "percent": 100.0 * runs[0]["trainable"] / base, "test_accuracy_mean": statistics.mean(accs),
@@ -187,14 +170,15 @@ def main() -> None:
         print(f"{name:<20} {r['trainable']:>7,} ({r['percent']:5.1f}%)  test {r['test_accuracy_mean']:.1%} "
               f"± {r['test_accuracy_std']:.1%}  ({', '.join(f'{a:.1%}' for a in accs)})  "
               f"{sum(run['cpu_seconds'] for run in runs):.0f} s CPU", flush=True)
-    rows = {name: rows[name] for name in ROWS if name in rows}             # the table's order
-    report = {"settings": settings, "machine": machine(), "base_parameters": base,
-              "pretraining": {k: v for k, v in pretrained.items() if k != "state"},
-              "fine_tuning": {"train": len(splits[0][0][1]), "test": len(splits[0][1][1])},
-              "seconds": round(time.perf_counter() - start), "cpu_seconds": round(time.process_time() - cpu),
-              "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        rows = {name: rows[name] for name in ROWS if name in rows}         # the table's order
+        report = {"settings": settings, "machine": machine(), "base_parameters": base, "pretraining": pretraining,
+                  "fine_tuning": {"train": len(builtin_split("digits", "train")[1]),
+                                  "test": len(builtin_split("digits", "test")[1])},
+                  "seconds": round(time.perf_counter() - start), "cpu_seconds": round(time.process_time() - cpu),
+                  "rows": rows}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")                   # after every row: a partial table
+    shutil.rmtree(folder, ignore_errors=True)
     print(f"wrote {out} in {report['seconds']} s ({report['cpu_seconds']} s of CPU)")
 
 

@@ -7,6 +7,12 @@
     pydoc-topics/   train / validation / test JSON in LLM-Adapters' commonsense format (scripts/make_builtin_task.py)
     tiny-vim/, tiny-vmamba/, vtab-tiny/   the vision defaults (scripts/pretrain_tiny_vim.py, pretrain_tiny_vmamba.py);
                     `load_vim("tiny-vim")`, `load_vmamba("tiny-vmamba")`
+    digits.npz      the sequence task's data (scripts/make_digits.py): the 1,797 8x8 handwritten digits (pixel counts
+                    0-16, uint8) and labels of the UCI "Optical Recognition of Handwritten Digits" data set's test part
+                    (E. Alpaydin, C. Kaynak, 1998; https://archive.ics.uci.edu/dataset/80; licence CC BY 4.0), taken
+                    from the copy scikit-learn ships (`sklearn.datasets.load_digits`); read by data/sequences.py
+    tiny-s4d/       the sequence default: s4d-pixels pretrained on digits 0-4 read by rows (scripts/pretrain_tiny_s4d.py);
+                    `load_s4d("tiny-s4d")`
 """
 
 from pathlib import Path

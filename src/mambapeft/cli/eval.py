@@ -14,7 +14,9 @@ def add_parser(commands):
         "test split), a local multiple-choice file (.jsonl of question/choices/gold, or commonsense .json), both "
         "scored here by log-likelihood (acc, acc_norm as lm-evaluation-harness defines them), or an "
         "lm-evaluation-harness task name (boolq, piqa, social_iqa, hellaswag, winogrande, arc_easy, arc_challenge, "
-        "openbookqa, ... or a task defined by a YAML file under --include-path; needs the lm-eval extra).",
+        "openbookqa, ... or a task defined by a YAML file under --include-path; needs the lm-eval extra). "
+        "An S4D model (tiny-s4d, a save_s4d folder) is scored by top-1 accuracy on sequence tasks: 'builtin' (= "
+        "digits, the built-in task's test half), digits-rows, or a .npz of sequences and labels.",
     )
     parser.add_argument("model", nargs="?", default="builtin",
                         help="'builtin', a folder or a hub id (default: builtin)")
@@ -64,9 +66,13 @@ def run(args) -> int:
     from ..assets import BUILTIN_NAME, builtin_split
     from ..data.multiple_choice import load_mc_items
     from ..evaluation.multiple_choice import score_items
+    from ..model.registry import claimed_family
     from ..train.language import check_vocabulary, load_tokenizer
 
     check_args(args)
+    family = claimed_family(args.model)
+    if family is not None and "sequence" in family.tasks:
+        return run_sequence(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     local = [t for t in tasks if t == BUILTIN_NAME or Path(t).suffix in (".json", ".jsonl")]
     harness = [t for t in tasks if t not in local]
@@ -90,9 +96,25 @@ def run(args) -> int:
         out = run_harness(lm, harness, include_path=args.include_path, limit=args.limit)
         for task, metrics in out["results"].items():
             results[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return report(results, args.output)
+
+
+def run_sequence(args) -> int:
+    """An S4D classifier (and a sequence run's adapter) on sequence tasks: top-1 accuracy."""
+    from ..errors import ConfigError
+    from ..train.sequence import evaluate
+
+    if args.tokenizer or args.include_path:
+        raise ConfigError("--tokenizer and --include-path are for language models; an S4D model reads sequences")
+    tasks = ["digits" if t.strip() == "builtin" else t.strip() for t in args.tasks.split(",") if t.strip()]
+    return report(evaluate(args.model, args.adapter, tasks, batch_size=args.batch_size, limit=args.limit),
+                  args.output)
+
+
+def report(results: dict, output: str | None) -> int:
     for task, metrics in results.items():
         shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         print(f"{task}: {shown}")
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    if output:
+        Path(output).write_text(json.dumps(results, indent=2) + "\n")
     return 0

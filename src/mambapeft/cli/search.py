@@ -31,8 +31,9 @@ def add_parser(commands):
         "the same settings. A folder holding a search with other settings is refused unless --overwrite.",
     )
     parser.add_argument("--task", choices=tuple(TASKS), default=None,
-                        help="language (default) or vision (Vim or VMamba on VTAB-1k tasks: trials train on train800 "
-                        "and are scored on val200; the final run trains on train800val200 and reports test)")
+                        help="language (default), vision (Vim or VMamba on VTAB-1k tasks: trials train on train800 "
+                        "and are scored on val200; the final run trains on train800val200 and reports test) or "
+                        "sequence (an S4D on sequences; trials hold 20%% of the training data out for validation)")
     parser.add_argument("--config", help="a run config (JSON/YAML, the keys of `mambapeft train`): the full recipe the "
                         "winner is trained with; an extra key 'trial' holds the trial budget's overrides (e.g. "
                         "{max_steps: 80, eval_steps: 40}), and 'tasks' lists per-task overrides ({data, val_data, "
@@ -78,7 +79,7 @@ def load_run_config(path: str | None, task: str | None = None, trial_steps: int 
 
     raw = RunConfig.from_file(path) if path else {}
     where = path or "the built-in demo"
-    kind = kind_of(raw, task, path or "the command line")
+    kind = kind_of(raw, task, path or "the command line", model=model)
     tasks = raw.pop("tasks", []) or []
     if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
         raise ConfigError(f"{where}: 'tasks' must be a list of objects such as {{\"data\": \"a.json\"}}")
@@ -102,12 +103,16 @@ def default_space(kind, base, log=print):
     """The paper's space from the registry, less the methods that do not apply to the model's family (partial_norm
     outside Mamba-2, say); the built-in demos search a restricted space with few trials."""
     from ..errors import NotApplicable
-    from ..model.factory import shapes_model
+    from ..methods import REGISTRY
     from ..peft import get_peft_model
     from ..search.space import paper_space
 
     space = paper_space(vision=kind.search_vision_methods)
-    model = shapes_model(base.model)[0]
+    for method, step1 in kind.search_extra_step1.items():      # a kind's methods outside the paper space (S4D's)
+        space.step1[method] = dict(step1)
+        if REGISTRY[method].search_step2:
+            space.step2[method] = dict(REGISTRY[method].search_step2)
+    model = kind.shapes_model(base)
     skipped = []
     for method in space.step1:
         try:
@@ -130,12 +135,12 @@ def default_space(kind, base, log=print):
 
 def check_space_fits_model(space, base) -> None:
     """Attaches every step-1 method to a shapes-only copy of the model: a method it lacks fails now."""
-    from ..model.factory import shapes_model
     from ..peft import get_peft_model
+    from ..train.tasks import get_task
 
     for method in space.step1:
         try:
-            get_peft_model(shapes_model(base.model)[0], [space.step1_spec(method)])
+            get_peft_model(get_task(base.kind).shapes_model(base), [space.step1_spec(method)])
         except ConfigError as err:
             raise ConfigError(f"search space: step1.methods.{method} does not fit {base.model}: {err}") from None
 

@@ -90,15 +90,17 @@ def add_parser(commands):
         description="Fine-tune with PEFT methods on transformers' Trainer. Without arguments: the built-in tiny Mamba "
         "on the built-in task with lora_p_x, test accuracy before and after (a few minutes on a CPU). "
         "With --model HUB_ID --data commonsense_170k.json --method additional_scan: the paper's recipe. "
-        "--task vision: a Vision Mamba on a VTAB-1k task. A --config file (JSON or YAML, the same keys as the "
-        "options) can hold everything; options given here override it. Everything is checked before the output "
-        "folder is touched; a folder holding an earlier run is refused unless --resume or --overwrite. "
-        "Multi-GPU: `accelerate launch -m mambapeft train ...` or "
-        "`torchrun --nproc-per-node N -m mambapeft train ...`.",
+        "--task vision: a Vision Mamba on a VTAB-1k task. --task sequence (or --model tiny-s4d): a deep S4D on "
+        "sequences. A --config file (JSON or YAML, the same keys as the options) can hold everything; options "
+        "given here override it. Everything is checked before the output folder is touched; a folder holding an "
+        "earlier run is refused unless --resume or --overwrite. Multi-GPU: `accelerate launch -m mambapeft train ...` "
+        "or `torchrun --nproc-per-node N -m mambapeft train ...`.",
     )
     parser.add_argument("--task", choices=tuple(TASKS), default=None,
                         help="language (default): a Mamba LM on instruction data; vision: a Vision Mamba on a VTAB-1k "
-                        "task (without other arguments: the built-in tiny Vim on the built-in rotation task)")
+                        "task (without other arguments: the built-in tiny Vim on the built-in rotation task); "
+                        "sequence: an S4D classifier on sequences (default with an S4D --model such as tiny-s4d; "
+                        "without other arguments: tiny-s4d on the built-in pixel-sequence digits)")
     parser.add_argument("--config", help="JSON or YAML file with any of the options below (a run_config.json or "
                         "best_config.json too; its \"task\" key says which kind)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest good "

@@ -102,6 +102,17 @@ class ModelFamily:
         return lines
 
 
+class ClassifierFamily(ModelFamily):
+    """A family of classifiers (Vim, VMamba, S4D): a fine-tuning run trains a fresh task head, which its adapter
+    carries (linear_probe), so a base is fitted to the adapter's classes before the adapter goes on."""
+
+    def fit_to_adapter(self, model, architecture: dict):
+        classes = architecture.get("num_classes")
+        if isinstance(classes, int) and classes != model.config.num_classes:
+            model.reset_head(classes)
+        return model
+
+
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
     """Class decorator: makes a family known to every front end."""
     if cls.name in FAMILIES and type(FAMILIES[cls.name]) is not cls:

@@ -78,10 +78,17 @@ class TaskKind:
     search_builtin_trial: ClassVar[dict] = {}
     search_builtin_methods: ClassVar[tuple[str, ...]] = ()
     search_vision_methods: ClassVar[bool] = False     # whether the paper space's vision-only methods apply
+    search_extra_step1: ClassVar[dict] = {}           # methods outside the paper space added to it (method -> step 1)
 
     def is_builtin(self, values: dict) -> bool:
         """Whether `values` describe the built-in demo (which gets `builtin_defaults` for fields not given)."""
         return False
+
+    def shapes_model(self, config: RunConfig):
+        """A meta-device model (shapes only) of `config.model`, for the search's applicability checks."""
+        from ..model.factory import shapes_model
+
+        return shapes_model(config.model)[0]
 
     def resolve(self, values: dict | None = None, where: str = "the command line") -> RunConfig:
         """Given values (None = not given), then the built-in defaults when the run is the built-in demo."""

@@ -76,12 +76,13 @@ def resolve_vision_config(values: dict | None = None, where: str = "the command 
     return VisionTask().resolve(values, where)
 
 
-def with_head(methods: list[str], log=print) -> list[str]:
+def with_head(methods: list[str], log=print, why: str = "the classification head is always trained in VTAB PEFT"
+              ) -> list[str]:
     """The methods plus linear_probe (VTAB PEFT always trains the fresh head) unless full or linear_probe is there."""
     names = [m.split(":")[0].split("/")[-1] for m in methods]
     if any(n in HEAD_METHODS for n in names):
         return list(methods)
-    log("note: adding linear_probe (the classification head is always trained in VTAB PEFT)")
+    log(f"note: adding linear_probe ({why})")
     return [*methods, "linear_probe"]
 
 

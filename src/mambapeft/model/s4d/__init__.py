@@ -2,14 +2,14 @@
 residual layers, mean pool and decoder ("classifier").
 
     modeling.py   the S4D layer (kernel and recurrence forms) and the deep model
-    loading.py    our folder format
+    loading.py    our folder format; "tiny-s4d", built in
 """
 
 from __future__ import annotations
 
 from ..files import config_format
-from ..registry import FILES, ModelFamily, register_family
-from .loading import FORMAT, load_s4d, read_s4d_shapes, save_s4d
+from ..registry import FILES, ClassifierFamily, register_family
+from .loading import BUILTIN, FORMAT, load_s4d, looks_like_s4d, read_s4d_shapes, save_s4d
 from .modeling import (
     S4D_ARCHITECTURES,
     DeepS4D,
@@ -24,12 +24,13 @@ from .modeling import (
 
 
 @register_family
-class S4DFamily(ModelFamily):
+class S4DFamily(ClassifierFamily):
     name = "s4d"
     title = "S4D"
     model_class = DeepS4D
     config_class = S4DConfig
     architectures = S4D_ARCHITECTURES
+    builtins = BUILTIN
     tasks = ("sequence",)
     check_architecture = "s4d-micro"
 
@@ -65,4 +66,4 @@ class S4DFamily(ModelFamily):
 
 
 __all__ = ["S4D_ARCHITECTURES", "DeepS4D", "S4DConfig", "S4DLayer", "build_s4d", "s4d_config", "fft_conv",
-           "s4d_kernel", "s4d_recurrence", "load_s4d", "save_s4d", "S4DFamily"]
+           "s4d_kernel", "s4d_recurrence", "load_s4d", "save_s4d", "read_s4d_shapes", "looks_like_s4d", "S4DFamily"]

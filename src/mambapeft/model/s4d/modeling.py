@@ -294,6 +294,20 @@ class DeepS4D(nn.Module, PeftModelInterface):
     def peft_mixers(self) -> list[S4DLayer]:
         return list(self.layers)
 
+    def reset_head(self, num_classes: int | None = None) -> None:
+        """A fresh decoder (nn.Linear's default initialisation, as the authors' decoder), for `num_classes` classes
+        if given: a new task's head. Classifier form only."""
+        if self.config.form != "classifier":
+            raise ConfigError(f"an S4D model of form {self.config.form!r} has no decoder (head) to reset")
+        if num_classes is not None and num_classes != self.decoder.out_features:
+            if not isinstance(num_classes, int) or num_classes < 1:
+                raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+            w = self.decoder.weight
+            self.decoder = nn.Linear(self.config.d_model, num_classes, device=w.device, dtype=w.dtype)
+            self.config = S4DConfig(**{**self.config.to_dict(), "num_classes": num_classes})
+        if self.decoder.weight.device.type != "meta":
+            self.decoder.reset_parameters()
+
     def peft_fingerprint(self) -> dict:
         """The architecture an adapter depends on (not the initialisation ranges, dropout or the nominal length)."""
         c = self.config

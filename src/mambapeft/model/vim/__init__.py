@@ -10,23 +10,16 @@ import os
 from pathlib import Path
 
 from ..files import PICKLE_SUFFIXES, config_format
-from ..registry import EXACT, FILES, GUESS, ModelFamily, register_family
+from ..registry import EXACT, FILES, GUESS, ClassifierFamily, register_family
 from ..summary import count_unique
 from .loading import BUILTIN, FORMAT, HUB_CHECKPOINTS, load_vim, read_vim_shapes, save_vim, with_image_size
 from .modeling import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim, vim_config
 
 
-class VisionFamily(ModelFamily):
-    """What the image-classification families share: a fresh task head that a fine-tuning run trains, which an
-    adapter carries (linear_probe), so a base is fitted to the adapter's classes before the adapter goes on."""
+class VisionFamily(ClassifierFamily):
+    """The image-classification families (Vim, VMamba): VTAB-1k runs."""
 
     tasks = ("vision",)
-
-    def fit_to_adapter(self, model, architecture: dict):
-        classes = architecture.get("num_classes")
-        if isinstance(classes, int) and classes != model.config.num_classes:
-            model.reset_head(classes)
-        return model
 
 
 @register_family
