@@ -6,7 +6,7 @@
 Checks (each a row: the largest relative difference of outputs and gradients, and whether it is within tolerance):
   * the Mamba-1 scan: the backend chosen for the device (mamba_ssm's kernel on CUDA when installed) against the
     float64 reference, outputs and the gradients of every input;
-  * every model family (model/factory.py's FAMILIES) with a few methods attached, forward and backward on the device
+  * every model family (the family registry, model/registry.py) with a few methods attached, forward and backward on the device
     against the same model on the CPU;
   * greedy generation on the device against the CPU (the same tokens);
 then times a training step and decoding on the device, and, where mamba_ssm is installed, mamba_ssm's own fused
@@ -112,10 +112,10 @@ def family_rows(device: str, reference_device: str, backends=(None, None)) -> li
     (`backends`: the scan backend of each side; on the CPU, the float64 reference against the sequential backend)."""
     import mambapeft
     from mambapeft import NotApplicable, get_peft_model
-    from mambapeft.model.factory import FAMILIES
+    from mambapeft.model.registry import FAMILIES
 
     rows = []
-    for family, arch in FAMILIES.items():
+    for family, arch in ((name, record.check_architecture) for name, record in FAMILIES.items()):
         base = mambapeft.from_config(arch, seed=0)
         specs = []
         for spec in METHODS:

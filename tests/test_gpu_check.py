@@ -14,7 +14,7 @@ import gpu_check  # noqa: E402
 def test_the_cpu_run_compares_two_implementations_and_passes(capsys):
     rows = gpu_check.run_checks("cpu", "cpu", speed=False)
     families = {r.check.split(" ")[0] for r in rows[1:]}
-    from mambapeft.model.factory import FAMILIES
+    from mambapeft.model.registry import FAMILIES
 
     assert set(FAMILIES) <= families
     assert all(r.ok for r in rows), [(r.check, r.error) for r in rows if not r.ok]
