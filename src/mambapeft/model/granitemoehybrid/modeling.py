@@ -44,7 +44,7 @@ from transformers.models.granitemoehybrid.modeling_granitemoehybrid import (
 
 from ...errors import NotApplicable
 from ..checkpoint import write_hf_checkpoint
-from ..interface import PeftModelInterface, Projection, TensorSlot
+from ..interface import PeftModelInterface, Projection, TensorSlot, unwrap
 from ..lm import MambaLMOutput, MambaState, RMSNorm, causal_lm_loss
 from ..mamba2 import Mamba2Mixer, Mamba2MixerState
 from ..mixer import drop_inserted, insert_from_hooks
@@ -196,6 +196,8 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
         if config.position_embedding_type not in (None, "rope", "nope"):
             raise ValueError(f"unknown position_embedding_type {config.position_embedding_type!r}")
         config._attn_implementation = "sdpa"          # a boolean mask, and the fast CPU path
+        if getattr(config, "_experts_implementation", None) is None:
+            config._experts_implementation = "eager"  # transformers' loop over the experts (any width, exact)
         self.config = config
         with torch.device(device if device is not None else torch.get_default_device()):
             self.model = GraniteHybridModel(config)
@@ -272,8 +274,7 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
         if role in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if not attention:
                 raise NotApplicable(f"this {self.family} model has no attention layers (layer_types: all mamba)")
-            return [Projection(a, role, (0, getattr(a, role).out_features if role != "o_proj" else self.d_model))
-                    for a in attention]
+            return [Projection(a, role, (0, unwrap(getattr(a, role)).out_features)) for a in attention]
         rows = {"gate_proj": ("input_linear", (0, width)), "up_proj": ("input_linear", (width, 2 * width)),
                 "mlp_in": ("input_linear", (0, 2 * width)), "down_proj": ("output_linear", (0, self.d_model)),
                 "mlp_out": ("output_linear", (0, self.d_model))}
