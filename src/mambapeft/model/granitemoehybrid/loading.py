@@ -2,6 +2,11 @@
 model.safetensors, sharded or not, or pytorch_model.bin), read strictly: every key and shape is checked against the
 config, a missing, unexpected or misshapen tensor is an error that names it. Saving writes the same format
 (`GraniteHybridLM.save_pretrained`), which transformers' GraniteMoeHybridForCausalLM loads.
+
+The published checkpoints (and transformers' save_pretrained) name the MoE tensors as Granite's original code did:
+block_sparse_moe.input_linear.weight, .output_linear.weight and .router.layer.weight for what transformers' module
+tree (and ours) calls experts.gate_up_proj, experts.down_proj and router.weight, the same tensors renamed. Reading
+takes either; writing writes the published names.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 from transformers import GraniteMoeHybridConfig
 
 from ...errors import ConfigError
+from ..checkpoint import plain_state, write_weights
 from ..loading import check_tensors, read_raw_config, read_state_dict
 from ..mamba2_loading import _decode_floats
 from .modeling import GraniteHybridLM, layer_kind
@@ -41,8 +47,28 @@ def read_granite_hybrid_config(folder: Path) -> GraniteMoeHybridConfig:
     return config
 
 
+# the published name of a MoE tensor -> ours (transformers' module names)
+PUBLISHED_NAMES = {"block_sparse_moe.input_linear.weight": "block_sparse_moe.experts.gate_up_proj",
+                   "block_sparse_moe.output_linear.weight": "block_sparse_moe.experts.down_proj",
+                   "block_sparse_moe.router.layer.weight": "block_sparse_moe.router.weight"}
+
+
+def renamed(state: dict, names: dict[str, str]) -> dict:
+    """`state` with every key ending in a key of `names` ending in its value instead."""
+    out = {}
+    for key, value in state.items():
+        for old, new in names.items():
+            if key.endswith("." + old):
+                key = key[: -len(old)] + new
+                break
+        out[key] = value
+    return out
+
+
 def load_state_dict_strict(model: GraniteHybridLM, state: dict, source: str) -> None:
-    """Copies `state` into `model` after checking every key and shape; ties the head again if tied."""
+    """Copies `state` (published or transformers' names) into `model` after checking every key and shape; ties the
+    head again if tied."""
+    state = renamed(state, PUBLISHED_NAMES)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -78,4 +104,12 @@ def load_granite_hybrid(folder, *, dtype: torch.dtype | str | None = torch.float
 
 
 def save_granite_hybrid(model: GraniteHybridLM, folder) -> None:
-    model.save_pretrained(folder)
+    """config.json + model.safetensors with the published tensor names (a tied head written once); refused while
+    PEFT parts are attached (save the adapter, or merge first)."""
+    state = plain_state(model)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    write_weights(renamed(state, {ours: published for published, ours in PUBLISHED_NAMES.items()}), folder)

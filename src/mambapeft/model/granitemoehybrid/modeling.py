@@ -43,7 +43,6 @@ from transformers.models.granitemoehybrid.modeling_granitemoehybrid import (
 )
 
 from ...errors import NotApplicable
-from ..checkpoint import write_hf_checkpoint
 from ..interface import PeftModelInterface, Projection, TensorSlot, unwrap
 from ..lm import MambaLMOutput, MambaState, RMSNorm, causal_lm_loss
 from ..mamba2 import Mamba2Mixer, Mamba2MixerState
@@ -373,5 +372,8 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
 
     def save_pretrained(self, folder) -> None:
         """config.json + model.safetensors that transformers' GraniteMoeHybridForCausalLM and `load_granite_hybrid`
-        both load (refused while PEFT parts are attached: save the adapter, or merge first)."""
-        write_hf_checkpoint(self, folder)
+        both load, with the published tensor names (refused while PEFT parts are attached: save the adapter, or merge
+        first)."""
+        from .loading import save_granite_hybrid
+
+        save_granite_hybrid(self, folder)
