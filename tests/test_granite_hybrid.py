@@ -302,3 +302,33 @@ def test_every_method_has_a_case_or_a_reason(hybrid_family):
 @pytest.mark.parametrize("method, spec, identity", CASES, ids=[spec for _, spec, _ in CASES])
 def test_battery(method, spec, identity, tmp_path, hybrid_family):
     conformance.run_battery(FAMILY, spec, identity, tmp_path)
+
+
+# ------------------------------------------------------------------ sizes and reports
+
+
+def test_granite_350m_on_meta_counts_by_hand():
+    from mambapeft.model.granitemoehybrid import build_granite_hybrid, granite_hybrid_config
+
+    model = build_granite_hybrid(granite_hybrid_config("granite-4.0-h-350m"), device="meta")
+    assert model.layer_types().count("attention") == 4 and len(model.peft_mixers()) == 28
+    d, E, H, N = 768, 1536, 48, 128
+    conv = E + 2 * N                                                   # x, B, C through the conv
+    mamba = d * (2 * E + 2 * N + H) + conv * 5 + 3 * H + E + E * d     # in_proj, conv, A_log D dt_bias, norm, out
+    attention = d * d + 2 * d * (4 * 64) + d * d                       # q, k and v (4 KV heads of 64), o
+    mlp = d * 2 * 2048 + 2048 * d                                      # input_linear (gate | up), output_linear
+    total = 100352 * d + 28 * mamba + 4 * attention + 32 * (mlp + 2 * d) + d
+    assert sum(p.numel() for p in model.parameters()) == total       # the tied head counted once
+    assert 330e6 < total < 360e6
+
+
+def test_trainable_counts_per_layer_type():
+    from mambapeft.peft import trainable_by_layer_type
+
+    _, ours = twins(config("MMMA-rope-mqa-biases"))
+    peft = get_peft_model(ours, ["lora_attn:r=2", "lora_p_x:r=2", "lora_experts:r=1"])
+    counts = trainable_by_layer_type(peft.base_model)
+    assert counts["attention"] == {"trainable": 2 * (60 + 2 * 40 + 60), "layers": 1, "of": 1}
+    assert counts["mamba"] == {"trainable": 3 * 2 * (30 + 30), "layers": 3, "of": 3}    # X rows: E = 30
+    assert counts["moe"]["layers"] == 4 and counts["mlp"] == {"trainable": 0, "layers": 0, "of": 4}
+    assert "other" not in counts
