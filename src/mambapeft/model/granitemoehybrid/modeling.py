@@ -82,6 +82,13 @@ class AttentionState:
         return key, value
 
 
+@dataclass
+class PassState:
+    """The state of a block without memory (an MLP or MoE block of Nemotron-H): only the tokens seen."""
+
+    offset: int = 0
+
+
 def causal_key_mask(mask: torch.Tensor | None, state: AttentionState | None, length: int,
                    device: torch.device) -> torch.Tensor | None:
     """The boolean mask (b or 1, 1, L, T + L) of L new queries over the T past and L new keys (True: attend): causal,
@@ -141,6 +148,10 @@ class GraniteHybridLayer(nn.Module):
         self.shared_mlp = GraniteMoeHybridMLP(config)
         self.block_sparse_moe = GraniteMoeHybridMoE(config) if config.num_local_experts > 0 else None
         self.residual_multiplier = config.residual_multiplier
+
+    @property
+    def ssm(self) -> Mamba2Mixer | None:
+        return self.mamba
 
     def forward(self, h, mask, attn_mask, position_embeddings, state):
         """h (b, L, d) -> (b, L, d). mask (b, L) of real tokens (Mamba); attn_mask (see `causal_key_mask`)."""
@@ -208,9 +219,26 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
         if self.lm_head.weight.device.type != "meta":
             self.reset_parameters()
 
+    # what a hybrid family around the same glue (nemotron_h) says differently
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
+    @property
+    def embedding_multiplier(self) -> float:
+        return self.config.embedding_multiplier
+
+    @property
+    def logits_scaling(self) -> float:
+        return self.config.logits_scaling
+
     def tie_weights(self):
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.embedding.weight
 
     def untie_weights(self):
         """Gives the head its own copy of the embedding, for methods that change one but not the other."""
@@ -228,13 +256,12 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
             torch.manual_seed(seed)
         std = self.config.initializer_range
         for name, p in self.named_parameters():
-            if p.dim() >= 2 and ".mamba." not in name:
+            if p.dim() >= 2:
                 p.normal_(std=std)
-            elif p.dim() == 1 and ".mamba." not in name:
-                p.fill_(1.0) if name.endswith("norm.weight") else p.zero_()
-        for layer in self.model.layers:
-            if layer.mamba is not None:
-                layer.mamba.reset_parameters()
+            else:
+                p.fill_(1.0) if name.endswith(("norm.weight", "norm_f.weight")) else p.zero_()
+        for mixer in self.peft_mixers():
+            mixer.reset_parameters()
 
     @property
     def device(self) -> torch.device:
@@ -252,7 +279,7 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
 
     def peft_mixers(self) -> list[Mamba2Mixer]:
         """The Mamba-2 mixers (what the SSM methods adapt); attention and MLPs answer `layer_projections`."""
-        return [layer.mamba for layer in self.model.layers if layer.mamba is not None]
+        return [layer.ssm for layer in self.model.layers if layer.ssm is not None]
 
     def layer_types(self) -> list[str]:
         return [layer.kind for layer in self.model.layers]
@@ -330,10 +357,10 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
             raise ValueError(f"logits_to_keep must be >= 0 and 0 when labels are given, got {logits_to_keep}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds        # (b, L, d)
+        h = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds                 # (b, L, d)
         if attention_mask is not None and attention_mask.shape != h.shape[:2]:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(h.shape[:2])}")
-        h = h * self.config.embedding_multiplier
+        h = h * self.embedding_multiplier
         offset = state.offset if state is not None else 0
         for hook in self.hooks:
             hook.begin_forward(offset)
@@ -344,16 +371,16 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
         if first_attention is not None:
             past = state.layers[first_attention] if state is not None else None
             attn_mask = causal_key_mask(mask, past, length, h.device)
-            if self.model.rotary_emb is not None:
+            if getattr(self.model, "rotary_emb", None) is not None:
                 start = past.offset if past is not None else 0
                 positions = torch.arange(start, start + length, device=h.device)[None]
                 position_embeddings = self.rotary(h, positions)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, mask, attn_mask, position_embeddings, state.layers[i] if state is not None else None)
-        h = drop_inserted(self.model.norm(h), kept)                                               # soft prompt out
+        h = drop_inserted(self.final_norm(h), kept)                                               # soft prompt out
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = (self.lm_head(h.to(self.lm_head.weight.dtype)) / self.config.logits_scaling).float()
+        logits = (self.lm_head(h.to(self.lm_head.weight.dtype)) / self.logits_scaling).float()
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return MambaLMOutput(loss=loss, logits=logits, state=state)
 
