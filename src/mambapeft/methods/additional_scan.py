@@ -253,9 +253,10 @@ class AdditionalScan(Method):
         if config is not None and hasattr(config, "state_size"):
             model.config = copy.deepcopy(config)
             model.config.state_size = config.state_size + n
-        elif config is not None and hasattr(config, "mamba_d_state"):      # hybrids' Mamba-2 layers (Granite 4.0-H)
+        elif config is not None and (key := next((k for k in ("mamba_d_state", "ssm_state_size")     # hybrids:
+                                                  if hasattr(config, k)), None)):         # Granite 4.0-H, Nemotron-H
             model.config = copy.deepcopy(config)
-            model.config.mamba_d_state = config.mamba_d_state + n
+            setattr(model.config, key, getattr(config, key) + n)
         elif getattr(model, "family", None) == "vmamba":
             model.config = dataclasses.replace(config, d_state=config.d_state + n)     # save_vmamba writes it
 
