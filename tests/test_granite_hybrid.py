@@ -332,3 +332,21 @@ def test_trainable_counts_per_layer_type():
     assert counts["mamba"] == {"trainable": 3 * 2 * (30 + 30), "layers": 3, "of": 3}    # X rows: E = 30
     assert counts["moe"]["layers"] == 4 and counts["mlp"] == {"trainable": 0, "layers": 0, "of": 4}
     assert "other" not in counts
+
+
+def test_shared_context_scoring_equals_per_pair_with_rope_and_soft_tokens():
+    """Multiple-choice scoring joins the states of contexts of different lengths (model/lm.py cat_rows): the KV
+    caches are left-padded and each row keeps its own RoPE positions, so the scores equal per-pair scoring."""
+    from test_eval import assert_same_scores, random_requests
+    from transformers import AutoTokenizer
+
+    from mambapeft.assets import BUILTIN_MODEL
+    from mambapeft.evaluation import multiple_choice as mc
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BUILTIN_MODEL))
+    _, model = twins(config("MAM-rope-moe-gqa", vocab_size=len(tokenizer)), jitter=0.3)
+    peft = get_peft_model(model, ["prompt:n=2", "lora_attn:r=2", "lora_p_x:r=2"], seed=0).eval()
+    conformance.randomize_adapter(peft)
+    requests = random_requests(tokenizer, peft)
+    reference = mc.loglikelihoods_per_pair(peft, tokenizer, requests, batch_size=5)
+    assert_same_scores(mc.loglikelihoods(peft, tokenizer, requests, batch_size=5), reference, "hybrid")

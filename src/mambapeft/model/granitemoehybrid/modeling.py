@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import GraniteMoeHybridConfig
 from transformers.models.granitemoehybrid.modeling_granitemoehybrid import (
     GraniteMoeHybridAttention,
@@ -66,12 +67,35 @@ def layer_kind(layer_type: str) -> str:
 @dataclass
 class AttentionState:
     """What a new token needs from the past of one attention layer: its keys and values (b, kv heads, T, head_dim),
-    which of the T keys are real (b, T) bool, or None when all are, and the tokens seen (T)."""
+    which of the T keys are real (b, T) bool, or None when all are, and the cache length T (`offset`).
+
+    `shift` (b,): where rows of different lengths were joined (`cat_rows`: shorter rows left-padded with masked
+    keys), how many slots of each row are such padding; a row's next position (RoPE) is then T - shift, so every row
+    continues at its own position."""
 
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
     offset: int = 0
+    shift: torch.Tensor | None = None
+
+    @staticmethod
+    def cat_rows(states: list[AttentionState], **changes) -> AttentionState:
+        """The rows of several states in order, the shorter caches left-padded to the longest (model/lm.py
+        cat_rows; its `offset` change, a token count, does not apply: the offset here is the cache length)."""
+        length = max(s.offset for s in states)
+        keys, values, masks, shifts = [], [], [], []
+        for s in states:
+            b, pad = s.key.shape[0], length - s.offset
+            keys.append(F.pad(s.key, (0, 0, pad, 0)))
+            values.append(F.pad(s.value, (0, 0, pad, 0)))
+            real = s.key_mask if s.key_mask is not None else s.key.new_ones(b, s.offset, dtype=torch.bool)
+            masks.append(torch.cat([real.new_zeros(b, pad), real], dim=1))
+            shift = s.shift if s.shift is not None else torch.zeros(b, dtype=torch.long, device=s.key.device)
+            shifts.append(shift + pad)
+        shift = torch.cat(shifts)
+        return AttentionState(torch.cat(keys), torch.cat(values), torch.cat(masks), length,
+                              shift if shift.any() else None)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """The cache call of transformers' attention module: appends this call's keys and values, returns all."""
@@ -373,7 +397,9 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
             attn_mask = causal_key_mask(mask, past, length, h.device)
             if getattr(self.model, "rotary_emb", None) is not None:
                 start = past.offset if past is not None else 0
-                positions = torch.arange(start, start + length, device=h.device)[None]
+                positions = torch.arange(start, start + length, device=h.device)[None]           # (1, L)
+                if past is not None and past.shift is not None:
+                    positions = positions - past.shift[:, None]                                  # (b, L)
                 position_embeddings = self.rotary(h, positions)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, mask, attn_mask, position_embeddings, state.layers[i] if state is not None else None)
