@@ -350,3 +350,19 @@ def test_shared_context_scoring_equals_per_pair_with_rope_and_soft_tokens():
     requests = random_requests(tokenizer, peft)
     reference = mc.loglikelihoods_per_pair(peft, tokenizer, requests, batch_size=5)
     assert_same_scores(mc.loglikelihoods(peft, tokenizer, requests, batch_size=5), reference, "hybrid")
+
+
+def test_params_prints_trainable_counts_per_layer_type(monkeypatch, capsys):
+    """`mambapeft params` on a hybrid (built here; the family is not in the factory's table yet)."""
+    import mambapeft.model.factory as factory
+    from mambapeft.cli.main import main
+    from mambapeft.model.granitemoehybrid import build_granite_hybrid, granite_hybrid_config
+
+    monkeypatch.setattr(factory, "shapes_model", lambda name: (
+        build_granite_hybrid(granite_hybrid_config(name), device="meta"), "architecture (random weights)"))
+    assert main(["params", "--arch", "granite-4.0-h-350m", "-m", "lora_attn:r=8"]) == 0
+    out = capsys.readouterr().out
+    # q 768 -> 768, k and v 768 -> 256, o 768 -> 768: r (in + out) each, in 4 attention layers
+    per_layer = 8 * ((768 + 768) + 2 * (768 + 256) + (768 + 768))
+    assert f"{4 * per_layer:,}" in out
+    assert "[attention]" in out and "in 4 of 4 attention parts" in out and "in 0 of 28 mamba parts" in out
