@@ -414,7 +414,7 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
         """(cos, sin) of transformers' rotary module; rebuilt once if the model was built on the meta device."""
         if self.model.rotary_emb.inv_freq.device.type == "meta":
             with torch.device(h.device):
-                self.model.rotary_emb = GraniteMoeHybridRotaryEmbedding(self.config)
+                self.model.rotary_emb = type(self.model.rotary_emb)(self.config)
         return self.model.rotary_emb(h, positions)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
