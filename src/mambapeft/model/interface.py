@@ -27,8 +27,8 @@ the layers that are not mixers (`layer_projections`, `layer_tensors`); the SSM m
                        "gate_proj", "up_proj", "down_proj"         output layer; its gate / up / down where it has them
     layer tensors      "router" (E, d), "experts_in" (E, out, d),  each MoE's router and stacked expert weights,
                        "experts_out" (E, d, in)                    read at every call (methods parametrize them)
-    layer types        `layer_types()`: "mamba" / "attention" per layer; `part_types()`: module path -> "mamba",
-                       "attention", "mlp" or "moe" (what `mambapeft params` counts trainable parameters by)
+    layer types        `layer_types()`: "mamba" / "attention" (Nemotron-H: "mlp", "moe") per layer; `part_types()`:
+                       module path -> "mamba", "attention", "mlp" or "moe" (`mambapeft params` counts by these)
 
 Stacked layouts (VMamba keeps each direction's x_proj, dt_proj, A, D and dt bias as one entry of a tensor stacked
 over the directions, under the checkpoint's names): a `StackedLinear` is the called module over such a weight, and
