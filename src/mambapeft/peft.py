@@ -335,5 +335,33 @@ def count_parameters(model_name: str, specs: list) -> dict:
     peft.on_step_end(sys.maxsize)          # as after every warm-up phase (SDT): count what trains from then on
     counts = peft.parameter_counts()
     per_method = dict(zip(map(str, peft.peft_config.methods), peft.trainable_by_method().values()))
-    return {"model": model_name, "config": str(peft.peft_config), "per_method": per_method, "notes": notes,
-            "base": peft.base_parameter_count, **counts}
+    result = {"model": model_name, "config": str(peft.peft_config), "per_method": per_method, "notes": notes,
+              "base": peft.base_parameter_count, **counts}
+    if model.part_types():
+        result["per_layer_type"] = trainable_by_layer_type(peft.base_model)
+    return result
+
+
+def trainable_by_layer_type(model) -> dict[str, dict]:
+    """A hybrid's trainable elements per kind of layer part (model.part_types(): "mamba", "attention", "mlp", "moe";
+    "other" for the embedding, head, norms and model-level parts), with the number of layers of each kind that train
+    something, so a placement that trains 4 of 56 layers shows as such."""
+    parts = sorted(model.part_types().items(), key=lambda item: -len(item[0]))       # longest prefix first
+    counts: dict[str, dict] = {}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        path, kind = next(((path, kind) for path, kind in parts if name.startswith(path + ".")), ("", "other"))
+        entry = counts.setdefault(kind, {"trainable": 0, "parts": set()})
+        entry["trainable"] += p.numel()
+        entry["parts"].add(path)
+    totals = {}
+    for kind in dict.fromkeys(kind for _, kind in sorted(model.part_types().items())):
+        entry = counts.get(kind, {"trainable": 0, "parts": set()})
+        of = sum(1 for k in model.part_types().values() if k == kind)
+        totals[kind] = {"trainable": entry["trainable"], "layers": len(entry["parts"]), "of": of}
+    if "other" in counts:
+        totals["other"] = {"trainable": counts["other"]["trainable"]}
+    return totals

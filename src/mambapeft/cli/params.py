@@ -44,6 +44,9 @@ def run(args) -> int:
         print(f"  {spec:<40} {n:>14,}")
         if spec in result["notes"]:
             print(f"      {result['notes'][spec]}")
+    for kind, entry in result.get("per_layer_type", {}).items():
+        where = f"   in {entry['layers']} of {entry['of']} {kind} parts" if "layers" in entry else ""
+        print(f"  [{kind}]{'':<{38 - len(kind)}} {entry['trainable']:>14,}{where}")
     print(f"trainable {result['trainable']:,} of {result['total']:,} ({result['percent']:.2f}%); "
           f"base model {result['base']:,}")
     return 0

@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from ..model.interface import Projection, TensorSlot, part_of, unwrap, with_part
+from ..model.interface import LAYER_PROJECTION_ROLES, Projection, TensorSlot, part_of, unwrap, with_part
 from ..options import check_options, option
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -185,7 +185,10 @@ def _overlap(a: frozenset, b: frozenset) -> str | None:
 
 
 def projections(model, role: str) -> list[Projection]:
-    """The `role` projection of every mixer (and direction); NotApplicable when the family has none."""
+    """The `role` projection of every mixer (and direction), or of every layer beside the mixers that has one (a
+    hybrid's attention and MLP roles, model/interface.py LAYER_PROJECTION_ROLES); NotApplicable when there is none."""
+    if role in LAYER_PROJECTION_ROLES:
+        return model.layer_projections(role)
     return [p for mixer in model.peft_mixers() for p in mixer.projections(role)]
 
 

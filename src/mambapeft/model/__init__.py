@@ -1,4 +1,5 @@
-"""The model layer: one folder per model family (mamba, mamba2, vim, vmamba, s4d), each registering itself with
+"""The model layer: one folder per model family (mamba, mamba2, vim, vmamba, s4d; the hybrids granitemoehybrid,
+nemotron_h, bamba), each registering itself with
 the family registry (registry.py); the PEFT interface every family implements (interface.py) and the hook
 plumbing methods use (hooks.py); reading and writing checkpoint files (files.py, checkpoint.py); building and
 loading any model by name (factory.py).
@@ -7,7 +8,9 @@ Adding a family: a folder model/<name>/ with its config, modeling and loading co
 with `@register_family`, and one import line below.
 """
 
+from .bamba import BambaLM, load_bamba
 from .factory import from_config, from_pretrained, load_model, shapes_model
+from .granitemoehybrid import GraniteHybridLM, load_granite_hybrid, save_granite_hybrid
 from .hooks import PeftHook
 from .interface import PeftMixerInterface, PeftModelInterface, Projection, TensorSlot
 
@@ -25,6 +28,7 @@ from .mamba import (  # noqa: I001
     arch_config,
 )
 from .mamba2 import MAMBA2_ARCHITECTURES, Mamba2LM, Mamba2Mixer, Mamba2MixerState, mamba2_config
+from .nemotron_h import NemotronHLM, load_nemotron_h, save_nemotron_h
 from .registry import FAMILIES, ModelFamily, family_of, register_family
 from .s4d import S4D_ARCHITECTURES, DeepS4D, S4DConfig, S4DLayer, build_s4d, load_s4d, save_s4d
 from .vim import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim, load_vim, save_vim, vim_config
@@ -48,4 +52,6 @@ __all__ = [
     "VIM_ARCHITECTURES", "VimConfig", "VimOutput", "VisionMamba", "build_vim", "vim_config", "load_vim", "save_vim",
     "VMAMBA_ARCHITECTURES", "VMamba", "VMambaConfig", "build_vmamba", "vmamba_config", "load_vmamba", "save_vmamba",
     "S4D_ARCHITECTURES", "DeepS4D", "S4DConfig", "S4DLayer", "build_s4d", "load_s4d", "save_s4d",
+    "GraniteHybridLM", "load_granite_hybrid", "save_granite_hybrid", "NemotronHLM", "load_nemotron_h",
+    "save_nemotron_h", "BambaLM", "load_bamba",
 ]

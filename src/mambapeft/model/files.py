@@ -142,6 +142,17 @@ def config_format(path) -> str | None:
     return raw.get("format") or raw.get("model_type")
 
 
+def decode_floats(obj):
+    """transformers writes infinities in config.json as {"__float__": "Infinity"} (time_step_limit): read them back."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and isinstance(obj["__float__"], str):
+            return float(obj["__float__"])
+        return {k: decode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_floats(v) for v in obj]
+    return obj
+
+
 def read_our_config(folder: Path, fmt: str, config_class, what: str):
     """The config object of one of our own folders, whose config.json carries {"format": fmt, ...}."""
     from ..errors import ConfigError

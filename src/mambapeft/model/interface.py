@@ -19,6 +19,17 @@ Roles name the parts of a mixer by what they do, not by where a family keeps the
                   (soft tokens; VMamba: "after_cross_scan"), "extend_state" (extra state dimensions),
                   "initial_state" and "state_offset"
 
+Hybrid models (attention, MLP and expert layers beside the SSM mixers) answer more roles at the model level, for
+the layers that are not mixers (`layer_projections`, `layer_tensors`); the SSM methods still see only the mixers:
+
+    layer projections  "q_proj", "k_proj", "v_proj", "o_proj"      each attention layer's projections
+                       "mlp_in", "mlp_out"                         each MLP's input (gate and up, fused or not) and
+                       "gate_proj", "up_proj", "down_proj"         output layer; its gate / up / down where it has them
+    layer tensors      "router" (E, d), "experts_in" (E, out, d),  each MoE's router and stacked expert weights,
+                       "experts_out" (E, d, in)                    read at every call (methods parametrize them)
+    layer types        `layer_types()`: "mamba" / "attention" (Nemotron-H: "mlp", "moe") per layer; `part_types()`:
+                       module path -> "mamba", "attention", "mlp" or "moe" (`mambapeft params` counts by these)
+
 Stacked layouts (VMamba keeps each direction's x_proj, dt_proj, A, D and dt bias as one entry of a tensor stacked
 over the directions, under the checkpoint's names): a `StackedLinear` is the called module over such a weight, and
 a Projection on it stands for one direction, whose `layer` is a `DirectionView` that looks like a bias-free
@@ -44,6 +55,10 @@ from ..errors import NotApplicable
 PROJECTION_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "X", "Z", "dt", "B", "C")
 TENSOR_ROLES = ("A_log", "D", "conv", "dt_bias")
 TENSOR_ROLES += ("C", "log_A_real", "A_imag", "log_dt", "out_bias")      # S4D's time-invariant SSM (model/s4d/)
+# the layers beside the SSM mixers in hybrid models (PeftModelInterface.layer_projections / layer_tensors)
+LAYER_PROJECTION_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_in", "mlp_out", "gate_proj", "up_proj",
+                          "down_proj")
+LAYER_TENSOR_ROLES = ("router", "experts_in", "experts_out")
 
 
 def unwrap(layer: nn.Module) -> nn.Module:
@@ -248,17 +263,37 @@ class PeftModelInterface(ABC):
     def peft_fingerprint(self) -> dict:
         """The architecture an adapter depends on; an adapter saved on one fingerprint refuses another."""
 
+    def layer_types(self) -> list[str]:
+        """The kind of each layer ("mamba", "attention", ...); a pure SSM model's layers are all its mixers'."""
+        return [self.family] * len(self.peft_mixers())
+
+    def part_types(self) -> dict[str, str]:
+        """Module path -> the kind of layer part under it ("mamba", "attention", "mlp", "moe"), for hybrids' reports
+        of trainable parameters per layer type; {} for models of one layer type."""
+        return {}
+
+    def layer_projections(self, role: str) -> list[Projection]:
+        """The linear layers of a hybrid's non-SSM role (LAYER_PROJECTION_ROLES) in every layer that has one."""
+        raise NotApplicable(f"{self.family} models have no {role} (no attention, MLP or expert layers beside the SSM "
+                            f"mixers)")
+
+    def layer_tensors(self, role: str) -> list[TensorSlot]:
+        """The tensors of a hybrid's non-SSM tensor role (LAYER_TENSOR_ROLES) in every layer that has one."""
+        raise NotApplicable(f"{self.family} models have no {role} (no expert layers beside the SSM mixers)")
+
     def untie_weights(self) -> None:
         """Gives a head tied to the embedding its own copy (before a method changes one of them). Default: none."""
         return None
 
     def record_state_growth(self, n: int) -> None:
         """Its mixers' states grew by n (additional_scan merged): the config says so, so a saved model reloads.
-        Default: a transformers config's `state_size` or a dataclass config's `d_state`."""
+        Default: a transformers config's state size (`state_size`, or the hybrids' `mamba_d_state` /
+        `ssm_state_size`) or a dataclass config's `d_state`."""
         config = getattr(self, "config", None)
-        if hasattr(config, "state_size"):
+        key = next((k for k in ("state_size", "mamba_d_state", "ssm_state_size") if hasattr(config, k)), None)
+        if key is not None:                    # Mamba-1 / Mamba-2; the hybrids (Granite 4.0-H, Bamba; Nemotron-H)
             self.config = copy.deepcopy(config)
-            self.config.state_size = config.state_size + n
+            setattr(self.config, key, getattr(config, key) + n)
         elif dataclasses.is_dataclass(config) and hasattr(config, "d_state"):
             self.config = dataclasses.replace(config, d_state=config.d_state + n)
 

@@ -130,6 +130,8 @@ def map_rows(layer, fn, **changes):
 def cat_rows(layers: list, **changes):
     """One mixer's state made of the rows of several (same family, in order); `changes` set other fields."""
     first = layers[0]
+    if hasattr(first, "cat_rows"):        # a state whose rows may differ in length (a hybrid's attention keys)
+        return first.cat_rows(layers, **changes)
     for key, value in vars(first).items():
         if isinstance(value, torch.Tensor):
             changes[key] = torch.cat([getattr(layer, key) for layer in layers])

@@ -20,7 +20,7 @@ from transformers import Mamba2Config
 
 from ...errors import ConfigError
 from ..checkpoint import CONFIG_FILE
-from ..files import read_raw_config
+from ..files import decode_floats, read_raw_config
 
 # mamba_ssm Mamba2 options we read, and those that only shape the random initialisation or the kernels
 _SSM_OPTIONS = {"layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "bias", "conv_bias", "chunk_size",
@@ -54,7 +54,7 @@ def read_mamba2_config(folder: Path) -> tuple[Mamba2Config, str]:
         raise ConfigError(f"{file} does not describe a Mamba-2 model (model_type 'mamba2' or ssm_cfg.layer 'Mamba2')")
     try:
         if raw.get("model_type") == "mamba2":
-            config, fmt = Mamba2Config.from_dict(_decode_floats(raw)), "hf"
+            config, fmt = Mamba2Config.from_dict(decode_floats(raw)), "hf"
         else:
             config, fmt = _config_from_mamba_ssm(raw, file), "mamba_ssm"
     except ConfigError:
@@ -66,17 +66,6 @@ def read_mamba2_config(folder: Path) -> tuple[Mamba2Config, str]:
     if config.num_heads % config.n_groups:
         raise ConfigError(f"{file}: num_heads {config.num_heads} is not a multiple of n_groups {config.n_groups}")
     return config, fmt
-
-
-def _decode_floats(obj):
-    """transformers writes infinities in config.json as {"__float__": "Infinity"} (time_step_limit): read them back."""
-    if isinstance(obj, dict):
-        if set(obj) == {"__float__"} and isinstance(obj["__float__"], str):
-            return float(obj["__float__"])
-        return {k: _decode_floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode_floats(v) for v in obj]
-    return obj
 
 
 def _config_from_mamba_ssm(raw: dict, file: Path) -> Mamba2Config:

@@ -98,12 +98,14 @@ class Mamba2Mixer(nn.Module, PeftMixerInterface):
         norm_eps: float = 1e-5,
         chunk_size: int = 256,
         dt_limit: tuple[float, float] = NO_LIMIT,
+        d_inner: int | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
         self.d_model = d_model
-        self.d_inner = E = expand * d_model
+        # d_inner: the inner width where it is not expand x d_model (Nemotron-H: mamba_num_heads x mamba_head_dim)
+        self.d_inner = E = d_inner if d_inner is not None else expand * d_model
         if E % head_dim:
             raise ValueError(f"the inner width {E} (expand {expand} x d_model {d_model}) is not a multiple of "
                              f"head_dim {head_dim}")
