@@ -44,6 +44,9 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        from ..outputs import check_complete
+
+        check_complete(path, "model folder")
         return path
     from ..assets import BUILTIN_LANGUAGE_MODELS
 
@@ -291,6 +294,11 @@ def check_tensors(expected: dict, state: dict, source: str, *, against: str = "i
         if state[key].shape != shape:
             raise CheckpointError(
                 f"{source}: tensor {key} has shape {tuple(state[key].shape)}, {implied} {tuple(shape)}")
+    bad = [key for key in expected if state[key].is_floating_point() and not torch.isfinite(state[key]).all()]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values (first: "
+                              f"{', '.join(bad[:4])}); the checkpoint is damaged or comes from a run that diverged, "
+                              f"and no score or fine-tuning of it would mean anything. Use another copy of the model")
 
 
 def load_state_dict_strict(model: MambaLM, state: dict, source: str) -> None:

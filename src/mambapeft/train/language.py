@@ -44,7 +44,7 @@ class TrainConfig(RunConfig):
 # The built-in demo: small batches, few warm-up steps and more epochs for the 1M-parameter model, the loss on the
 # answer only (the 8 labels are the signal; the passages are a few dozen tokens each). Learning rates: the built-in
 # model's column (config/presets.py: 3e-2 for the LoRA family), else 3e-3.
-BUILTIN_DEFAULTS = dict(test_data="builtin", max_length=192, epochs=8.0, batch_size=8, micro_batch_size=8,
+BUILTIN_DEFAULTS = dict(test_data="builtin", max_length=224, epochs=8.0, batch_size=8, micro_batch_size=8,
                         warmup_steps=10, eval_steps=42, logging_steps=21, train_on_prompt=False,
                         output_dir="runs/builtin")
 
