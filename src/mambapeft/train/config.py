@@ -9,13 +9,12 @@ and the option.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
 from ..errors import ConfigError, did_you_mean
-from ..options import check_options, convert, field_type, option
+from ..options import check_options, convert, field_type, option, parse_config_text
 
 SEED_MAX = 2**32 - 1
 
@@ -84,12 +83,9 @@ class RunConfig:
             raise ConfigError(f"{path} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r})"
                               ) from None
         try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
+            data = parse_config_text(text, path)
+        except ConfigError:
+            raise
         except Exception as err:
             raise ConfigError(f"cannot read {path}: {err}") from None
         if not isinstance(data, dict):

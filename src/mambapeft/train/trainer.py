@@ -219,7 +219,7 @@ def trainer_arguments(config, *, lr: float, warmup_steps: int, eval_steps: int, 
         max_steps=config.max_steps if max_steps is None else max_steps,
         lr_scheduler_type=config.scheduler if config.scheduler != "constant" else "constant_with_warmup",
         warmup_steps=warmup_steps,
-        max_grad_norm=config.max_grad_norm or None,
+        max_grad_norm=config.max_grad_norm,             # 0: no clipping (transformers clips when > 0)
         logging_steps=config.logging_steps,
         eval_strategy="steps" if has_validation else "no",
         eval_steps=eval_steps,
