@@ -72,11 +72,22 @@ def check_writable(path, option: str, *, folder: bool) -> Path:
     parent = nearest_existing(path if not path.exists() else path.parent)
     if not parent.is_dir():
         raise ConfigError(f"{option} {path}: {parent} is a file, so nothing can be created below it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path}: this process may not write in {parent}; choose a writable place")
-    if path.is_dir() and folder and not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path}: this process may not write in that folder; choose a writable place")
+    for place in [parent] + ([path] if path.is_dir() else []):
+        if not _can_create_in(place):
+            raise ConfigError(f"{option} {path}: this process cannot write in {place} (no permission, or a read-only "
+                              f"file system); choose a writable place")
     return path
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder`: tried (permission bits say nothing to root, or on /proc)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".mambapeft-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def check_output_folder(path, overwrite: bool, option: str = "--output") -> Path:

@@ -140,6 +140,88 @@ def check_space_fits_model(space, base) -> None:
             raise ConfigError(f"search space: step1.methods.{method} does not fit {base.model}: {err}") from None
 
 
+def check_trial_budget(space, trial: dict) -> None:
+    """Every method the search may try must fit a trial's budget (SDT's warm-up must be shorter than a trial): step 1's
+    settings, and step 2's with each option at the end of its range that needs the most steps."""
+    from ..methods import REGISTRY
+    from ..search.space import Range
+
+    steps = trial.get("max_steps")
+    if steps in (None, -1):
+        return
+    candidates = [(method, dict(options), "step1") for method, options in space.step1.items()]
+    for method, ranges in space.step2.items():
+        options = dict(space.step1.get(method, {}))
+        for option, value in ranges.items():
+            if option in ("lr", "weight_decay"):
+                continue
+            found = Range.of(value)
+            if found is None:
+                options[option] = value
+            elif found.kind != "choice":
+                options[option] = found.bounds[1]
+        candidates.append((method, options, "step2"))
+    for method, options, step in candidates:
+        try:
+            spec = MethodSpec.build(method, options)
+            REGISTRY[method](spec.config).check_training(steps)
+        except ConfigError as err:
+            raise ConfigError(f"a trial runs {steps} optimiser steps (--trial-steps or the config's trial section), "
+                              f"too few for the search space's {step}.methods.{method}: {err}. Give trials more "
+                              f"steps, or shorten that method's warm-up in the space (--space)") from None
+
+
+STORAGE_BACKENDS = ("sqlite", "postgresql", "mysql")
+
+
+def check_storage(url: str) -> None:
+    """The --storage URL before anything is written: a scheme Optuna supports, its driver installed, a SQLite file
+    that can be created, a server that answers."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from ..outputs import check_writable
+    from ..search.hybrid import with_driver
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--storage {url!r} is not a database URL; e.g. sqlite:///search.db or "
+                          f"postgresql+psycopg2://user:password@host/database") from None
+    if parsed.get_backend_name() not in STORAGE_BACKENDS:
+        raise ConfigError(f"--storage {shown_url(url)}: unknown database {parsed.get_backend_name()!r}; Optuna's "
+                          f"storages here are {', '.join(f'{b}://' for b in STORAGE_BACKENDS)}")
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            check_writable(parsed.database, "--storage", folder=False)
+            if Path(parsed.database).exists() and not os.access(parsed.database, os.W_OK):
+                raise ConfigError(f"--storage {url}: this process may not write {parsed.database}")
+        return
+    try:
+        engine = sqlalchemy.create_engine(with_driver(url), connect_args={"connect_timeout": 10})
+    except (NoSuchModuleError, ImportError) as err:
+        raise ConfigError(f"--storage {shown_url(url)}: its database driver is not installed ({err}); for "
+                          f"PostgreSQL: pip install psycopg2-binary (or the extra mambapeft[postgres])") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", err)).strip().splitlines()[0][:300]
+        raise ConfigError(f"--storage {shown_url(url)}: cannot connect to the database ({reason}). Start the server "
+                          f"or fix the URL (host, port, user, password, database name)") from None
+    finally:
+        engine.dispose()
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """What a search is (run config, trial budget, tasks, space, pruner): stored in the study, so a worker started with
+    other settings is refused instead of joining."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def ready_folder(out: Path, settings: dict, overwrite: bool, log=print) -> None:
     """Refuses a folder holding a search with other settings (unless --overwrite); the same settings resume it."""
     saved_file = out / SEARCH_CONFIG
@@ -169,6 +251,7 @@ def ready_folder(out: Path, settings: dict, overwrite: bool, log=print) -> None:
 
 
 def run(args) -> int:
+    from ..outputs import check_writable
     from ..search.hybrid import SearchSettings, open_storage, open_study, run_search, study_name
     from ..search.objective import TrainingObjective, final_config
     from ..search.report import write_report
@@ -184,18 +267,23 @@ def run(args) -> int:
         space.step2_trials = args.step2_trials
     space.validate(args.space or "the default search space")
     check_space_fits_model(space, base)
+    check_trial_budget(space, trial)
+    check_writable(out, "--output-dir", folder=True)
 
     storage_url = args.storage or f"sqlite:///{(out / 'search.db').resolve()}"
+    check_storage(storage_url)
     seed = args.seed + (os.getpid() % 10_000 if args.worker else 0)
     pruner = "none" if args.no_prune else args.pruner or getattr(kind, "search_builtin_pruner", "median")
+    described = {"base": base.to_dict(), "trial": trial, "tasks": tasks, "space": space.to_dict(),
+                 "study_name": args.study_name, "pruner": pruner}
     settings = SearchSettings(study_name=args.study_name, storage=storage_url, seed=seed, prune=pruner != "none",
-                              pruner=pruner, heartbeat_interval=args.heartbeat, grace_period=args.grace)
+                              pruner=pruner, heartbeat_interval=args.heartbeat, grace_period=args.grace,
+                              fingerprint=settings_fingerprint(described))
     lock = FolderLock(out, "search folder")
     if not args.worker:                 # workers join the main process's search; two main processes may not
         lock.acquire()
         try:
-            ready_folder(out, {"base": base.to_dict(), "trial": trial, "tasks": tasks, "space": space.to_dict(),
-                               "study_name": args.study_name, "pruner": pruner}, args.overwrite)
+            ready_folder(out, described, args.overwrite)
         except BaseException:
             lock.release()
             raise
@@ -253,12 +341,19 @@ def default_output_dir(kind) -> str:
 
 
 def shown_url(url: str) -> str:
-    """The storage URL as printed: a password in it is masked."""
+    """The storage URL as printed, in the form optuna and optuna-dashboard accept (a PostgreSQL URL names its
+    driver: postgresql+psycopg2://...); a password in it is masked."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    from ..search.hybrid import with_driver
+
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        full = with_driver(url)
+    except ConfigError:
+        full = url
+    try:
+        return make_url(full).render_as_string(hide_password=True)
     except ArgumentError:
         return url
 
