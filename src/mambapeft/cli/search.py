@@ -313,7 +313,7 @@ def run(args) -> int:
         best_task = tasks[0] if tasks else {}
         final = final_config(objective, result.best_config, best_task, out / "final")
         config_file = out / "best_config.json"
-        write_atomic(config_file, json.dumps(final.to_dict(), indent=2) + "\n")
+        write_atomic(config_file, json.dumps(ready_to_train(final), indent=2) + "\n")
         print(f"best configuration: {config_file} (mambapeft train --config {config_file})")
         summary = {"trial_budget": trial, "final_recipe": budget_text(base), "pruner": pruner,
                    "winner": {"methods": [c["method"] for c in result.best_config], "search_validation":
@@ -326,12 +326,18 @@ def run(args) -> int:
                 summary["default"] = {"methods": list(kind.Config().method), **final_scores(baseline, "baseline")}
                 summary["kept"] = kept(summary)
                 if summary["kept"] == "default":        # chosen on validation only: the test set stays unseen
-                    write_atomic(config_file, json.dumps(baseline.to_dict(), indent=2) + "\n")
+                    write_atomic(config_file, json.dumps(ready_to_train(baseline), indent=2) + "\n")
             print(summary_line(summary))
         write_atomic(report / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"report: {report}/trials.md, {report}/summary.json, {report}/importances.json, {report}/history.png, "
               f"{report}/pareto.png")
     return 0
+
+
+def ready_to_train(config) -> dict:
+    """best_config.json: the run config without its output_dir (the search's own final/ folder, which holds that
+    run), so `mambapeft train --config best_config.json` trains into a folder named after the run."""
+    return {k: v for k, v in config.to_dict().items() if k != "output_dir"}
 
 
 def default_output_dir(kind) -> str:

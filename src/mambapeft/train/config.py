@@ -28,7 +28,9 @@ class RunConfig:
     model: str = option("builtin", "base model: a built-in name, a local folder or a hub id")
     method: list[str] = field(default_factory=lambda: ["lora_p_x"], metadata={
         "help": "PEFT method specs (e.g. lora_p_x:r=64, additional_scan, paper/affix); several make a hybrid"})
-    output_dir: str = option("runs/train", "where checkpoints, metrics.jsonl, run_config.json and adapter/ go")
+    output_dir: str = option("runs/train", "where checkpoints, metrics.jsonl, run_config.json and adapter/ go",
+                             default_text="runs/MODEL-METHOD, named after the run: the model, the data unless "
+                             "built in, the methods; e.g. runs/tiny-mamba2-state_offset")
     epochs: float = option(3.0, "training epochs", exclusive_minimum=0)
     max_steps: int = option(-1, "stop after this many optimiser steps (-1: run the epochs)", minimum=1, allow=(-1,))
     batch_size: int = option(16, "examples per optimiser step (per device x accumulation x devices)", minimum=1)

@@ -9,6 +9,7 @@ finishes in a few minutes on two CPU cores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..assets import BUILTIN_LANGUAGE_MODELS, BUILTIN_NAME, builtin_split
 from ..config.presets import run_lr
@@ -54,8 +55,7 @@ class TrainConfig(RunConfig):
 # answer only (the 8 labels are the signal; the passages are a few dozen tokens each). Learning rates: the built-in
 # model's column (config/presets.py: 3e-2 for the LoRA family), else 3e-3.
 BUILTIN_DEFAULTS = dict(test_data="builtin", max_length=224, epochs=8.0, batch_size=8, micro_batch_size=8,
-                        warmup_steps=10, eval_steps=42, logging_steps=21, train_on_prompt=False,
-                        output_dir="runs/builtin")
+                        warmup_steps=10, eval_steps=42, logging_steps=21, train_on_prompt=False)
 
 
 def resolve_config(file: str | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -181,6 +181,10 @@ class LanguageTask(TaskKind):
 
     def is_builtin(self, values: dict) -> bool:
         return values.get("data", BUILTIN_NAME) == BUILTIN_NAME
+
+    def output_dir_data(self, values: dict) -> list[str]:
+        data = values.get("data", BUILTIN_NAME)
+        return [] if data == BUILTIN_NAME else [Path(str(data)).stem]
 
     def is_builtin_model(self, config) -> bool:
         return config.data == BUILTIN_NAME and config.model in BUILTIN_MODELS
