@@ -263,10 +263,12 @@ def _why_not_expressible(method, layer: str) -> str | None:
 def import_peft(base_model, folder):
     """Reads a peft LoRA / DoRA adapter trained on a Mamba model into our PeftModel (same outputs)."""
     from .config import MethodSpec, PeftConfig
+    from .outputs import check_complete
     from .peft import PeftModel
 
     _check_language_model(base_model)
     folder = Path(folder)
+    check_complete(folder, "peft adapter folder")
     config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config_file.is_file():
         raise CheckpointError(f"no adapter_config.json in {folder}: is this a peft adapter folder?")
