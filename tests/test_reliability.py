@@ -377,3 +377,13 @@ def test_data_warnings_are_shown_once_without_source_lines(capsys):
     note("a data warning for the test")
     err = capsys.readouterr().err
     assert err == "warning: a data warning for the test\n"
+
+
+def test_verbose_shows_every_warning_with_its_source(monkeypatch):
+    from mambapeft.verbosity import note
+
+    monkeypatch.setenv("MAMBAPEFT_VERBOSE", "1")
+    with pytest.warns(UserWarning, match="shown under --verbose"):
+        note("shown under --verbose")
+    with pytest.warns(UserWarning, match="shown under --verbose"):
+        note("shown under --verbose")                              # every time
