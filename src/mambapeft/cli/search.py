@@ -257,6 +257,7 @@ def run(args) -> int:
     from ..search.report import write_report
     from ..search.space import SearchSpace
     from ..train.run_folder import FolderLock, write_atomic
+    from ..verbosity import quiet_third_party
 
     kind, base, trial, tasks = load_run_config(args.config, args.task, args.trial_steps, args.model)
     out = Path(args.output_dir or default_output_dir(kind))
@@ -309,7 +310,8 @@ def run(args) -> int:
             return 0
 
         storage = open_storage(settings)
-        report = write_report(out / "report", {step: open_study(settings, storage, step) for step in (1, 2)})
+        with quiet_third_party():           # Optuna's notices on a small study's importances are expected
+            report = write_report(out / "report", {step: open_study(settings, storage, step) for step in (1, 2)})
         best_task = tasks[0] if tasks else {}
         final = final_config(objective, result.best_config, best_task, out / "final")
         config_file = out / "best_config.json"
