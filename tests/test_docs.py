@@ -69,8 +69,8 @@ def quick_start_commands() -> list[str]:
 
 
 # flags that shorten each kind of command (the same ones the other tests use), and what needs the network
-SHORT_TRAIN = ["--max-steps", "2", "--eval-steps", "1", "--logging-steps", "1", "--eval-batch-size", "64"]
-SHORT_SEARCH = ["--trial-steps", "12", "--step1-trials", "1", "--step2-trials", "1", "--no-final"]
+SHORT_TRAIN = ["--max-steps", "2", "--eval-steps", "2", "--logging-steps", "1", "--eval-batch-size", "64"]
+SHORT_SEARCH = ["--trial-steps", "12", "--step1-trials", "1", "--step2-trials", "0", "--no-final"]
 NEEDS_NETWORK = ("state-spaces/", "--data-root", "--data commonsense")
 
 
