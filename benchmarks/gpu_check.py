@@ -6,7 +6,7 @@
 Checks (each a row: the largest relative difference of outputs and gradients, and whether it is within tolerance):
   * the Mamba-1 scan: the backend chosen for the device (mamba_ssm's kernel on CUDA when installed) against the
     float64 reference, outputs and the gradients of every input;
-  * every model family (the family registry, model/registry.py) with a few methods attached, forward and backward on the device
+  * every registered model family (model/registry.py), a few methods attached: forward and backward on the device
     against the same model on the CPU;
   * greedy generation on the device against the CPU (the same tokens);
 then times a training step and decoding on the device, and, where mamba_ssm is installed, mamba_ssm's own fused

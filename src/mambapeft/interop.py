@@ -58,16 +58,18 @@ def transformers_bypasses(layer: str, family: str = "mamba") -> bool:
     import transformers
 
     from .model.registry import get_family
+    from .verbosity import quiet_third_party
 
     record = get_family(family)
-    model = getattr(transformers, record.transformers_class)(record.config(record.check_architecture)).eval()
-    mixer = model.backbone.layers[0].mixer
-    if not hasattr(mixer, layer):
-        return False
-    called = []
-    getattr(mixer, layer).register_forward_hook(lambda *_: called.append(1))
-    with torch.no_grad():
-        model(torch.zeros(1, 3, dtype=torch.long))
+    with quiet_third_party():                  # transformers' expected "fast path ... falling back" notice
+        model = getattr(transformers, record.transformers_class)(record.config(record.check_architecture)).eval()
+        mixer = model.backbone.layers[0].mixer
+        if not hasattr(mixer, layer):
+            return False
+        called = []
+        getattr(mixer, layer).register_forward_hook(lambda *_: called.append(1))
+        with torch.no_grad():
+            model(torch.zeros(1, 3, dtype=torch.long))
     return not called
 
 
@@ -116,13 +118,38 @@ def _low_rank_parts(delta, out_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return down.clone(), B
 
 
+def portable_base(name: str | None) -> tuple[str | None, str | None]:
+    """(the base as a peft user loads it, a note or None). A hub id stays as it is; a local folder becomes its absolute
+    path; a built-in name ("builtin", "tiny-mamba2") becomes the absolute path of the packaged folder, with a note
+    that this folder lies inside the mambapeft install (loadable on this machine, not elsewhere)."""
+    from .assets import BUILTIN_LANGUAGE_MODELS, HERE
+
+    if name is None:
+        return None, None
+    folder = BUILTIN_LANGUAGE_MODELS.get(str(name))
+    path = Path(str(name)).expanduser()
+    if folder is None and path.is_dir():
+        folder = path
+    if folder is None:
+        return str(name), None                                   # a hub id: portable as it is
+    folder = folder.resolve()
+    if folder.is_relative_to(HERE):
+        return str(folder), (f"note: the base is mambapeft's packaged {folder.name}, at {folder} inside the mambapeft "
+                             f"install: peft and transformers load it from there on this machine; elsewhere, copy that "
+                             f"folder and pass its path as the base (peft's base_model_name_or_path)")
+    return str(folder), None
+
+
 def export_peft(peft_model, folder, *, base_name_or_path: str | None = None, merge_rest: bool = False,
-                tokenizer=None) -> dict:
+                tokenizer=None, base_folder=None) -> dict:
     """Writes `peft_model`'s low-rank updates as a Hugging Face peft adapter in `folder` (see the module docstring).
 
-    Returns {"exported": [...], "merged": [...], "base": the base the adapter is for}. Every part peft cannot express
-    is refused by name with the reason, or, with merge_rest, folded into a base written to folder/"base" (with
-    `tokenizer` when given); the model passed in is changed (parts taken off or merged), so pass one loaded for this.
+    Returns {"exported": [...], "merged": [...], "base": the base the adapter is for, "note": a note or None}. The
+    base is named portably (`portable_base`: a hub id, or an absolute folder). Every part peft cannot express is
+    refused by name with the reason, or, with merge_rest, folded into a base written to folder/"base" (with
+    `tokenizer` when given; `base_folder` is where that base will finally be, when `folder` is a temporary one); the
+    model passed in is changed (parts taken off or merged), so pass one loaded for this. lora_dropout is the exported
+    methods' dropout (peft's acts on the layer input, as our default dropout_at=input).
     """
     peft = _require_peft()
     model = peft_model.base_model
@@ -186,13 +213,12 @@ def export_peft(peft_model, folder, *, base_name_or_path: str | None = None, mer
     for method in sorted((methods[n] for n in refusals if n not in on_layers), key=lambda m: m.merge_order):
         method.merge(model)
 
-    base = base_name_or_path or getattr(model, "name_or_path", None)
+    base, note = portable_base(base_name_or_path or getattr(model, "name_or_path", None))
     if merged:
-        base_folder = folder / "base"
-        model.save_pretrained(base_folder)
+        model.save_pretrained(folder / "base")
         if tokenizer is not None:
-            tokenizer.save_pretrained(base_folder)
-        base = str(base_folder.resolve())
+            tokenizer.save_pretrained(folder / "base")
+        base, note = str(Path(base_folder or folder / "base").resolve()), None
 
     tensors, ranks, targets = {}, {}, set()
     for path, entry in layers.items():
@@ -212,15 +238,20 @@ def export_peft(peft_model, folder, *, base_name_or_path: str | None = None, mer
             tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = entry.magnitude
     default_r = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {k: v for k, v in ranks.items() if v != default_r}
+    exported = sorted({key for _, key, _, reason in parts if reason is None})
+    dropouts = sorted({float(getattr(methods[k].config, "dropout", 0.0)) for k in exported})
+    if len(dropouts) > 1:
+        note = ((note + "\n") if note else "") + (
+            f"note: the exported methods train with different dropouts ({', '.join(map(str, dropouts))}); peft has one "
+            f"lora_dropout per adapter: {dropouts[-1]} is written (dropout acts only in training)")
     config = peft.LoraConfig(r=default_r, lora_alpha=default_r, target_modules=sorted(targets), rank_pattern=pattern,
-                             alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none", use_dora=uses_dora,
+                             alpha_pattern=dict(pattern), lora_dropout=dropouts[-1], bias="none", use_dora=uses_dora,
                              task_type="CAUSAL_LM", base_model_name_or_path=base, inference_mode=True)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
     save_file({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
               str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    exported = sorted({key for _, key, _, reason in parts if reason is None})
-    return {"exported": exported, "merged": merged, "base": base}
+    return {"exported": exported, "merged": merged, "base": base, "note": note}
 
 
 def _why_not_expressible(method, layer: str, family) -> str | None:
@@ -244,10 +275,12 @@ def _why_not_expressible(method, layer: str, family) -> str | None:
 def import_peft(base_model, folder):
     """Reads a peft LoRA / DoRA adapter trained on a Mamba model into our PeftModel (same outputs)."""
     from .config import MethodSpec, PeftConfig
+    from .outputs import check_complete
     from .peft import PeftModel
 
     family = _check_language_model(base_model)
     folder = Path(folder)
+    check_complete(folder, "peft adapter folder")
     config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config_file.is_file():
         raise CheckpointError(f"no adapter_config.json in {folder}: is this a peft adapter folder?")

@@ -128,3 +128,56 @@ def defaults(cls) -> dict:
         else:
             out[f.name] = None
     return out
+
+
+# ---------------------------------------------------------------- config files: a key given twice is an error
+
+
+def _no_duplicates(where: str):
+    def hook(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ConfigError(f"{where}: the key {key!r} is given twice in one object; the last value would "
+                                  f"silently win. Keep one")
+            seen[key] = value
+        return seen
+    return hook
+
+
+def parse_json(text: str, where: str):
+    """json.loads, refusing an object that repeats a key (ConfigError naming it); syntax errors pass through."""
+    import json
+
+    return json.loads(text, object_pairs_hook=_no_duplicates(where))
+
+
+def parse_yaml(text: str, where: str):
+    """yaml.safe_load, refusing a mapping that repeats a key (ConfigError naming it and its line)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{where} line {key_node.start_mark.line + 1}: the key {key!r} is given twice in "
+                                  f"one mapping; the last value would silently win. Keep one")
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def parse_config_text(text: str, path, where: str | None = None):
+    """A .yaml/.yml file's text as YAML, anything else as JSON, both refusing duplicate keys."""
+    from pathlib import Path
+
+    where = where or str(path)
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        return parse_yaml(text, where)
+    return parse_json(text, where)

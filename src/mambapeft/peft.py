@@ -206,8 +206,21 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------ save and load
 
     def save_pretrained(self, folder) -> None:
+        """adapter_config.json + adapter_model.safetensors, written whole or not at all: a folder holding only an
+        adapter (or nothing) is replaced as a whole (outputs.atomic_folder); in a folder with other files (a
+        trainer checkpoint) each file is written to a temporary name and renamed."""
+        from .outputs import atomic_folder
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_dir() and {p.name for p in folder.iterdir()} - {ADAPTER_CONFIG, ADAPTER_WEIGHTS}:
+            self._write_adapter(folder)
+            return
+        with atomic_folder(folder, overwrite=True, option="adapter folder") as tmp:
+            self._write_adapter(tmp)
+
+    def _write_adapter(self, folder: Path) -> None:
+        from .outputs import replace_file
+
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_tensors().items()}
         config = {
             "format": FORMAT,
@@ -218,8 +231,8 @@ class PeftModel(nn.Module):
                 "architecture": fingerprint(self.base_model),
             },
         }
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        replace_file(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        replace_file(folder / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
         match_permissions(folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG)
 
     @classmethod
@@ -283,9 +296,12 @@ class PeftModel(nn.Module):
 
 
 def read_adapter_config(folder: Path) -> dict:
+    from .outputs import check_complete
+
     file = folder / ADAPTER_CONFIG
     if not folder.is_dir():
         raise CheckpointError(f"no adapter folder {folder}")
+    check_complete(folder, "adapter folder")
     if not file.is_file():
         raise CheckpointError(f"no {ADAPTER_CONFIG} in {folder}: is this a mambapeft adapter folder?")
     try:

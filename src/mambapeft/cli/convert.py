@@ -4,10 +4,10 @@ complete merged models (weights, config and tokenizer in one folder that transfo
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from ..errors import ConfigError, RunFolderError
+from ..errors import ConfigError
+from ..outputs import atomic_folder, check_output_folder
 
 
 def add_parser(commands):
@@ -51,12 +51,9 @@ def add_parser(commands):
 
 
 def fresh_output(path: str, overwrite: bool) -> Path:
-    out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise RunFolderError(f"{out} exists and is not empty; choose another --output or pass --overwrite")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    return out
+    """The --output folder, checked (writable; empty unless --overwrite) before anything is loaded; nothing is deleted
+    here: the old folder is replaced only once the new one is complete (outputs.atomic_folder)."""
+    return check_output_folder(path, overwrite)
 
 
 def load_base(name: str, adapter: Path | None = None):
@@ -114,9 +111,12 @@ def run_export(args) -> int:
     out = fresh_output(args.output, args.overwrite)
     model = PeftModel.from_pretrained(load_base(base_name, adapter), adapter)
     tokenizer = base_tokenizer(model.base_model, base_name, args.tokenizer) if args.merge_rest else None
-    result = export_peft(model, out, base_name_or_path=hf_name(base_name), merge_rest=args.merge_rest,
-                         tokenizer=tokenizer)
+    with atomic_folder(out, overwrite=args.overwrite) as tmp:
+        result = export_peft(model, tmp, base_name_or_path=hf_name(base_name), merge_rest=args.merge_rest,
+                             tokenizer=tokenizer, base_folder=out / "base")
     print(f"exported {', '.join(result['exported'])} to {out} in Hugging Face peft's format (base: {result['base']})")
+    if result.get("note"):
+        print(result["note"])
     if result["merged"]:
         print(f"merged into the base in {out / 'base'}: {', '.join(result['merged'])}")
     return 0
@@ -138,7 +138,8 @@ def run_import(args) -> int:
     out = fresh_output(args.output, args.overwrite)
     model = import_peft(load_base(base_name), adapter)
     model.base_model.name_or_path = base_name
-    model.save_pretrained(out)
+    with atomic_folder(out, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
     print(f"imported {adapter} as {model.peft_config} into {out} (base: {base_name})")
     return 0
 
@@ -151,7 +152,8 @@ def run_merge(args) -> int:
     base = load_base(args.model, Path(args.adapter))
     model = PeftModel.from_pretrained(base, args.adapter)
     tokenizer = base_tokenizer(base, args.model, args.tokenizer)
-    result = merge_to_folder(model, out, tokenizer)
+    with atomic_folder(out, overwrite=args.overwrite) as tmp:
+        result = merge_to_folder(model, tmp, tokenizer)
     print(f"merged {', '.join(result['merged']) or 'nothing'} into {out}"
           + (" with the tokenizer" if tokenizer is not None else ""))
     if result["note"]:

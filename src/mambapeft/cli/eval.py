@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -31,7 +32,12 @@ def add_parser(commands):
     parser.set_defaults(run=run)
 
 
+REMAINING = "remaining_adapter"          # what `mambapeft merge` leaves beside the weights when some methods stay
+
+
 def load_model(model: str, adapter: str | None):
+    """The model, with `adapter`; a merged folder's remaining adapter (methods that cannot merge) is loaded with it,
+    and refused beside another --adapter (one model carries one set of methods)."""
     from ..errors import ConfigError
     from ..model.registry import family_of
     from ..peft import PeftModel
@@ -42,6 +48,14 @@ def load_model(model: str, adapter: str | None):
         raise ConfigError(f"{model} is a {family.title} model: `mambapeft eval` scores language models on "
                           f"multiple-choice tasks; a {family.tasks[0]} run reports its test accuracy in "
                           f"OUTPUT_DIR/results.json (mambapeft train --task {family.tasks[0]})")
+    remaining = Path(model).expanduser() / REMAINING
+    if remaining.is_dir():
+        if adapter:
+            raise ConfigError(f"{model} is a merged model whose {REMAINING}/ holds methods that could not merge; "
+                              f"they are part of the model, so another --adapter cannot go on it. Evaluate {model} "
+                              f"without --adapter, or merge both adapters' training into one run")
+        print(f"loading {remaining} (the methods that could not merge; see {Path(model) / 'MERGE_NOTE.txt'})")
+        adapter = str(remaining)
     base = load_base(model, Path(adapter) if adapter else None)
     return PeftModel.from_pretrained(base, adapter).eval() if adapter else base
 
@@ -55,9 +69,14 @@ def check_args(args) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
     if args.output:
+        from ..outputs import check_writable
+
         folder = Path(args.output).expanduser().resolve().parent
         if not folder.is_dir():
             raise ConfigError(f"--output {args.output}: the folder {folder} does not exist; create it first")
+        check_writable(args.output, "--output", folder=False)
+        if Path(args.output).exists() and not os.access(args.output, os.W_OK):
+            raise ConfigError(f"--output {args.output}: this process may not write that file; choose another")
     if not [t for t in args.tasks.split(",") if t.strip()]:
         raise ConfigError("--tasks names no task; e.g. --tasks builtin or --tasks boolq,piqa")
 
@@ -116,5 +135,7 @@ def report(results: dict, output: str | None) -> int:
         shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         print(f"{task}: {shown}")
     if output:
-        Path(output).write_text(json.dumps(results, indent=2) + "\n")
+        from ..train.run_folder import write_atomic
+
+        write_atomic(Path(output), json.dumps(results, indent=2) + "\n")
     return 0

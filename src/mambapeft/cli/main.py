@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from ..errors import MambaPeftError
+from ..outputs import disk_error_message
+from ..verbosity import set_verbose
 from ..version import __version__
 from . import convert, eval, info, methods, params, search, train
 
@@ -19,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parameter-efficient fine-tuning of Mamba state-space models (MambaPEFT, ICLR 2025).",
     )
     parser.add_argument("--version", action="version", version=f"mambapeft {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="show every warning, with its source, and the "
+                        "libraries' own notices (default: each data warning once, expected notices silenced)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(commands)
@@ -31,17 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    set_verbose(args.verbose)
     try:
         return args.run(args) or 0
     except MambaPeftError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:             # `mambapeft info ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:
+        message = disk_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except Exception as err:            # safetensors reports a full disk as its own error type
+        if "No space left on device" not in str(err):
+            raise
+        print(f"error: {disk_error_message(OSError(errno.ENOSPC, str(err)))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -145,6 +145,88 @@ def check_space_fits_model(space, base) -> None:
             raise ConfigError(f"search space: step1.methods.{method} does not fit {base.model}: {err}") from None
 
 
+def check_trial_budget(space, trial: dict) -> None:
+    """Every method the search may try must fit a trial's budget (SDT's warm-up must be shorter than a trial): step 1's
+    settings, and step 2's with each option at the end of its range that needs the most steps."""
+    from ..methods import REGISTRY
+    from ..search.space import Range
+
+    steps = trial.get("max_steps")
+    if steps in (None, -1):
+        return
+    candidates = [(method, dict(options), "step1") for method, options in space.step1.items()]
+    for method, ranges in space.step2.items():
+        options = dict(space.step1.get(method, {}))
+        for option, value in ranges.items():
+            if option in ("lr", "weight_decay"):
+                continue
+            found = Range.of(value)
+            if found is None:
+                options[option] = value
+            elif found.kind != "choice":
+                options[option] = found.bounds[1]
+        candidates.append((method, options, "step2"))
+    for method, options, step in candidates:
+        try:
+            spec = MethodSpec.build(method, options)
+            REGISTRY[method](spec.config).check_training(steps)
+        except ConfigError as err:
+            raise ConfigError(f"a trial runs {steps} optimiser steps (--trial-steps or the config's trial section), "
+                              f"too few for the search space's {step}.methods.{method}: {err}. Give trials more "
+                              f"steps, or shorten that method's warm-up in the space (--space)") from None
+
+
+STORAGE_BACKENDS = ("sqlite", "postgresql", "mysql")
+
+
+def check_storage(url: str) -> None:
+    """The --storage URL before anything is written: a scheme Optuna supports, its driver installed, a SQLite file
+    that can be created, a server that answers."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from ..outputs import check_writable
+    from ..search.hybrid import with_driver
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--storage {url!r} is not a database URL; e.g. sqlite:///search.db or "
+                          f"postgresql+psycopg2://user:password@host/database") from None
+    if parsed.get_backend_name() not in STORAGE_BACKENDS:
+        raise ConfigError(f"--storage {shown_url(url)}: unknown database {parsed.get_backend_name()!r}; Optuna's "
+                          f"storages here are {', '.join(f'{b}://' for b in STORAGE_BACKENDS)}")
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            check_writable(parsed.database, "--storage", folder=False)
+            if Path(parsed.database).exists() and not os.access(parsed.database, os.W_OK):
+                raise ConfigError(f"--storage {url}: this process may not write {parsed.database}")
+        return
+    try:
+        engine = sqlalchemy.create_engine(with_driver(url), connect_args={"connect_timeout": 10})
+    except (NoSuchModuleError, ImportError) as err:
+        raise ConfigError(f"--storage {shown_url(url)}: its database driver is not installed ({err}); for "
+                          f"PostgreSQL: pip install psycopg2-binary (or the extra mambapeft[postgres])") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", err)).strip().splitlines()[0][:300]
+        raise ConfigError(f"--storage {shown_url(url)}: cannot connect to the database ({reason}). Start the server "
+                          f"or fix the URL (host, port, user, password, database name)") from None
+    finally:
+        engine.dispose()
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """What a search is (run config, trial budget, tasks, space, pruner): stored in the study, so a worker started with
+    other settings is refused instead of joining."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def ready_folder(out: Path, settings: dict, overwrite: bool, log=print) -> None:
     """Refuses a folder holding a search with other settings (unless --overwrite); the same settings resume it."""
     saved_file = out / SEARCH_CONFIG
@@ -174,11 +256,13 @@ def ready_folder(out: Path, settings: dict, overwrite: bool, log=print) -> None:
 
 
 def run(args) -> int:
+    from ..outputs import check_writable
     from ..search.hybrid import SearchSettings, open_storage, open_study, run_search, study_name
     from ..search.objective import TrainingObjective, final_config
     from ..search.report import write_report
     from ..search.space import SearchSpace
     from ..train.run_folder import FolderLock, write_atomic
+    from ..verbosity import quiet_third_party
 
     kind, base, trial, tasks = load_run_config(args.config, args.task, args.trial_steps, args.model)
     out = Path(args.output_dir or default_output_dir(kind))
@@ -189,18 +273,23 @@ def run(args) -> int:
         space.step2_trials = args.step2_trials
     space.validate(args.space or "the default search space")
     check_space_fits_model(space, base)
+    check_trial_budget(space, trial)
+    check_writable(out, "--output-dir", folder=True)
 
     storage_url = args.storage or f"sqlite:///{(out / 'search.db').resolve()}"
+    check_storage(storage_url)
     seed = args.seed + (os.getpid() % 10_000 if args.worker else 0)
     pruner = "none" if args.no_prune else args.pruner or getattr(kind, "search_builtin_pruner", "median")
+    described = {"base": base.to_dict(), "trial": trial, "tasks": tasks, "space": space.to_dict(),
+                 "study_name": args.study_name, "pruner": pruner}
     settings = SearchSettings(study_name=args.study_name, storage=storage_url, seed=seed, prune=pruner != "none",
-                              pruner=pruner, heartbeat_interval=args.heartbeat, grace_period=args.grace)
+                              pruner=pruner, heartbeat_interval=args.heartbeat, grace_period=args.grace,
+                              fingerprint=settings_fingerprint(described))
     lock = FolderLock(out, "search folder")
     if not args.worker:                 # workers join the main process's search; two main processes may not
         lock.acquire()
         try:
-            ready_folder(out, {"base": base.to_dict(), "trial": trial, "tasks": tasks, "space": space.to_dict(),
-                               "study_name": args.study_name, "pruner": pruner}, args.overwrite)
+            ready_folder(out, described, args.overwrite)
         except BaseException:
             lock.release()
             raise
@@ -226,11 +315,12 @@ def run(args) -> int:
             return 0
 
         storage = open_storage(settings)
-        report = write_report(out / "report", {step: open_study(settings, storage, step) for step in (1, 2)})
+        with quiet_third_party():           # Optuna's notices on a small study's importances are expected
+            report = write_report(out / "report", {step: open_study(settings, storage, step) for step in (1, 2)})
         best_task = tasks[0] if tasks else {}
         final = final_config(objective, result.best_config, best_task, out / "final")
         config_file = out / "best_config.json"
-        write_atomic(config_file, json.dumps(final.to_dict(), indent=2) + "\n")
+        write_atomic(config_file, json.dumps(ready_to_train(final), indent=2) + "\n")
         print(f"best configuration: {config_file} (mambapeft train --config {config_file})")
         summary = {"trial_budget": trial, "final_recipe": budget_text(base), "pruner": pruner,
                    "winner": {"methods": [c["method"] for c in result.best_config], "search_validation":
@@ -243,12 +333,18 @@ def run(args) -> int:
                 summary["default"] = {"methods": list(kind.Config().method), **final_scores(baseline, "baseline")}
                 summary["kept"] = kept(summary)
                 if summary["kept"] == "default":        # chosen on validation only: the test set stays unseen
-                    write_atomic(config_file, json.dumps(baseline.to_dict(), indent=2) + "\n")
+                    write_atomic(config_file, json.dumps(ready_to_train(baseline), indent=2) + "\n")
             print(summary_line(summary))
         write_atomic(report / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"report: {report}/trials.md, {report}/summary.json, {report}/importances.json, {report}/history.png, "
               f"{report}/pareto.png")
     return 0
+
+
+def ready_to_train(config) -> dict:
+    """best_config.json: the run config without its output_dir (the search's own final/ folder, which holds that
+    run), so `mambapeft train --config best_config.json` trains into a folder named after the run."""
+    return {k: v for k, v in config.to_dict().items() if k != "output_dir"}
 
 
 def default_output_dir(kind) -> str:
@@ -258,12 +354,19 @@ def default_output_dir(kind) -> str:
 
 
 def shown_url(url: str) -> str:
-    """The storage URL as printed: a password in it is masked."""
+    """The storage URL as printed, in the form optuna and optuna-dashboard accept (a PostgreSQL URL names its
+    driver: postgresql+psycopg2://...); a password in it is masked."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    from ..search.hybrid import with_driver
+
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        full = with_driver(url)
+    except ConfigError:
+        full = url
+    try:
+        return make_url(full).render_as_string(hide_password=True)
     except ArgumentError:
         return url
 

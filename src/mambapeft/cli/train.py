@@ -47,7 +47,9 @@ def add_config_flags(parser) -> None:
                          TASKS[t].builtin_defaults else "") + str(v) for t, v in defaults.items()}
             help_text = f.metadata.get("help", "")
             builtin_default = any(f.name in TASKS[t].builtin_defaults for t in owners[f.name])
-            if len(set(map(str, defaults.values()))) == 1 and not builtin_default:
+            if "default_text" in f.metadata:
+                help_text += f" (default: {f.metadata['default_text']})"
+            elif len(set(map(str, defaults.values()))) == 1 and not builtin_default:
                 help_text += f" (default: {next(iter(defaults.values()))})"
             else:
                 help_text += " (default: " + "; ".join(f"{t}: {v}" for t, v in shown.items()) + ")"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, did_you_mean
 from ..methods import REGISTRY, MethodConfig
-from ..options import build_options
+from ..options import build_options, parse_json
 from .presets import all_presets, size_lr, size_rank
 
 
@@ -40,6 +40,8 @@ class MethodSpec:
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ConfigError(f"cannot read {item!r} in {text!r}: write options as key=value, separated by commas")
+            if key.strip() in options:
+                raise ConfigError(f"{text!r} gives {key.strip()!r} twice; the last value would silently win. Keep one")
             options[key.strip()] = value.strip()
         return cls.build(method.strip(), options)
 
@@ -134,7 +136,7 @@ class PeftConfig:
     @classmethod
     def from_json(cls, text: str) -> PeftConfig:
         try:
-            data = json.loads(text)
+            data = parse_json(text, "the PEFT config")
         except json.JSONDecodeError as err:
             raise ConfigError(f"the PEFT config is not valid JSON: {err}") from None
         return cls.from_dict(data)

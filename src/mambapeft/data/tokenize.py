@@ -8,12 +8,12 @@ exactly those of the unpadded sequence, and pad positions get label -100, so the
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
+from ..verbosity import note
 from .instructions import Example
 
 IGNORE = -100
@@ -65,10 +65,10 @@ def tokenize_examples(tokenizer, examples: list[Example], *, max_length: int, tr
                 + (" or set train_on_prompt=true" if not train_on_prompt else "") + ", or drop those examples")
         if len(nothing_to_learn) == len(examples):
             raise ConfigError(text + "; as it is, every loss would be over zero tokens (NaN)")
-        warnings.warn(text + "; they add nothing to the loss", stacklevel=2)
+        note(text + "; they add nothing to the loss")
     if out.truncated:
-        warnings.warn(f"{out.truncated} of {len(examples)} {what} examples are longer than max_length "
-                      f"{max_length} tokens and were truncated (raise max_length to keep them whole)", stacklevel=2)
+        note(f"{out.truncated} of {len(examples)} {what} examples are longer than max_length {max_length} tokens and "
+             f"were truncated (raise max_length to keep them whole)")
     return out
 
 

@@ -13,6 +13,7 @@ first stop string.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -88,7 +89,35 @@ def check_tasks(tasks: list[str], *, include_path=None):
     if unknown:
         raise ConfigError(f"lm-evaluation-harness knows no task {', '.join(unknown)}"
                           + ("" if include_path else "; define local ones in YAML files and pass --include-path"))
+    for task in tasks:
+        entry = getattr(manager, "task_index", {}).get(task)
+        yaml_path = entry.get("yaml_path") if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
+        _check_data_files(task, yaml_path)
     return manager
+
+
+def _check_data_files(task: str, yaml_path) -> None:
+    """A task YAML's local data files (dataset_kwargs.data_files) must exist: named now, not as a traceback."""
+    if not yaml_path or yaml_path == -1 or not Path(yaml_path).is_file():
+        return
+    import yaml
+
+    class Lenient(yaml.SafeLoader):          # task YAMLs use tags such as !function
+        pass
+
+    Lenient.add_multi_constructor("", lambda loader, suffix, node: None)
+    try:
+        data = yaml.load(Path(yaml_path).read_text(), Loader=Lenient)  # noqa: S506 (a SafeLoader subclass)
+    except (OSError, yaml.YAMLError):
+        return
+    files = ((data or {}).get("dataset_kwargs") or {}).get("data_files") if isinstance(data, dict) else None
+    named = files.values() if isinstance(files, dict) else [files] if files else []
+    for entry in named:
+        for file in entry if isinstance(entry, list) else [entry]:
+            if isinstance(file, str) and "://" not in file and not any(c in file for c in "*?[") and \
+                    not Path(file).expanduser().exists() and not (Path(yaml_path).parent / file).exists():
+                raise ConfigError(f"the harness task {task} ({yaml_path}) reads the data file {file}, which does not "
+                                  f"exist; fix dataset_kwargs.data_files in that YAML")
 
 
 NETWORK_SIGNS = ("offline", "connection", "couldn't reach", "could not reach", "localentrynotfound",
@@ -103,6 +132,9 @@ def run_harness(lm: MambaPeftLM, tasks: list[str], *, include_path=None, limit=N
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                        num_fewshot=num_fewshot, log_samples=False)
+    except FileNotFoundError as err:
+        raise ConfigError(f"the harness task(s) {', '.join(tasks)}: {err}; fix the file names in the task YAML "
+                          f"(dataset_kwargs.data_files)") from None
     except Exception as err:
         text = f"{type(err).__name__}: {err}".lower()
         if any(sign in text for sign in NETWORK_SIGNS):

@@ -156,7 +156,9 @@ def decode_floats(obj):
 def read_our_config(folder: Path, fmt: str, config_class, what: str):
     """The config object of one of our own folders, whose config.json carries {"format": fmt, ...}."""
     from ..errors import ConfigError
+    from ..outputs import check_complete
 
+    check_complete(Path(folder), "model folder")
     raw, file = read_raw_config(folder)
     if raw.pop("format", None) != fmt:
         raise CheckpointError(f"{file} is not a mambapeft {what} config (format {fmt!r}); load the model by its "
@@ -311,6 +313,11 @@ def check_tensors(expected: dict, state: dict, source: str, *, against: str = "i
         if state[key].shape != shape:
             raise CheckpointError(
                 f"{source}: tensor {key} has shape {tuple(state[key].shape)}, {implied} {tuple(shape)}")
+    bad = [key for key in expected if state[key].is_floating_point() and not torch.isfinite(state[key]).all()]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values (first: "
+                              f"{', '.join(bad[:4])}); the checkpoint is damaged or comes from a run that diverged, "
+                              f"and no score or fine-tuning of it would mean anything. Use another copy of the model")
 
 
 def load_strict(model: torch.nn.Module, state: dict, source: str, *, against: str = "its config",

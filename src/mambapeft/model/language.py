@@ -58,6 +58,9 @@ class HFLanguageFamily(ModelFamily):
         hub id, downloaded (or found in the cache)."""
         path = Path(name_or_path).expanduser()
         if path.is_dir():
+            from ..outputs import check_complete
+
+            check_complete(path, "model folder")
             return path
         name = str(name_or_path)
         if name.lower() in self.builtins:

@@ -69,6 +69,7 @@ class SearchSettings:
     heartbeat_interval: int = 30          # seconds between heartbeats of a running trial
     grace_period: int = 120               # a running trial silent this long belongs to a dead worker
     poll_interval: float = 2.0            # how often a worker with nothing to do looks again
+    fingerprint: str | None = None        # what the search is (config, budget, space): a worker must match it
 
 
 def _retry_callback():
@@ -383,10 +384,25 @@ class SearchResult:
     best_step: int
 
 
+def check_fingerprint(study, settings: SearchSettings) -> None:
+    """The first process to open the study records what the search is; a process with other settings is refused."""
+    if settings.fingerprint is None:
+        return
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None:
+        study.set_user_attr("fingerprint", settings.fingerprint)
+    elif stored != settings.fingerprint:
+        raise ConfigError(f"the study {study.study_name} in this storage belongs to a search with other settings (run "
+                          f"config, trial budget, tasks, space or pruner differ), so this process's trials would "
+                          f"count as that search's. Start it with the same --config, --space and options as the "
+                          f"search it should help, or give another --study-name")
+
+
 def run_search(space: SearchSpace, objective: Objective, settings: SearchSettings, progress=None) -> SearchResult:
     """Runs (or joins, or resumes) the two-step search; every worker calling this with the same storage helps."""
     storage = open_storage(settings)
     study1 = open_study(settings, storage, 1)
+    check_fingerprint(study1, settings)
     run_step(study1, step1_trial(space, objective, settings), space.step1_trials, settings,
              progress and (lambda done, total: progress(1, done, total)))
     combination = best_combination(study1)

@@ -24,7 +24,6 @@ registry before anything trains; a message names the offending entry.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 from ..config.spec import MethodSpec
 from ..errors import ConfigError, did_you_mean
 from ..methods import REGISTRY
-from ..options import field_type
+from ..options import field_type, parse_config_text
 
 RANGE_KINDS = ("int", "float", "log", "choice")
 
@@ -140,12 +139,9 @@ class SearchSpace:
             raise ConfigError(f"no search-space file {path}")
         text = path.read_text()
         try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
+            data = parse_config_text(text, path)
+        except ConfigError:
+            raise
         except Exception as err:  # json or yaml syntax
             raise ConfigError(f"{path} cannot be read as {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
         return cls.from_dict(data, source=str(path))

@@ -9,13 +9,12 @@ and the option.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
 from ..errors import ConfigError, did_you_mean
-from ..options import check_options, convert, field_type, option
+from ..options import check_options, convert, field_type, option, parse_config_text
 
 SEED_MAX = 2**32 - 1
 
@@ -29,7 +28,9 @@ class RunConfig:
     model: str = option("builtin", "base model: a built-in name, a local folder or a hub id")
     method: list[str] = field(default_factory=lambda: ["lora_p_x"], metadata={
         "help": "PEFT method specs (e.g. lora_p_x:r=64, additional_scan, paper/affix); several make a hybrid"})
-    output_dir: str = option("runs/train", "where checkpoints, metrics.jsonl, run_config.json and adapter/ go")
+    output_dir: str = option("runs/train", "where checkpoints, metrics.jsonl, run_config.json and adapter/ go",
+                             default_text="runs/MODEL-METHOD, named after the run: the model, the data unless "
+                             "built in, the methods; e.g. runs/tiny-mamba2-state_offset")
     epochs: float = option(3.0, "training epochs", exclusive_minimum=0)
     max_steps: int = option(-1, "stop after this many optimiser steps (-1: run the epochs)", minimum=1, allow=(-1,))
     batch_size: int = option(16, "examples per optimiser step (per device x accumulation x devices)", minimum=1)
@@ -84,12 +85,9 @@ class RunConfig:
             raise ConfigError(f"{path} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r})"
                               ) from None
         try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
+            data = parse_config_text(text, path)
+        except ConfigError:
+            raise
         except Exception as err:
             raise ConfigError(f"cannot read {path}: {err}") from None
         if not isinstance(data, dict):

@@ -9,6 +9,7 @@ finishes in a few minutes on two CPU cores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..assets import BUILTIN_LANGUAGE_MODELS, BUILTIN_NAME, builtin_split
 from ..config.presets import run_lr
@@ -40,13 +41,21 @@ class TrainConfig(RunConfig):
     warmup_steps: int = option(100, "linear warm-up steps", minimum=0)
     eval_steps: int = option(200, "evaluate on validation and save a checkpoint every this many steps", minimum=1)
 
+    def validate(self, where: str = "the config") -> None:
+        super().validate(where)
+        default = type(self)().val_size
+        if self.val_size != default and (self.data == BUILTIN_NAME or self.val_data):
+            used = "the built-in data has its own validation split" if self.data == BUILTIN_NAME else (
+                f"val_data {self.val_data} is the validation set")
+            raise ConfigError(f"{where}: val_size={self.val_size} does not apply: {used}, so nothing is held out of "
+                              f"the training data. Drop val_size, or train on a file (--data) without --val-data")
+
 
 # The built-in demo: small batches, few warm-up steps and more epochs for the 1M-parameter model, the loss on the
 # answer only (the 8 labels are the signal; the passages are a few dozen tokens each). Learning rates: the built-in
 # model's column (config/presets.py: 3e-2 for the LoRA family), else 3e-3.
-BUILTIN_DEFAULTS = dict(test_data="builtin", max_length=192, epochs=8.0, batch_size=8, micro_batch_size=8,
-                        warmup_steps=10, eval_steps=42, logging_steps=21, train_on_prompt=False,
-                        output_dir="runs/builtin")
+BUILTIN_DEFAULTS = dict(test_data="builtin", max_length=224, epochs=8.0, batch_size=8, micro_batch_size=8,
+                        warmup_steps=10, eval_steps=42, logging_steps=21, train_on_prompt=False)
 
 
 def resolve_config(file: str | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -81,7 +90,14 @@ def load_tokenizer(name_or_path: str):
             + "; pass --tokenizer with a folder or hub id that has the model's tokenizer (e.g. EleutherAI/gpt-neox-20b "
               "for the state-spaces Mamba models)")
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        filler = tokenizer.eos_token if tokenizer.eos_token_id is not None else tokenizer.unk_token
+        if filler is None:
+            raise ConfigError(
+                f"the tokenizer in {folder} has no pad, end-of-sequence or unknown token, so batches cannot be padded "
+                f"(padding is masked out of the loss and the scores, any token of the vocabulary would do): set "
+                f"\"pad_token\" (or \"eos_token\") in its tokenizer_config.json, or pass --tokenizer with the model's "
+                f"own tokenizer")
+        tokenizer.pad_token = filler
     return tokenizer
 
 
@@ -109,7 +125,14 @@ def prepare_data(config: TrainConfig, tokenizer, log=print):
         if size < config.val_size:
             log(f"note: {len(train)} examples: holding out {size} for validation instead of {config.val_size}")
         train, val = split_validation(train, size, seed=config.seed)
-    val_items = items_from_examples(val) if val and all(e.answer and e.choices for e in val) else []
+    scorable = [e for e in val or [] if e.answer and e.choices]
+    val_items = items_from_examples(val) if val and len(scorable) == len(val) else []
+    if scorable and not val_items:
+        from ..verbosity import note
+
+        note(f"{len(val) - len(scorable)} of {len(val)} validation examples have no answer with choices, so "
+             f"validation accuracy cannot be scored on the set: checkpoints are compared by validation loss instead "
+             f"(give every validation record an 'answer' among its 'choices' to compare them by accuracy)")
     test_items = load_mc_items(_data_file(config.test_data, "test")) if config.test_data else []
     kwargs = dict(max_length=config.max_length, train_on_prompt=config.train_on_prompt)
     train_set = tokenize_examples(tokenizer, train, what="training", **kwargs)
@@ -158,6 +181,10 @@ class LanguageTask(TaskKind):
 
     def is_builtin(self, values: dict) -> bool:
         return values.get("data", BUILTIN_NAME) == BUILTIN_NAME
+
+    def output_dir_data(self, values: dict) -> list[str]:
+        data = values.get("data", BUILTIN_NAME)
+        return [] if data == BUILTIN_NAME else [Path(str(data)).stem]
 
     def is_builtin_model(self, config) -> bool:
         return config.data == BUILTIN_NAME and config.model in BUILTIN_MODELS

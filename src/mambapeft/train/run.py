@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..methods import REGISTRY
+from ..outputs import check_writable
 from ..peft import check_combination, check_methods, get_peft_model
 from .config import RunConfig
 from .run_folder import RunFolder, write_atomic
@@ -71,6 +72,7 @@ def fine_tune(config: RunConfig | dict, *, resume: bool = False, overwrite: bool
     main = is_main_process()
     if not main:
         log = _silent
+    check_writable(config.output_dir, "--output-dir", folder=True)
     prepared = task.prepare(config, log)
     check_run(config, prepared)
 

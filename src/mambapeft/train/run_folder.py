@@ -30,9 +30,9 @@ RUN_OUTPUTS = ("checkpoint-*", "adapter", "metrics.jsonl", "results.json", RUN_C
 
 def write_atomic(path: Path, text: str) -> None:
     """Writes `text` to `path` through a temporary file and a rename, so a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ..outputs import replace_file
+
+    replace_file(path, lambda tmp: tmp.write_text(text))
 
 
 def _alive(pid: int) -> bool:

@@ -8,7 +8,9 @@ loads the model and the data, how it scores the test set, and the search's built
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
@@ -96,7 +98,26 @@ class TaskKind:
         if self.is_builtin(values):
             for key, value in self.builtin_defaults.items():
                 values.setdefault(key, value)
+        if "output_dir" not in values:
+            values["output_dir"] = self.default_output_dir(values)
         return self.Config.from_dict(values, where=where)
+
+    def default_output_dir(self, values: dict) -> str:
+        """runs/MODEL-METHOD[+METHOD...] (plus the data when it is not the built-in task's): a run's folder is named
+        after what it is, so runs of other models or methods never meet in one folder."""
+        defaults = self.Config()
+        model = str(values.get("model", defaults.model)).rstrip("/\\")
+        name = Path(model).name.removesuffix(".pth") or "model"
+        methods = values.get("method", defaults.method)
+        methods = [methods] if isinstance(methods, (str, dict)) else list(methods)
+        ids = [str(m.get("method", "method") if isinstance(m, dict) else m).partition(":")[0].rsplit("/", 1)[-1]
+               for m in methods]
+        parts = [name, *self.output_dir_data(values), "+".join(dict.fromkeys(ids))]
+        return "runs/" + re.sub(r"[^A-Za-z0-9._+-]", "_", "-".join(p for p in parts if p))
+
+    def output_dir_data(self, values: dict) -> list[str]:
+        """What names the data in the default output folder ([] for the built-in task)."""
+        return []
 
     def prepare(self, config: RunConfig, log=print) -> Prepared:
         """Loads and checks the model, data and methods of `config`; writes nothing."""
