@@ -52,6 +52,9 @@ class SequenceTrainConfig(RunConfig):
     max_grad_norm: float = default_of("max_grad_norm", 0.0)
     logging_steps: int = default_of("logging_steps", 20)
     eval_batch_size: int = default_of("eval_batch_size", 256)
+    # one thread: the 34k-parameter model's small FFTs and matmuls gain nothing from two (measured on 2 cores: the
+    # default run 47 s of CPU at one thread, 247 s at two on a loaded machine)
+    threads: int = default_of("threads", 1, "(sequence: 1)")
     data: str = option("digits", "training data: 'digits' (built in: 8x8 digits 5-9 as 64-pixel column sequences), "
                        "'digits-rows' (digits 0-4 by rows) or a .npz with 'sequences' (n, L) or (n, L, features) and "
                        "integer 'labels' (n,)")
