@@ -46,7 +46,7 @@ from .lora import LinearLoRA, LoRAConfig, attach_linear_lora, check_rank, merge_
 class LayerLoRA(Method):
     """LoRA on the `roles` projections of every layer that has them. Subclassed once per target below."""
 
-    family = "LoRA"
+    category = "LoRA"
     Config = LoRAConfig
     roles: tuple[str, ...]
     scaled_update = True
@@ -150,7 +150,7 @@ class StackedLoRADelta(nn.Module):
 class TensorLoRA(Method):
     """LoRA as a parametrization of the `roles` tensors of every layer that has them. Subclassed below."""
 
-    family = "LoRA"
+    category = "LoRA"
     roles: tuple[str, ...]
     scaled_update = True
     search_step2 = LinearLoRA.search_step2

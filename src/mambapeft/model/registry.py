@@ -207,8 +207,8 @@ def family_of(name_or_path) -> ModelFamily:
         raise CheckpointError(f"no folder {text} (nor a file of that name): pass an existing checkpoint, an "
                               f"architecture or a hub id")
     if "/" not in text:
-        raise ConfigError(f"{text!r} is not a known architecture, a built-in model, a local checkpoint or a hub id "
-                          f"owner/name{known_names_hint(text)}")
+        raise ConfigError(f"unknown architecture {text!r} (nor a built-in model, a local checkpoint or a hub id "
+                          f"owner/name){known_names_hint(text)}")
     config_file = hub_download(text, filename="config.json")
     scores = {name: family.claim(config_file.parent) for name, family in FAMILIES.items()}
     best = max(scores.values())

@@ -427,9 +427,9 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
         """config.json + model.safetensors that transformers' GraniteMoeHybridForCausalLM and `load_granite_hybrid`
         both load, with the published tensor names (refused while PEFT parts are attached: save the adapter, or merge
         first)."""
-        from .loading import save_granite_hybrid
+        from ..registry import family_of_model
 
-        save_granite_hybrid(self, folder)
+        family_of_model(self).save(self, folder)
 
 
 def hybrid_summary(model) -> dict:

@@ -201,6 +201,6 @@ class NemotronHLM(GraniteHybridLM):
     def save_pretrained(self, folder) -> None:
         """config.json + model.safetensors in the published layout, which transformers' NemotronHForCausalLM and
         `load_nemotron_h` both load (refused while PEFT parts are attached)."""
-        from .loading import save_nemotron_h
+        from ..registry import family_of_model
 
-        save_nemotron_h(self, folder)
+        family_of_model(self).save(self, folder)
