@@ -82,6 +82,8 @@ def shortened(command: str) -> list[str] | None:
         extra = list(SHORT_TRAIN)
         if "--task" in args and "vision" in args:
             extra = ["--max-steps", "2", "--eval-epochs", "0.1", "--logging-steps", "1"]
+        if "sequence" in args or "tiny-s4d" in args:             # past SDT's one-epoch warm-up (7 steps)
+            extra = ["--max-steps", "10", "--logging-steps", "1"]
         if "--config" in args:
             extra = ["--max-steps", "2"]
         return args + extra

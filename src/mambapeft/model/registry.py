@@ -179,6 +179,10 @@ def claimed_family(name_or_path) -> ModelFamily | None:
 def family_of(name_or_path) -> ModelFamily:
     """The family a name, file, folder or hub id belongs to: the one that claims it most surely. A hub id no family
     recognises by its name is decided by its config.json (fetched alone, or found in the cache)."""
+    if Path(str(name_or_path)).expanduser().is_dir():
+        from ..outputs import check_complete
+
+        check_complete(Path(str(name_or_path)).expanduser(), "model folder")     # a half-written output: say so
     scores = {name: family.claim(name_or_path) for name, family in FAMILIES.items()}
     best = max(scores.values(), default=0)
     if best:
