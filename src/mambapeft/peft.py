@@ -205,14 +205,16 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------ save and load
 
-    def save_pretrained(self, folder) -> None:
+    def save_pretrained(self, folder, *, in_place: bool = False) -> None:
         """adapter_config.json + adapter_model.safetensors, written whole or not at all: a folder holding only an
-        adapter (or nothing) is replaced as a whole (outputs.atomic_folder); in a folder with other files (a
-        trainer checkpoint) each file is written to a temporary name and renamed."""
+        adapter (or nothing) is replaced as a whole (outputs.atomic_folder); in a folder with other files, or with
+        `in_place` (a trainer checkpoint, which other processes write their files into at the same time), each file
+        is written to a temporary name and renamed."""
         from .outputs import atomic_folder
 
         folder = Path(folder)
-        if folder.is_dir() and {p.name for p in folder.iterdir()} - {ADAPTER_CONFIG, ADAPTER_WEIGHTS}:
+        if in_place or (folder.is_dir() and {p.name for p in folder.iterdir()} - {ADAPTER_CONFIG, ADAPTER_WEIGHTS}):
+            folder.mkdir(parents=True, exist_ok=True)
             self._write_adapter(folder)
             return
         with atomic_folder(folder, overwrite=True, option="adapter folder") as tmp:

@@ -149,7 +149,8 @@ class PeftTrainer(Trainer):
     # ---------------------------------------------------------------- adapter-only checkpoints
 
     def _save(self, output_dir=None, state_dict=None):
-        self.model.save_pretrained(output_dir or self.args.output_dir)
+        # in place: under data parallelism the other processes write their RNG states into the same folder meanwhile
+        self.model.save_pretrained(output_dir or self.args.output_dir, in_place=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         self.model.load_adapter_weights(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
