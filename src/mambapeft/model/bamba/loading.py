@@ -9,8 +9,7 @@ import torch
 from transformers import BambaConfig
 
 from ...errors import ConfigError
-from ..files import decode_floats, read_raw_config, read_state_dict
-from ..granitemoehybrid.loading import load_state_dict_strict
+from ..files import decode_floats, read_raw_config
 from .modeling import BambaLM
 
 
@@ -25,14 +24,6 @@ def read_bamba_config(folder: Path) -> BambaConfig:
 
 
 def load_bamba(folder, *, dtype: torch.dtype | str | None = torch.float32, device=None) -> BambaLM:
-    folder = Path(folder)
-    config = read_bamba_config(folder)
-    state = read_state_dict(folder)
-    with torch.device("meta"):
-        model = BambaLM(config)
-    load_state_dict_strict(model, state, str(folder))
-    if dtype != "auto":
-        model.to(dtype=dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    from ..registry import get_family
+
+    return get_family("bamba").load(folder, dtype=dtype, device=device)

@@ -18,7 +18,7 @@ from transformers import GraniteMoeHybridConfig
 
 from ...errors import ConfigError
 from ..checkpoint import plain_state, write_weights
-from ..files import check_tensors, decode_floats, read_raw_config, read_state_dict
+from ..files import decode_floats, read_raw_config
 from .modeling import GraniteHybridLM, layer_kind
 
 MODEL_TYPE = "granitemoehybrid"
@@ -67,16 +67,9 @@ def renamed(state: dict, names: dict[str, str]) -> dict:
 def load_state_dict_strict(model: GraniteHybridLM, state: dict, source: str) -> None:
     """Copies `state` (published or transformers' names) into `model` after checking every key and shape; ties the
     head again if tied."""
-    state = renamed(state, PUBLISHED_NAMES)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}   # a tied head is the embedding
-    check_tensors(expected, state, source)
-    if model.config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
+    from ..registry import get_family
+
+    get_family("granitemoehybrid").load_state(model, state, source)
 
 
 def build_granite_hybrid(config: GraniteMoeHybridConfig, *, device=None, dtype=None,
@@ -89,17 +82,9 @@ def build_granite_hybrid(config: GraniteMoeHybridConfig, *, device=None, dtype=N
 
 def load_granite_hybrid(folder, *, dtype: torch.dtype | str | None = torch.float32, device=None) -> GraniteHybridLM:
     """A Granite 4.0-H checkpoint folder (Hugging Face format) as a GraniteHybridLM, every tensor checked."""
-    folder = Path(folder)
-    config = read_granite_hybrid_config(folder)
-    state = read_state_dict(folder)
-    with torch.device("meta"):
-        model = GraniteHybridLM(config)
-    load_state_dict_strict(model, state, str(folder))
-    if dtype != "auto":
-        model.to(dtype=dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    from ..registry import get_family
+
+    return get_family("granitemoehybrid").load(folder, dtype=dtype, device=device)
 
 
 def save_granite_hybrid(model: GraniteHybridLM, folder) -> None:

@@ -16,7 +16,7 @@ from transformers import NemotronHConfig
 
 from ...errors import ConfigError
 from ..checkpoint import plain_state, write_weights
-from ..files import check_tensors, decode_floats, read_raw_config, read_state_dict
+from ..files import decode_floats, read_raw_config
 from .modeling import NemotronHLM, block_kind
 
 MODEL_TYPE = "nemotron_h"
@@ -65,16 +65,9 @@ def to_published(state: dict) -> dict:
 
 
 def load_state_dict_strict(model: NemotronHLM, state: dict, source: str) -> None:
-    state = from_published(state)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-        state.pop("lm_head.weight", None)
-    check_tensors(expected, state, source)
-    if model.config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
+    from ..registry import get_family
+
+    get_family("nemotron_h").load_state(model, state, source)
 
 
 def build_nemotron_h(config: NemotronHConfig, *, device=None, dtype=None, seed: int | None = None) -> NemotronHLM:
@@ -84,17 +77,9 @@ def build_nemotron_h(config: NemotronHConfig, *, device=None, dtype=None, seed: 
 
 
 def load_nemotron_h(folder, *, dtype: torch.dtype | str | None = torch.float32, device=None) -> NemotronHLM:
-    folder = Path(folder)
-    config = read_nemotron_h_config(folder)
-    state = read_state_dict(folder)
-    with torch.device("meta"):
-        model = NemotronHLM(config)
-    load_state_dict_strict(model, state, str(folder))
-    if dtype != "auto":
-        model.to(dtype=dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    from ..registry import get_family
+
+    return get_family("nemotron_h").load(folder, dtype=dtype, device=device)
 
 
 def save_nemotron_h(model: NemotronHLM, folder) -> None:
