@@ -93,7 +93,9 @@ def pretrained_model(args, folder: Path, log) -> tuple[str, dict]:
     """(the pretrained model's folder or name, what the report says of it): the built-in tiny-s4d when the settings
     are its own, else pretrained again with scripts/pretrain_tiny_s4d.py's function."""
     x, y = builtin_split("digits-rows", "test")
-    if all(getattr(args, k) == v for k, v in PRETRAIN_DEFAULTS.items()):
+    if args.pretrained:
+        model, name = load_s4d(args.pretrained), args.pretrained
+    elif all(getattr(args, k) == v for k, v in PRETRAIN_DEFAULTS.items()):
         model, name = load_s4d("tiny-s4d"), "tiny-s4d"
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--pretrain-lr", type=float, default=1e-2, help="the authors' pretraining rate")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (data split, head, order)")
     parser.add_argument("--seed", type=int, default=123, help="the pretraining seed")
+    parser.add_argument("--pretrained", help="an S4D folder (save_s4d) to fine-tune instead of the built-in tiny-s4d "
+                        "(the --pretrain-* settings are then not used)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="+", help="rows to run (default: all); the other rows of an existing .json "
                         "made with the same settings are kept")
@@ -152,6 +156,8 @@ def main() -> None:
     base = sum(t.numel() for t in load_s4d(model).parameters())
     settings = {k: getattr(args, k) for k in ("epochs", "pretrain_epochs", "batch", "lr", "warmup_lr", "pretrain_lr",
                                               "seeds", "seed")}
+    if args.pretrained:
+        settings["pretrained"] = args.pretrained
     out = Path(args.out)
     rows = {}
     if args.only and out.exists():

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import mambapeft
 from mambapeft import CheckpointError, ConfigError, PeftModel, get_peft_model
+from mambapeft.errors import RunFolderError
 from mambapeft.assets import BUILTIN_MODEL
 from mambapeft.cli.main import main
 from mambapeft.outputs import INCOMPLETE, atomic_folder
@@ -149,6 +150,38 @@ def test_an_adapter_folder_is_saved_whole(tmp_path):
     (tmp_path / "a" / INCOMPLETE).write_text("")
     with pytest.raises(CheckpointError, match=r"incomplete.*\.incomplete"):
         PeftModel.from_pretrained(mambapeft.from_pretrained("builtin"), tmp_path / "a")
+
+
+def test_merge_and_export_from_python_write_whole_folders(tmp_path, monkeypatch):
+    """The Python API writes as the commands do: a failure midway leaves the old folder as it was, a non-empty
+    folder is refused without overwrite before anything is merged, and the new folder replaces the old whole."""
+    from mambapeft.interop import export_peft, merge_to_folder
+    from mambapeft.model.mamba import MambaFamily
+
+    def adapted():
+        return get_peft_model(mambapeft.from_pretrained("builtin"), ["lora_p_x:r=2,dropout=0", "prompt:n=2"])
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RunFolderError, match="not empty"):
+        merge_to_folder(adapted(), out, overwrite=False)
+    failing = RuntimeError("disk trouble midway")
+    monkeypatch.setattr(MambaFamily, "save", lambda self, model, folder: (_ for _ in ()).throw(failing))
+    with pytest.raises(RuntimeError, match="midway"):
+        merge_to_folder(adapted(), out)
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and [p.name for p in tmp_path.iterdir()] == ["merged"]
+    monkeypatch.undo()
+    result = merge_to_folder(adapted(), out)
+    assert result["remaining"] == ["prompt"]
+    assert not (out / "old.txt").exists() and (out / "remaining_adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]               # no partial sibling left
+    exported = tmp_path / "exported"
+    export_peft(get_peft_model(mambapeft.from_pretrained("builtin"), ["lora_in_proj:r=2"]), exported)
+    with pytest.raises(RunFolderError, match="not empty"):
+        export_peft(get_peft_model(mambapeft.from_pretrained("builtin"), ["lora_in_proj:r=2"]), exported,
+                    overwrite=False)
+    assert {p.name for p in exported.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
 
 
 # ---------------------------------------- 2. --overwrite with a refused input keeps the old output

@@ -85,6 +85,37 @@ def test_search_reports_and_its_best_config_reproduces(setup, tmp_path, capsys):
     assert [spec.split(":")[0] for spec in config["method"]] == kept_methods
 
 
+def test_jobs_run_trials_in_two_processes_and_the_final_runs_side_by_side(setup, tmp_path, capsys):
+    """--jobs 2: a helper process joins the study (its trials carry its own pid), the search ends with every trial
+    counted once, and the winner's and the default's final runs (one in a fresh process) both report."""
+    out = tmp_path / "run"
+    code = main(["search", "--config", str(setup / "run.json"), "--space", str(setup / "space.json"),
+                 "--output-dir", str(out), "--no-prune", "--jobs", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "1 helper process run trials beside this one (1 thread each" in printed
+    helper_log = (out / "workers" / "worker-1.log").read_text()
+    _, step1 = states(out, 1)
+    _, step2 = states(out, 2)
+    finished = [t for t in step1 + step2 if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len([t for t in step1 if t.state == optuna.trial.TrialState.COMPLETE]) == SPACE["step1"]["trials"]
+    assert len([t for t in step2 if t.state == optuna.trial.TrialState.COMPLETE]) == SPACE["step2"]["trials"]
+    assert all(t.user_attrs["worker"] for t in finished)
+    # the helper joined the same study and ended with the same result (on a busy machine it may start too late to
+    # run any of these two-step trials: that is timing, not a fault)
+    best_line = next(line for line in printed.splitlines() if line.startswith("best (step"))
+    assert best_line in helper_log and "step 2: 2/2 trials finished" in helper_log
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    for who, folder in (("winner", "final"), ("default", "baseline")):
+        results = json.loads((out / folder / "results.json").read_text())
+        assert summary[who]["test"] == pytest.approx(results["fine_tuned"]["acc"])
+
+
+def test_jobs_below_one_are_refused(capsys):
+    assert main(["search", "--jobs", "0"]) == 2
+    assert "--jobs 0: give 1 or more processes" in capsys.readouterr().err
+
+
 def test_the_search_keeps_the_default_only_when_it_validates_higher():
     from mambapeft.cli.search import kept, summary_line
 

@@ -141,16 +141,27 @@ def portable_base(name: str | None) -> tuple[str | None, str | None]:
 
 
 def export_peft(peft_model, folder, *, base_name_or_path: str | None = None, merge_rest: bool = False,
-                tokenizer=None, base_folder=None) -> dict:
+                tokenizer=None, overwrite: bool = True) -> dict:
     """Writes `peft_model`'s low-rank updates as a Hugging Face peft adapter in `folder` (see the module docstring).
 
     Returns {"exported": [...], "merged": [...], "base": the base the adapter is for, "note": a note or None}. The
     base is named portably (`portable_base`: a hub id, or an absolute folder). Every part peft cannot express is
     refused by name with the reason, or, with merge_rest, folded into a base written to folder/"base" (with
-    `tokenizer` when given; `base_folder` is where that base will finally be, when `folder` is a temporary one); the
-    model passed in is changed (parts taken off or merged), so pass one loaded for this. lora_dropout is the exported
-    methods' dropout (peft's acts on the layer input, as our default dropout_at=input).
+    `tokenizer` when given); the model passed in is changed (parts taken off or merged), so pass one loaded for this.
+    lora_dropout is the exported methods' dropout (peft's acts on the layer input, as our default dropout_at=input).
+    The folder is written whole or not at all (outputs.atomic_folder): an existing one is replaced only once the new
+    one is complete, and only with `overwrite` (else a non-empty folder is refused before anything is done).
     """
+    from .outputs import atomic_folder, check_output_folder
+
+    folder = check_output_folder(Path(folder), overwrite, "folder")
+    with atomic_folder(folder, overwrite=overwrite, option="folder") as tmp:
+        return _export_into(peft_model, tmp, base_name_or_path=base_name_or_path, merge_rest=merge_rest,
+                            tokenizer=tokenizer, base_folder=folder / "base")
+
+
+def _export_into(peft_model, folder, *, base_name_or_path, merge_rest, tokenizer, base_folder) -> dict:
+    """export_peft's work, in the (partial) folder `folder`; `base_folder`: where the merged base will finally be."""
     peft = _require_peft()
     model = peft_model.base_model
     family = _check_language_model(model)
@@ -388,14 +399,23 @@ def plain_base(peft_model):
     return plain
 
 
-def merge_to_folder(peft_model, folder, tokenizer=None) -> dict:
+def merge_to_folder(peft_model, folder, tokenizer=None, *, overwrite: bool = True) -> dict:
     """merge_and_unload, then a complete model folder: the weights and config (Hugging Face format for language
     models, which transformers loads), the tokenizer files, and, when some methods cannot merge, the small remaining
-    adapter in folder/"remaining_adapter" with a note saying what stays and why."""
+    adapter in folder/"remaining_adapter" with a note saying what stays and why. Written whole or not at all
+    (outputs.atomic_folder): an existing folder is replaced only once the new one is complete, and only with
+    `overwrite` (else a non-empty folder is refused before anything is merged)."""
+    from .outputs import atomic_folder, check_output_folder
+
+    check_output_folder(Path(folder), overwrite, "folder")
+    with atomic_folder(folder, overwrite=overwrite, option="folder") as tmp:
+        return _merge_into(peft_model, tmp, tokenizer)
+
+
+def _merge_into(peft_model, folder: Path, tokenizer) -> dict:
     from .model.registry import family_of_model
     from .peft import PeftModel
 
-    folder = Path(folder)
     kept_names = [m.name for m in peft_model.methods if not m.mergeable]
     merged = peft_model.merge_and_unload()
     base = plain_base(merged) if isinstance(merged, PeftModel) else merged

@@ -111,9 +111,8 @@ def run_export(args) -> int:
     out = fresh_output(args.output, args.overwrite)
     model = PeftModel.from_pretrained(load_base(base_name, adapter), adapter)
     tokenizer = base_tokenizer(model.base_model, base_name, args.tokenizer) if args.merge_rest else None
-    with atomic_folder(out, overwrite=args.overwrite) as tmp:
-        result = export_peft(model, tmp, base_name_or_path=hf_name(base_name), merge_rest=args.merge_rest,
-                             tokenizer=tokenizer, base_folder=out / "base")
+    result = export_peft(model, out, base_name_or_path=hf_name(base_name), merge_rest=args.merge_rest,
+                         tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"exported {', '.join(result['exported'])} to {out} in Hugging Face peft's format (base: {result['base']})")
     if result.get("note"):
         print(result["note"])
@@ -152,8 +151,7 @@ def run_merge(args) -> int:
     base = load_base(args.model, Path(args.adapter))
     model = PeftModel.from_pretrained(base, args.adapter)
     tokenizer = base_tokenizer(base, args.model, args.tokenizer)
-    with atomic_folder(out, overwrite=args.overwrite) as tmp:
-        result = merge_to_folder(model, tmp, tokenizer)
+    result = merge_to_folder(model, out, tokenizer, overwrite=args.overwrite)
     print(f"merged {', '.join(result['merged']) or 'nothing'} into {out}"
           + (" with the tokenizer" if tokenizer is not None else ""))
     if result["note"]:

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from ..config.spec import MethodSpec
@@ -59,6 +61,11 @@ def add_parser(commands):
     parser.add_argument("--no-prune", action="store_true", help="do not stop trials early (= --pruner none)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (each extra worker offsets it)")
     parser.add_argument("--worker", action="store_true", help="only help run trials: no report, no final run")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="processes that run trials side by side on this machine, sharing its cores (each gets "
+                        "cores / jobs torch threads; the winner's and the default's final runs then also run side by "
+                        "side). Small models train faster this way than with more threads in one process. Default: "
+                        "2 for the built-in demos on a machine with 2 or more cores, else 1")
     parser.add_argument("--no-final", action="store_true",
                         help="skip retraining the best configuration on the test data")
     parser.add_argument("--no-baseline", action="store_true", help="skip training the task's default method with the "
@@ -285,6 +292,9 @@ def run(args) -> int:
     settings = SearchSettings(study_name=args.study_name, storage=storage_url, seed=seed, prune=pruner != "none",
                               pruner=pruner, heartbeat_interval=args.heartbeat, grace_period=args.grace,
                               fingerprint=settings_fingerprint(described))
+    jobs = search_jobs(args.jobs, builtin=args.config is None) if hasattr(args, "argv") else 1
+    if jobs > 1 and not base.threads:           # not part of what the search is: left out of the fingerprint
+        base.threads = max(1, (os.cpu_count() or 1) // jobs)
     lock = FolderLock(out, "search folder")
     if not args.worker:                 # workers join the main process's search; two main processes may not
         lock.acquire()
@@ -307,7 +317,14 @@ def run(args) -> int:
         def progress(step, done, total):
             print(f"step {step}: {done}/{total} trials finished", flush=True)
 
-        result = run_search(space, objective, settings, progress=progress)
+        helpers = [] if args.worker else start_helpers(args.argv, jobs - 1, out, base.threads)
+        try:
+            result = run_search(space, objective, settings, progress=progress)
+            wait_for_helpers(helpers)
+        finally:
+            for helper in helpers:
+                if helper.poll() is None:
+                    helper.terminate()
         print(f"step 1 kept: {' + '.join(result.combination)}")
         print(f"best (step {result.best_step}, trial {result.best_trial}): validation {result.best_score:.4f} with "
               + " + ".join(c["method"] for c in result.best_config))
@@ -326,11 +343,14 @@ def run(args) -> int:
                    "winner": {"methods": [c["method"] for c in result.best_config], "search_validation":
                               result.best_score}}
         if not args.no_final:
-            summary["winner"].update(final_scores(final, "final"))
+            baseline = None
             if not args.no_baseline:
                 default = [MethodSpec.parse(m).to_dict() for m in kind.Config().method]
                 baseline = final_config(objective, default, best_task, out / "baseline")
-                summary["default"] = {"methods": list(kind.Config().method), **final_scores(baseline, "baseline")}
+            winner_scores, baseline_scores = final_runs(final, baseline, side_by_side=jobs > 1)
+            summary["winner"].update(winner_scores)
+            if baseline is not None:
+                summary["default"] = {"methods": list(kind.Config().method), **baseline_scores}
                 summary["kept"] = kept(summary)
                 if summary["kept"] == "default":        # chosen on validation only: the test set stays unseen
                     write_atomic(config_file, json.dumps(ready_to_train(baseline), indent=2) + "\n")
@@ -339,6 +359,55 @@ def run(args) -> int:
         print(f"report: {report}/trials.md, {report}/summary.json, {report}/importances.json, {report}/history.png, "
               f"{report}/pareto.png")
     return 0
+
+
+def search_jobs(jobs: int | None, builtin: bool) -> int:
+    """How many processes run trials: as asked, else 2 for a built-in demo where there are two cores to share."""
+    if jobs is not None:
+        if jobs < 1:
+            raise ConfigError(f"--jobs {jobs}: give 1 or more processes")
+        return jobs
+    return 2 if builtin and (os.cpu_count() or 1) >= 2 else 1
+
+
+def start_helpers(argv: list[str], count: int, out: Path, threads: int) -> list[subprocess.Popen]:
+    """`count` worker processes (`mambapeft ... search --worker`, the same arguments) on this search's storage; each
+    writes its output to OUTPUT_DIR/workers/ and ends when the search's steps are done."""
+    if count < 1:
+        return []
+    logs = out / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    helpers = []
+    for i in range(count):
+        with open(logs / f"worker-{i + 1}.log", "w") as log:
+            helpers.append(subprocess.Popen([sys.executable, "-m", "mambapeft", *argv, "--worker"], stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
+    print(f"{count} helper process{'es' if count > 1 else ''} run trials beside this one ({threads} thread"
+          f"{'s' if threads > 1 else ''} each; their output: {logs}/)", flush=True)
+    return helpers
+
+
+def wait_for_helpers(helpers: list[subprocess.Popen]) -> None:
+    """The steps are done for every process once run_search returns; a helper that failed is named (its trials were
+    retried or counted by the others, so the search's result stands)."""
+    for i, helper in enumerate(helpers):
+        if helper.wait() != 0:
+            print(f"note: helper process {i + 1} ended with exit code {helper.returncode} (see its log in "
+                  f"workers/worker-{i + 1}.log); the other processes ran its trials", flush=True)
+
+
+def final_runs(final, baseline, side_by_side: bool) -> tuple[dict, dict | None]:
+    """The winner's and (unless None) the default's full-recipe runs: one after the other, or side by side in two
+    processes (the default's in a fresh one), each on its share of the cores."""
+    if baseline is None or not side_by_side:
+        return final_scores(final, "final"), baseline and final_scores(baseline, "baseline")
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        other = pool.submit(final_scores, baseline, "baseline")
+        return final_scores(final, "final"), other.result()
 
 
 def ready_to_train(config) -> dict:
