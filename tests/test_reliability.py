@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 import mambapeft
 from mambapeft import CheckpointError, ConfigError, PeftModel, get_peft_model
-from mambapeft.errors import RunFolderError
 from mambapeft.assets import BUILTIN_MODEL
 from mambapeft.cli.main import main
+from mambapeft.errors import RunFolderError
 from mambapeft.outputs import INCOMPLETE, atomic_folder
 
 ROOT = Path(__file__).resolve().parents[1]
