@@ -9,7 +9,7 @@ from transformers import Qwen3NextConfig
 
 from ..granitemoehybrid import HybridFamily
 from ..registry import register_family
-from .loading import MODEL_TYPE, load_qwen3_next, read_qwen3_next_config, without_mtp
+from .loading import MODEL_TYPE, from_published, load_qwen3_next, read_qwen3_next_config, save_qwen3_next
 from .modeling import Qwen3NextLM, QwenHybridLayer, QwenHybridModel
 
 
@@ -30,15 +30,16 @@ QWEN3_NEXT_ARCHITECTURES = {
         tie_word_embeddings=False, max_position_embeddings=262144,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
         bos_token_id=151643, eos_token_id=151645),
-    # every part at odd small sizes (linear attention with 2 key heads shared by 6 value heads, gated attention with
+    # every part at small sizes (linear attention with 2 key heads shared by 6 value heads, gated attention with
     # GQA and a quarter of each head rotated, experts with a shared expert on two layers and a dense MLP on one):
-    # what checks build (`mambapeft methods`, the conformance battery)
+    # what checks build (`mambapeft methods`, the conformance battery). The experts' widths are multiples of 4
+    # floats: transformers' grouped matmul (what the battery's merged checkpoint runs in) needs 16-byte strides
     "qwen3-next-micro": dict(
         vocab_size=41, hidden_size=20, num_hidden_layers=3,
         layer_types=["linear_attention", "full_attention", "linear_attention"], num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, intermediate_size=9, linear_num_key_heads=2, linear_num_value_heads=6,
         linear_key_head_dim=4, linear_value_head_dim=3, linear_conv_kernel_dim=3, num_experts=3,
-        num_experts_per_tok=2, moe_intermediate_size=5, shared_expert_intermediate_size=7, decoder_sparse_step=1,
+        num_experts_per_tok=2, moe_intermediate_size=4, shared_expert_intermediate_size=7, decoder_sparse_step=1,
         mlp_only_layers=[1], bos_token_id=None, eos_token_id=None, pad_token_id=None,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}),
 }
@@ -63,8 +64,11 @@ class Qwen3NextFamily(HybridFamily):
         return raw.get("model_type") == MODEL_TYPE
 
     def normalise_keys(self, state: dict) -> dict:
-        return without_mtp(state)
+        return from_published(state)
+
+    def save(self, model, folder) -> None:
+        save_qwen3_next(model, folder)
 
 
-__all__ = ["Qwen3NextLM", "QwenHybridLayer", "QwenHybridModel", "load_qwen3_next", "read_qwen3_next_config",
+__all__ = ["Qwen3NextLM", "QwenHybridLayer", "QwenHybridModel", "load_qwen3_next", "read_qwen3_next_config", "save_qwen3_next",
            "Qwen3NextFamily", "QWEN3_NEXT_ARCHITECTURES"]

@@ -1,15 +1,22 @@
 """Qwen3-Next checkpoints in the Hugging Face format (config.json with model_type "qwen3_next"), read strictly: every
-key and shape checked. Our names are transformers' (the experts stacked, as transformers' own save_pretrained writes
-them); the published checkpoints' multi-token-prediction head (mtp.*), which transformers skips too, is left out."""
+key and shape checked.
+
+The published layout (Qwen/Qwen3-Next-*, and what transformers' save_pretrained writes back) keeps each expert as a
+module: model.layers.i.mlp.experts.e.gate_proj.weight and .up_proj.weight (I, d), .down_proj.weight (d, I).
+transformers' module tree (and ours) stacks them: experts.gate_up_proj (E, 2I, d) with each expert's gate rows
+before its up rows, and experts.down_proj (E, d, I). Reading takes either; writing writes the published layout. The
+published checkpoints' multi-token-prediction head (mtp.*), which transformers' causal LM skips too, is left out."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from transformers import Qwen3NextConfig
 
 from ...errors import ConfigError
+from ..checkpoint import plain_state, write_weights
 from ..files import decode_floats, read_raw_config
 from ..granitemoehybrid.modeling import layer_kind
 from .modeling import Qwen3NextLM
@@ -42,12 +49,61 @@ def read_qwen3_next_config(folder: Path) -> Qwen3NextConfig:
     return config
 
 
-def without_mtp(state: dict) -> dict:
-    """The state without the multi-token-prediction head (mtp.*): transformers' causal LM skips it on loading."""
-    return {k: v for k, v in state.items() if not k.startswith("mtp.")}
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def from_published(state: dict) -> dict:
+    """Per-expert weights stacked in expert order (gate and up joined); the MTP head (mtp.*) left out."""
+    out, experts = {}, {}
+    for key, value in state.items():
+        if key.startswith("mtp."):
+            continue
+        found = _EXPERT.match(key)
+        if found:
+            experts.setdefault(found[1], {}).setdefault(int(found[2]), {})[found[3]] = value
+        else:
+            out[key] = value
+    for prefix, by_index in experts.items():
+        order = sorted(by_index)
+        try:
+            out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([by_index[e]["gate_proj"], by_index[e]["up_proj"]])
+                                                         for e in order])
+            out[f"{prefix}.down_proj"] = torch.stack([by_index[e]["down_proj"] for e in order])
+        except KeyError as err:
+            raise ConfigError(f"expert {prefix} lacks its {err.args[0]} weight") from None
+    return out
+
+
+def to_published(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".mlp.experts.gate_up_proj"):
+            prefix = key[: -len(".gate_up_proj")]
+            for e, matrix in enumerate(value):                       # (2I, d): gate rows, then up rows
+                gate, up = matrix.chunk(2)
+                out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = gate, up
+        elif key.endswith(".mlp.experts.down_proj"):
+            prefix = key[: -len(".down_proj")]
+            for e, matrix in enumerate(value):
+                out[f"{prefix}.{e}.down_proj.weight"] = matrix
+        else:
+            out[key] = value
+    return out
 
 
 def load_qwen3_next(folder, *, dtype: torch.dtype | str | None = torch.float32, device=None) -> Qwen3NextLM:
     from ..registry import get_family
 
     return get_family(MODEL_TYPE).load(folder, dtype=dtype, device=device)
+
+
+def save_qwen3_next(model: Qwen3NextLM, folder) -> None:
+    """config.json + model.safetensors in the published layout (a tied head written once); refused while PEFT parts
+    are attached (save the adapter, or merge first)."""
+    state = plain_state(model)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    write_weights(to_published(state), folder)
