@@ -152,7 +152,8 @@ def test_published_0_8b_on_meta_counts_by_hand(capsys):
     assert model.layer_types().count("attention") == 6 and len(model.peft_mixers()) == 18
     d, Hk, H, dk, dv, K = 1024, 16, 16, 128, 128, 4
     conv = 2 * Hk * dk + H * dv
-    linear = d * conv + d * H * dv + 2 * d * H + conv * K + 2 * H + dv + H * dv * d   # in_proj x4, conv, A dt, norm, out
+    # in_proj_qkv, _z, _b, _a; conv; A_log, dt_bias; norm; out_proj
+    linear = d * conv + d * H * dv + 2 * d * H + conv * K + 2 * H + dv + H * dv * d
     attention = d * 8 * 256 * 2 + 2 * d * 2 * 256 + 8 * 256 * d + 2 * 256          # q (with gate), k, v, o, q/k norm
     mlp = 3 * d * 3584
     total = 248320 * d + 18 * linear + 6 * attention + 24 * (mlp + 2 * d) + d

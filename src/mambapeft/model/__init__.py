@@ -29,8 +29,8 @@ from .mamba import (  # noqa: I001
 )
 from .mamba2 import MAMBA2_ARCHITECTURES, Mamba2LM, Mamba2Mixer, Mamba2MixerState, mamba2_config
 from .nemotron_h import NemotronHLM, load_nemotron_h, save_nemotron_h
-from .qwen3_next import Qwen3NextLM, load_qwen3_next
 from .qwen3_5 import Qwen3_5LM, load_qwen3_5
+from .qwen3_next import Qwen3NextLM, load_qwen3_next
 from .registry import FAMILIES, ModelFamily, family_of, register_family
 from .s4d import S4D_ARCHITECTURES, DeepS4D, S4DConfig, S4DLayer, build_s4d, load_s4d, save_s4d
 from .vim import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim, load_vim, save_vim, vim_config

@@ -70,5 +70,5 @@ class Qwen3NextFamily(HybridFamily):
         save_qwen3_next(model, folder)
 
 
-__all__ = ["Qwen3NextLM", "QwenHybridLayer", "QwenHybridModel", "load_qwen3_next", "read_qwen3_next_config", "save_qwen3_next",
-           "Qwen3NextFamily", "QWEN3_NEXT_ARCHITECTURES"]
+__all__ = ["Qwen3NextLM", "QwenHybridLayer", "QwenHybridModel", "load_qwen3_next", "read_qwen3_next_config",
+           "save_qwen3_next", "Qwen3NextFamily", "QWEN3_NEXT_ARCHITECTURES"]
