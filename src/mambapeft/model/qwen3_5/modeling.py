@@ -53,3 +53,11 @@ class Qwen3_5LM(Qwen3NextLM):
 
     def __init__(self, config: Qwen3_5TextConfig, device=None, dtype=None):
         super().__init__(config, device=device, dtype=dtype)
+
+    def layer_tensors(self, role: str):
+        if role in ("router", "experts_in", "experts_out"):
+            from ...errors import NotApplicable
+
+            raise NotApplicable(f"{self.family} has no experts (a dense MLP after every layer; Qwen3.5's MoE sizes "
+                                "are transformers' qwen3_5_moe, not this family)")
+        return super().layer_tensors(role)
