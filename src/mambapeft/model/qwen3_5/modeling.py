@@ -24,6 +24,7 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (
     Qwen3_5TextRotaryEmbedding,
 )
 
+from ...errors import NotApplicable
 from ..qwen3_next.modeling import Qwen3NextLM, QwenHybridLayer, QwenHybridModel
 
 
@@ -56,8 +57,6 @@ class Qwen3_5LM(Qwen3NextLM):
 
     def layer_tensors(self, role: str):
         if role in ("router", "experts_in", "experts_out"):
-            from ...errors import NotApplicable
-
             raise NotApplicable(f"{self.family} has no experts (a dense MLP after every layer; Qwen3.5's MoE sizes "
                                 "are transformers' qwen3_5_moe, not this family)")
         return super().layer_tensors(role)
