@@ -1,7 +1,7 @@
 """The gated delta rule (scan/gated_delta.py) against its float64 recurrence and transformers' two torch functions, and
 the Gated DeltaNet mixer (model/gated_deltanet.py) against transformers' Qwen3_5GatedDeltaNet and
 Qwen3NextGatedDeltaNet with the same weights: forward, gradients, cached decoding; our step against our forward; the
-PEFT interface (roles, refusals, initial state and offsets, padding)."""
+PEFT interface (roles, refusals, initial state and offsets, soft tokens, padding)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from mambapeft.errors import NotApplicable
 from mambapeft.model.gated_deltanet import GatedDeltaNetMixer, GatedDeltaNetState, mixer_from_config
+from mambapeft.model.hooks import PeftHook
 from mambapeft.scan.gated_delta import gated_delta_rule, gated_delta_step
 from mambapeft.scan.gated_delta_reference import gated_delta_rule_reference, l2_normalize
 
@@ -290,3 +291,41 @@ def test_mixer_peft_roles():
     for role in ("q", "X", "dt"):
         with pytest.raises(NotApplicable, match="interleave"):
             fused.projections(role)
+
+
+class PrefixTokens(PeftHook):
+    """Fixed soft tokens (n, width) at the start of a fresh sequence, at one stage."""
+
+    def __init__(self, stage: str, tokens: torch.Tensor):
+        super().__init__()
+        self.stage, self.prefix = stage, tokens
+
+    def tokens(self, stage, direction, length, offset):
+        if stage != self.stage or offset > 0:
+            return None
+        return self.prefix, torch.arange(self.prefix.shape[0])
+
+
+@pytest.mark.parametrize("layout", ["qwen3_5", "qwen3_next"])
+def test_soft_tokens_before_and_after_the_input_projections(layout):
+    """Tokens p inserted before the projections = the mixer run on [p, h] with p's outputs dropped; their projections
+    [q | k | v | z | b | a] inserted after the projections = the same; a state continued token by token sees them
+    once (the prefix is not inserted again at offset > 0)."""
+    _, _, ours = transformers_pair(layout)
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 11, CONFIG["hidden_size"], generator=gen)
+    p = torch.randn(3, CONFIG["hidden_size"], generator=gen)
+    with torch.no_grad():
+        expected = ours(torch.cat([p.expand(2, -1, -1), h], dim=1))[:, 3:]
+        qkv, z, b, a = ours._project(p[None])
+        projected = torch.cat([qkv, z.flatten(-2), b, a], dim=-1)[0]                   # (3, in_proj_width)
+    assert projected.shape[-1] == ours.soft_token_width("after_in_proj")
+    for stage, tokens in (("before_in_proj", p), ("after_in_proj", projected)):
+        ours.hooks.append(PrefixTokens(stage, tokens))
+        with torch.no_grad():
+            assert rel(ours(h), expected) < 1e-5, stage
+            state = GatedDeltaNetState()
+            parts = [ours(h[:, :6], state=state)] + [ours(h[:, i : i + 1], state=state) for i in range(6, 11)]
+        assert rel(torch.cat(parts, dim=1), expected) < 1e-5, stage
+        assert state.offset == 11
+        ours.hooks.pop(-1)

@@ -1,5 +1,5 @@
 """The model layer: one folder per model family (mamba, mamba2, vim, vmamba, s4d; the hybrids granitemoehybrid,
-nemotron_h, bamba), each registering itself with
+nemotron_h, bamba, and the Gated DeltaNet hybrids qwen3_next, qwen3_5), each registering itself with
 the family registry (registry.py); the PEFT interface every family implements (interface.py) and the hook
 plumbing methods use (hooks.py); reading and writing checkpoint files (files.py, checkpoint.py); building and
 loading any model by name (factory.py).
@@ -29,6 +29,8 @@ from .mamba import (  # noqa: I001
 )
 from .mamba2 import MAMBA2_ARCHITECTURES, Mamba2LM, Mamba2Mixer, Mamba2MixerState, mamba2_config
 from .nemotron_h import NemotronHLM, load_nemotron_h, save_nemotron_h
+from .qwen3_5 import Qwen3_5LM, load_qwen3_5
+from .qwen3_next import Qwen3NextLM, load_qwen3_next
 from .registry import FAMILIES, ModelFamily, family_of, register_family
 from .s4d import S4D_ARCHITECTURES, DeepS4D, S4DConfig, S4DLayer, build_s4d, load_s4d, save_s4d
 from .vim import VIM_ARCHITECTURES, VimConfig, VimOutput, VisionMamba, build_vim, load_vim, save_vim, vim_config
@@ -54,4 +56,5 @@ __all__ = [
     "S4D_ARCHITECTURES", "DeepS4D", "S4DConfig", "S4DLayer", "build_s4d", "load_s4d", "save_s4d",
     "GraniteHybridLM", "load_granite_hybrid", "save_granite_hybrid", "NemotronHLM", "load_nemotron_h",
     "save_nemotron_h", "BambaLM", "load_bamba",
+    "Qwen3NextLM", "load_qwen3_next", "Qwen3_5LM", "load_qwen3_5",
 ]

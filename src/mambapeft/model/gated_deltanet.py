@@ -25,9 +25,11 @@ Extension points, as in the other mixers:
 
 * every projection is *called as a module* (a LoRA wrapper on it cannot be bypassed); conv1d.weight, A_log, dt_bias
   and norm.weight are read as attributes at every call (a parametrization applies). No fused kernel takes raw weights.
-* `hooks` give the recurrence an initial state (H, d_k, d_v) (stage "initial_state") and add state offsets before the
-  gated norm (stage "state_offset"): h' (H, d_k, d_v) read through the normalised, scaled query of each step
-  (o_t += h'^T q_t, the part C_t h' plays in Mamba), or y' (H, d_v).
+* `hooks` insert soft tokens before the input projections (stage "before_in_proj", width d) or after them (stage
+  "after_in_proj", width 2 H_k d_k + 2 H d_v + 2 H: [q | k | v | z | b | a] in qwen3_5's order for both layouts),
+  taken out again before out_proj; they give the recurrence an initial state (H, d_k, d_v) (stage
+  "initial_state") and add state offsets before the gated norm (stage "state_offset"): h' (H, d_k, d_v) read through
+  the normalised, scaled query of each step (o_t += h'^T q_t, the part C_t h' plays in Mamba), or y' (H, d_v).
 * `step` is the one-token path of generation: the conv on the last K inputs and one step of the recurrence, both
   from `GatedDeltaNetState`; `forward` takes it by itself for a length-1 input that continues a state.
 
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 from ..errors import NotApplicable
 from ..scan.gated_delta import gated_delta_rule, gated_delta_step
 from ..scan.gated_delta_reference import l2_normalize
+from .hooks import drop_inserted, insert_from_hooks
 from .interface import PeftMixerInterface, Projection, TensorSlot, unwrap
 
 LAYOUTS = ("qwen3_5", "qwen3_next")
@@ -82,7 +85,7 @@ def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 class GatedDeltaNetMixer(nn.Module, PeftMixerInterface):
     display_name = "the Gated DeltaNet mixer"
-    peft_stages = frozenset({"initial_state", "state_offset"})
+    peft_stages = frozenset({"before_in_proj", "after_in_proj", "initial_state", "state_offset"})
     num_directions = 1
 
     def __init__(
@@ -191,6 +194,17 @@ class GatedDeltaNetMixer(nn.Module, PeftMixerInterface):
                                 "SDT's selection of channels and states has a counterpart")
         super().require_stage(stage, method)
 
+    def soft_token_width(self, stage: str) -> int:
+        widths = {"before_in_proj": self.d_model, "after_in_proj": self.in_proj_width}
+        if stage not in widths:
+            return super().soft_token_width(stage)
+        return widths[stage]
+
+    @property
+    def in_proj_width(self) -> int:
+        """The input projections' outputs together: [q | k | v | z | b | a]."""
+        return self.conv_dim + self.value_dim + 2 * self.num_heads
+
     @property
     def state_shape(self) -> tuple[int, ...]:
         return (self.num_heads, self.key_head_dim, self.head_dim)
@@ -237,22 +251,38 @@ class GatedDeltaNetMixer(nn.Module, PeftMixerInterface):
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
                 state: GatedDeltaNetState | None = None) -> torch.Tensor:
         """hidden_states (b, L, d) -> (b, L, d). mask (b, L): 1 for real tokens, 0 for padding. state: continue from
-        it and update it (generation); a single token that continues a state takes `step`."""
-        if state is not None and hidden_states.shape[1] == 1 and state.ssm is not None and state.conv is not None:
-            return self.step(hidden_states, state, mask)
-        bsz, length = hidden_states.shape[:2]
-        qkv, z, b, a = self._project(_masked(hidden_states, mask))
-        qkv = F.silu(self._causal_conv(qkv, state))                                     # (b, L, conv_dim)
-        q, k, v = self._split_heads(qkv)
-        g, beta = self._gates(b, a, mask)
-        h0 = state.ssm if state is not None and state.ssm is not None else self._initial_state(bsz)
-        o, last = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=state is not None,
-                                   use_qk_l2norm=True)                                  # (b, L, H, d_v)
+        it and update it (generation); a single token that continues a state takes the one-step path.
+
+        Soft tokens (hooks' `tokens`): stage "before_in_proj" inserts (n, d) into the input, stage "after_in_proj"
+        (n, 2 H_k d_k + 2 H d_v + 2 H) into the projections' outputs [q | k | v | z | b | a] (qwen3_5's order, for
+        both layouts); both are dropped again before out_proj. Only a fresh sequence gets them (offset 0)."""
+        offset = state.offset if state is not None else 0
+        length = hidden_states.shape[1]
+        h = _masked(hidden_states, mask)
+        h, mask, kept = insert_from_hooks(self.hooks, "before_in_proj", 0, h, mask, offset)       # (b, L1, d)
+        qkv, z, b, a = self._project(h)
+        if any(hook.tokens("after_in_proj", 0, qkv.shape[1], offset) is not None for hook in self.hooks):
+            joined = torch.cat([qkv, z.flatten(-2), b, a], dim=-1)                     # (b, L1, in_proj_width)
+            joined, mask, kept_after = insert_from_hooks(self.hooks, "after_in_proj", 0, joined, mask, offset)
+            qkv, z, b, a = joined.split([self.conv_dim, self.value_dim, self.num_heads, self.num_heads], dim=-1)
+            z = z.unflatten(-1, (self.num_heads, self.head_dim))
+            kept = kept + kept_after
+        if state is not None and qkv.shape[1] == 1 and state.ssm is not None and state.conv is not None:
+            out = self._step(qkv, z, b, a, state, mask)
+        else:
+            bsz = qkv.shape[0]
+            qkv = F.silu(self._causal_conv(qkv, state))                                 # (b, L2, conv_dim)
+            q, k, v = self._split_heads(qkv)
+            g, beta = self._gates(b, a, mask)
+            h0 = state.ssm if state is not None and state.ssm is not None else self._initial_state(bsz)
+            o, last = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=state is not None,
+                                       use_qk_l2norm=True)                              # (b, L2, H, d_v)
+            if state is not None:
+                state.ssm = last
+            out = self.norm(self._add_offsets(o, q), z).flatten(-2)                     # (b, L2, H d_v)
         if state is not None:
-            state.ssm = last
-            state.offset += length
-        o = self._add_offsets(o, q)
-        return self.out_proj(self.norm(o, z).flatten(-2))                               # (b, L, d)
+            state.offset += length                                                      # real tokens only
+        return self.out_proj(drop_inserted(out, kept))                                  # (b, L, d)
 
     def _causal_conv(self, qkv: torch.Tensor, state: GatedDeltaNetState | None) -> torch.Tensor:
         """Depthwise conv over time that sees only the past; with a state, continues from its last inputs."""
@@ -296,8 +326,14 @@ class GatedDeltaNetMixer(nn.Module, PeftMixerInterface):
         """One token continuing `state`: hidden_states (b, 1, d) -> (b, 1, d). The conv runs on the window of the
         last K inputs and the recurrence advances one step (no chunked scan); the state's tensors are replaced, not
         written in place, so a state can be branched from or differentiated through."""
-        bsz = hidden_states.shape[0]
-        qkv, z, b, a = self._project(_masked(hidden_states, mask))
+        out = self._step(*self._project(_masked(hidden_states, mask)), state, mask)
+        state.offset += 1
+        return self.out_proj(out)
+
+    def _step(self, qkv, z, b, a, state: GatedDeltaNetState, mask) -> torch.Tensor:
+        """The one-token recurrence on projected inputs: qkv (b, 1, conv_dim), z (b, 1, H, d_v), b and a (b, 1, H)
+        -> the gated norm's output (b, 1, H d_v)."""
+        bsz = qkv.shape[0]
         past = self.d_conv - 1
         conv = state.conv if state.conv is not None else qkv.new_zeros(bsz, self.conv_dim, past)
         window = torch.cat([conv.to(qkv.dtype), qkv.mT], dim=-1)                        # (b, conv_dim, K)
@@ -307,9 +343,8 @@ class GatedDeltaNetMixer(nn.Module, PeftMixerInterface):
         g, beta = self._gates(b, a, mask)
         ssm = state.ssm if state.ssm is not None else self._initial_state(bsz)
         o, state.ssm = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], ssm, use_qk_l2norm=True)
-        state.offset += 1
         o = self._add_offsets(o[:, None], q)                                            # (b, 1, H, d_v)
-        return self.out_proj(self.norm(o, z).flatten(-2))
+        return self.norm(o, z).flatten(-2)
 
 
 def mixer_from_config(config, device=None, dtype=None) -> GatedDeltaNetMixer:
