@@ -302,3 +302,52 @@ def test_mamba2_states_with_additional_scan_merge_pad_and_generate():
     assert kept.base_model.peft_mixers()[0].d_state == 16 + 3
     with torch.no_grad():
         assert_rel_close(kept(ids).logits, alone, tol=1e-5, what="merged")
+
+
+# ---------------------------------------- S0 tuning's settings: the injected scale and the L2 penalty
+
+
+@pytest.mark.parametrize("build", [lm, lm2], ids=["mamba", "mamba2"])
+def test_s0_scale_injects_scale_times_the_learned_state(build):
+    """initial_state:scale=a is the float64 formula with H0 = a S (the reference of the plain method, fed a S)."""
+    peft = get_peft_model(build(), ["initial_state:scale=0.07"]).double().eval()
+    as_if_trained(peft, seed=5)
+    plain = get_peft_model(build(), ["initial_state"]).double().eval()
+    with torch.no_grad():
+        for mine, other in zip(peft.base_model.peft_mixers(), plain.base_model.peft_mixers()):
+            for s, o in zip(hook_of(mine).values, hook_of(other).values):
+                o.copy_(0.07 * s)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert_rel_close(peft(ids).logits, plain(ids).logits, tol=1e-10, what="scale")
+        assert not torch.allclose(peft(ids).logits, build().double()(ids).logits)
+
+
+def test_s0_l2_adds_its_penalty_gradient_and_leaves_the_loss():
+    """With l2, S's gradient is the task loss's plus 2 l2 S (autograd of loss + l2 ||S||^2 as the reference); the
+    loss itself, logged and scored, is the task's."""
+    ids = torch.randint(0, 64, (2, 9))
+    peft = get_peft_model(lm(), ["initial_state:scale=0.5,l2=0.01"]).double().train()
+    as_if_trained(peft, seed=6)
+    reference = get_peft_model(lm(), ["initial_state:scale=0.5"]).double().train()
+    reference.load_state_dict(peft.state_dict())
+    out = peft(ids, labels=ids)
+    out.loss.backward()
+    ref = reference(ids, labels=ids)
+    values = [v for m in reference.base_model.peft_mixers() for v in hook_of(m).values]
+    (ref.loss + 0.01 * sum((v ** 2).sum() for v in values)).backward()
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-12)
+    mine = [v for m in peft.base_model.peft_mixers() for v in hook_of(m).values]
+    for a, b in zip(mine, values):
+        assert_rel_close(a.grad, b.grad, tol=1e-10, what="l2 gradient")
+
+
+def test_paper_s0_presets():
+    from mambapeft.config.presets import all_presets
+
+    presets = all_presets()
+    assert presets["s0"] == ["initial_state:scale=0.07,l2=0.0005,lr=0.001"]
+    assert presets["s0_mamba2"] == ["initial_state:scale=0.65,l2=0.0005,lr=0.001"]
+    peft = get_peft_model(lm(), ["paper/s0"])
+    method = peft.methods[0]
+    assert (method.config.scale, method.config.l2, method.config.lr) == (0.07, 0.0005, 0.001)
