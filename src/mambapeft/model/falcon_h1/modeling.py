@@ -51,13 +51,6 @@ from ..mamba.lm import MambaState
 from ..mamba2 import Mamba2Mixer
 
 
-def mup_vector(config: FalconH1Config, E: int) -> torch.Tensor:
-    """(2E + 2GN + H,): ssm_multipliers[k] over the k-th block of in_proj's output rows (z, x, B, C, dt)."""
-    G, N, H = config.mamba_n_groups, config.mamba_d_state, config.mamba_n_heads
-    sizes = [E, E, G * N, G * N, H]
-    return torch.cat([torch.full((n,), float(m)) for n, m in zip(sizes, config.ssm_multipliers, strict=True)])
-
-
 class FalconH1Gate(nn.Module):
     """Falcon-H1's norm of the scan output y (b, L, E) gated by z: with mamba_rms_norm, weight * rms_norm(y * silu(z))
     (norm_before_gate False, what mamba_ssm's kernel does) or weight * rms_norm(y) * silu(z) (True), per group of E/G
@@ -95,11 +88,24 @@ class FalconH1Mixer(Mamba2Mixer):
         self.norm = FalconH1Gate(E, config.mamba_n_groups, config.rms_norm_eps, config.mamba_rms_norm,
                                  config.mamba_norm_before_gate)
         self.out_proj = nn.Linear(E, config.hidden_size, bias=config.projectors_bias)
+        self.ssm_multipliers = tuple(float(m) for m in config.ssm_multipliers)                # z, x, B, C, dt
         with torch.device("cpu"):               # real numbers even when the model is built on the meta device
-            self.register_buffer("mup_vector", mup_vector(config, E), persistent=False)       # (2E+2GN+H,)
+            self.register_buffer("mup_vector", self.build_mup_vector(), persistent=False)     # (2E+2GN+H,)
+
+    def build_mup_vector(self) -> torch.Tensor:
+        """(2E + 2GN + H,): ssm_multipliers[k] over the k-th block of in_proj's output rows (z, x, B, C, dt), for
+        the mixer's current sizes (a merged additional scan grows N)."""
+        E, G, N, H = self.d_inner, self.n_groups, self.d_state, self.num_heads
+        sizes = [E, E, G * N, G * N, H]
+        return torch.cat([torch.full((n,), m) for n, m in zip(sizes, self.ssm_multipliers, strict=True)])
 
     def scale_in_proj(self, zxbcdt: torch.Tensor) -> torch.Tensor:
+        if self.mup_vector.shape[0] != zxbcdt.shape[-1]:     # in_proj grew (additional scan merged): N changed
+            self.mup_vector = self.build_mup_vector()
         return zxbcdt * self.mup_vector.to(device=zxbcdt.device, dtype=zxbcdt.dtype)
+
+    def in_proj_block_scale(self, role: str) -> float:
+        return self.ssm_multipliers[("Z", "X", "B", "C", "dt").index(role)]
 
     def tensors(self, role: str) -> list[TensorSlot]:
         if role == "norm" and not unwrap(self.norm).rms_norm:

@@ -245,6 +245,11 @@ class Mamba2Mixer(nn.Module, PeftMixerInterface):
         vector (model/falcon_h1), after in_proj and so after any adapter on in_proj, as transformers does."""
         return zxbcdt
 
+    def in_proj_block_scale(self, role: str) -> float:
+        """The factor `scale_in_proj` puts on in_proj's rows of block `role` (Z, X, B, C, dt): 1 here. A merge that
+        writes new rows into in_proj divides them by it, so that they come out of the scaling as they went in."""
+        return 1.0
+
     def _causal_conv(self, xBC: torch.Tensor, state: Mamba2MixerState | None) -> torch.Tensor:
         """Depthwise conv over time that sees only the past; with a state, continues from its last inputs."""
         length = xBC.shape[1]
