@@ -197,6 +197,10 @@ class AdditionalScan(Method):
             if getattr(mixer, "bcdt_rms_eps", None) is not None:
                 raise NotApplicable("additional_scan cannot go on FalconMamba: its RMS norm over B and C would mix the "
                                     "added states into the pretrained ones")
+            if getattr(mixer, "bcdt_norm_eps", None) is not None:
+                raise NotApplicable("additional_scan cannot go on Jamba's mixers: a merge would put the added B and C "
+                                    "rows under its b_layernorm / c_layernorm, whose RMS over N + n states would mix "
+                                    "them into the pretrained ones (the adapted model normalises N only)")
             mixer.tensors("A_log")
             mixer.projections("B")
 
