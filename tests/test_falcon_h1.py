@@ -166,3 +166,14 @@ def test_every_method_has_a_case_or_a_reason():
             assert reason.startswith(f"{name} does not apply to {FAMILY} models: ") and len(reason) > 50, reason
     assert {"lora_p_x", "lora_p_dt", "lora_in_proj", "additional_scan", "affix", "prompt", "state_offset",
             "initial_state", "partial_a", "partial_norm", "lora_attn", "lora_mlp", "dora_mlp"} <= covered
+
+
+def test_mambapeft_methods_lists_falcon_h1():
+    from mambapeft.cli.methods import applicability
+
+    table = applicability()
+    for name in ("lora_in_proj", "lora_p_dt", "additional_scan", "state_offset", "lora_attn", "dora_mlp",
+                 "partial_norm"):
+        assert table[name]["falcon_h1"] is None, name
+    for name in ("lora_x_proj", "lora_dt_proj", "lora_experts", "lora_router"):
+        assert table[name]["falcon_h1"] is not None, name

@@ -153,3 +153,13 @@ def test_every_method_has_a_case_or_a_reason():
             "state_offset", "lora_attn", "lora_mlp", "lora_experts", "lora_router"} <= covered
     # the one Mamba-1 method a merge could not keep exact through Jamba's norms on B and C
     assert "b_layernorm" in conformance.applicability(FAMILY)["additional_scan"]
+
+
+def test_mambapeft_methods_lists_jamba_with_the_mamba1_methods():
+    from mambapeft.cli.methods import applicability
+
+    table = applicability()
+    for name in ("lora_x_proj", "lora_dt_proj", "dora_x_proj", "lora_p_b", "sdt", "lora_experts", "lora_attn"):
+        assert table[name]["jamba"] is None, name
+    assert "b_layernorm" in table["additional_scan"]["jamba"]
+    assert table["lora_x_proj"]["falcon_h1"] is not None        # Mamba-2: no x_proj

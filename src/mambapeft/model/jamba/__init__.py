@@ -29,10 +29,11 @@ JAMBA_ARCHITECTURES = {
         num_key_value_heads=8, num_experts=16, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
         attn_layer_period=8, attn_layer_offset=4, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
         mamba_dt_rank=256, rms_norm_eps=1e-6, tie_word_embeddings=False),
-    # every part at odd small sizes: Mamba / attention / Mamba / attention, experts (3, top 2) at the odd layers,
-    # GQA 4 over 2, dt rank 3: what checks build (`mambapeft methods`, the conformance battery)
+    # every part at small sizes: a Mamba layer with a dense MLP, an attention layer with experts (3, top 2), GQA 4
+    # over 2, dt rank 3: what checks build (`mambapeft methods`, the conformance battery). Widths whose float32 rows
+    # are multiples of 16 bytes, so transformers' default grouped-matmul experts load the merged folders as they are
     "jamba-micro": dict(
-        vocab_size=41, hidden_size=20, intermediate_size=12, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=41, hidden_size=20, intermediate_size=12, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_experts=3, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
         attn_layer_period=2, attn_layer_offset=1, mamba_d_state=6, mamba_d_conv=3, mamba_expand=2, mamba_dt_rank=3,
         bos_token_id=None, eos_token_id=None, pad_token_id=None),
