@@ -68,7 +68,8 @@ def load_in_float64_loop(folder):
 # the family's reference implementation, loading a merged model saved with save_pretrained (where one exists)
 REFERENCES = {"mamba": load_in_transformers, "mamba2": load_in_transformers, "vmamba": load_in_float64_loop,
               "granitemoehybrid": load_in_transformers, "nemotron_h": load_in_transformers,
-              "bamba": load_in_transformers, "qwen3_5": load_in_transformers, "qwen3_next": load_in_transformers}
+              "bamba": load_in_transformers, "qwen3_5": load_in_transformers, "qwen3_next": load_in_transformers,
+              "falcon_h1": load_in_transformers, "jamba": load_in_transformers}
 
 
 @dataclass

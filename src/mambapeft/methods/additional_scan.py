@@ -147,7 +147,12 @@ class GroupExtraStates(PeftHook):
             C = self._join(C.unflatten(0, (G, N)), C_new.unflatten(0, (G, n)), 1).flatten(0, 1)
             return torch.cat([t[:start], B, C, t[start + 2 * G * N:]])
 
-        in_proj.weight = nn.Parameter(grow(in_proj.weight.detach(), self.weight.detach(), 2 * E))
+        # rows out of in_proj pass a per-block factor where the mixer has one (Falcon-H1's µP vector); the new rows
+        # did not while they were ours, so they go in divided by it: exact through the factor
+        folded = self.weight.detach() / torch.tensor([mixer.in_proj_block_scale("B")] * (G * n) +
+                                                     [mixer.in_proj_block_scale("C")] * (G * n),
+                                                     dtype=self.weight.dtype, device=self.weight.device)[:, None]
+        in_proj.weight = nn.Parameter(grow(in_proj.weight.detach(), folded, 2 * E))
         in_proj.out_features = in_proj.weight.shape[0]
         if in_proj.bias is not None:
             in_proj.bias = nn.Parameter(grow(in_proj.bias.detach(), torch.zeros(2 * G * n, dtype=in_proj.bias.dtype,
@@ -192,6 +197,10 @@ class AdditionalScan(Method):
             if getattr(mixer, "bcdt_rms_eps", None) is not None:
                 raise NotApplicable("additional_scan cannot go on FalconMamba: its RMS norm over B and C would mix the "
                                     "added states into the pretrained ones")
+            if getattr(mixer, "bcdt_norm_eps", None) is not None:
+                raise NotApplicable("additional_scan cannot go on Jamba's mixers: a merge would put the added B and C "
+                                    "rows under its b_layernorm / c_layernorm, whose RMS over N + n states would mix "
+                                    "them into the pretrained ones (the adapted model normalises N only)")
             mixer.tensors("A_log")
             mixer.projections("B")
 

@@ -1,5 +1,5 @@
 """The model layer: one folder per model family (mamba, mamba2, vim, vmamba, s4d; the hybrids granitemoehybrid,
-nemotron_h, bamba, and the Gated DeltaNet hybrids qwen3_next, qwen3_5), each registering itself with
+nemotron_h, bamba, falcon_h1, jamba, and the Gated DeltaNet hybrids qwen3_next, qwen3_5), each registering itself with
 the family registry (registry.py); the PEFT interface every family implements (interface.py) and the hook
 plumbing methods use (hooks.py); reading and writing checkpoint files (files.py, checkpoint.py); building and
 loading any model by name (factory.py).
@@ -10,9 +10,11 @@ with `@register_family`, and one import line below.
 
 from .bamba import BambaLM, load_bamba
 from .factory import from_config, from_pretrained, load_model, shapes_model
+from .falcon_h1 import FalconH1LM, load_falcon_h1
 from .granitemoehybrid import GraniteHybridLM, load_granite_hybrid, save_granite_hybrid
 from .hooks import PeftHook
 from .interface import PeftMixerInterface, PeftModelInterface, Projection, TensorSlot
+from .jamba import JambaLM, load_jamba
 
 # the families: importing each registers it
 from .mamba import (  # noqa: I001
@@ -55,6 +57,6 @@ __all__ = [
     "VMAMBA_ARCHITECTURES", "VMamba", "VMambaConfig", "build_vmamba", "vmamba_config", "load_vmamba", "save_vmamba",
     "S4D_ARCHITECTURES", "DeepS4D", "S4DConfig", "S4DLayer", "build_s4d", "load_s4d", "save_s4d",
     "GraniteHybridLM", "load_granite_hybrid", "save_granite_hybrid", "NemotronHLM", "load_nemotron_h",
-    "save_nemotron_h", "BambaLM", "load_bamba",
+    "save_nemotron_h", "BambaLM", "load_bamba", "FalconH1LM", "load_falcon_h1", "JambaLM", "load_jamba",
     "Qwen3NextLM", "load_qwen3_next", "Qwen3_5LM", "load_qwen3_5",
 ]

@@ -390,7 +390,9 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
             hook.begin_forward(offset)
         h, mask, kept = insert_from_hooks(self.hooks, "embeddings", 0, h, attention_mask, offset)    # soft prompt in
         length = h.shape[1]
-        first_attention = next((i for i, layer in enumerate(self.model.layers) if layer.kind == "attention"), None)
+        # "parallel": a layer with attention beside its mixer (Falcon-H1)
+        first_attention = next((i for i, layer in enumerate(self.model.layers)
+                                if layer.kind in ("attention", "parallel")), None)
         attn_mask, position_embeddings = None, None
         if first_attention is not None:
             past = state.layers[first_attention] if state is not None else None

@@ -6,6 +6,7 @@ Names are those of transformers' MambaMixer, mamba_ssm's Mamba and Vim, so check
     h (b, L, d) --in_proj--> [X | Z] (b, L, 2E)          X: first E outputs, Z: last E
     X --causal depthwise conv1d--> silu --> x (b, L, E)
     x --x_proj--> [dt_low (R) | B (N) | C (N)]           rows in this order
+    [Jamba: dt_low, B, C through RMS norms with weights of their own: dt_layernorm, b_layernorm, c_layernorm]
     dt = dt_proj(dt_low)   (softplus inside the scan)    A = -exp(A_log) (E, N)    D (E)
     y = scan(x, dt, A, B, C, D) * silu(Z)                (b, L, E)
     out = out_proj(y)                                    (b, L, d)
@@ -65,6 +66,18 @@ def _rms(t: torch.Tensor, eps: float) -> torch.Tensor:
     return (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)
 
 
+class WeightedRMSNorm(nn.Module):
+    """weight * rms_norm(t) over the last axis, computed in float32 (transformers' JambaRMSNorm's math)."""
+
+    def __init__(self, d: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.weight * _rms(t, self.eps)
+
+
 class MambaMixer(nn.Module, PeftMixerInterface):
     peft_stages = frozenset({"before_in_proj", "after_in_proj", "extend_state", "initial_state", "state_offset"})
 
@@ -80,6 +93,7 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         bias: bool = False,
         bidirectional: bool = False,
         bcdt_rms_eps: float | None = None,
+        bcdt_norm_eps: float | None = None,
         device=None,
         dtype=None,
     ):
@@ -102,6 +116,16 @@ class MambaMixer(nn.Module, PeftMixerInterface):
             setattr(self, names["A_log"], nn.Parameter(torch.empty(E, N, **factory)))
             setattr(self, names["D"], nn.Parameter(torch.empty(E, **factory)))
         self.out_proj = nn.Linear(E, d_model, bias=bias, **factory)
+        # Jamba's RMS norms on dt_low, B and C, each with a weight (transformers' JambaMambaMixer names): they sit
+        # between x_proj and the scan, so LoRA on x_proj (or its dt/B/C rows) feeds them as it feeds Jamba's own.
+        # None (the default) everywhere else, which leaves the Mamba-1 math as it was.
+        self.bcdt_norm_eps = bcdt_norm_eps
+        if bcdt_norm_eps is not None:
+            if bidirectional:
+                raise ValueError("dt/B/C norms (Jamba) are for a unidirectional mixer")
+            self.dt_layernorm = WeightedRMSNorm(R, bcdt_norm_eps, **factory)
+            self.b_layernorm = WeightedRMSNorm(N, bcdt_norm_eps, **factory)
+            self.c_layernorm = WeightedRMSNorm(N, bcdt_norm_eps, **factory)
         self.hooks = nn.ModuleList()
         if self.A_log.device.type != "meta":
             self.reset_ssm_parameters()
@@ -164,6 +188,9 @@ class MambaMixer(nn.Module, PeftMixerInterface):
             layer.reset_parameters()
         for names in directions:
             getattr(self, names["conv1d"]).reset_parameters()
+        if self.bcdt_norm_eps is not None:
+            for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
+                norm.weight.fill_(1.0)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -215,8 +242,7 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         x = masked(F.silu(self._causal_conv(conv1d, x, state)), mask)             # (b, L2, E)
 
         dt_low, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)   # (b, L2, R | N | N)
-        if self.bcdt_rms_eps is not None:
-            dt_low, B, C = (_rms(t, self.bcdt_rms_eps) for t in (dt_low, B, C))
+        dt_low, B, C = self._bcdt_norms(dt_low, B, C)
         C_pretrained = C                                                            # state offsets read these
         for hook in self.hooks:
             A_log, B, C = hook.extend_state(direction, x, A_log, B, C)             # N -> n states
@@ -239,6 +265,14 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         if offset is not None:
             y = y + (offset * F.silu(z)).to(y.dtype)                                # gated like the scan's output
         return drop_inserted(y, kept)                                               # soft tokens leave here
+
+    def _bcdt_norms(self, dt_low, B, C):
+        """FalconMamba's weight-free norms or Jamba's weighted ones on x_proj's outputs, where the model has them."""
+        if self.bcdt_rms_eps is not None:
+            return tuple(_rms(t, self.bcdt_rms_eps) for t in (dt_low, B, C))
+        if self.bcdt_norm_eps is not None:
+            return self.dt_layernorm(dt_low), self.b_layernorm(B), self.c_layernorm(C)
+        return dt_low, B, C
 
     def _offset(self, direction: int, C: torch.Tensor) -> torch.Tensor | None:
         """The hooks' state offsets before the gate: C_t h' (C (b, L, N) of the pretrained states, h' (E, N)) or y'."""
@@ -300,8 +334,7 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         x = masked(F.silu(x), mask)
 
         dt_low, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)   # (b, 1, R | N | N)
-        if self.bcdt_rms_eps is not None:
-            dt_low, B, C = (_rms(t, self.bcdt_rms_eps) for t in (dt_low, B, C))
+        dt_low, B, C = self._bcdt_norms(dt_low, B, C)
         C_pretrained = C                                                            # state offsets read these
         for hook in self.hooks:
             A_log, B, C = hook.extend_state(0, x, A_log, B, C)                     # N -> n states

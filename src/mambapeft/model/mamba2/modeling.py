@@ -205,7 +205,7 @@ class Mamba2Mixer(nn.Module, PeftMixerInterface):
 
         h = masked(hidden_states, mask)
         h, mask, kept = insert_from_hooks(self.hooks, "before_in_proj", 0, h, mask, offset)       # (b, L1, d)
-        zxbcdt = self.in_proj(h)                                                                   # (b, L1, 2E+2GN+H)
+        zxbcdt = self.scale_in_proj(self.in_proj(h))                                               # (b, L1, 2E+2GN+H)
         extra = [(hook, x) for hook in self.hooks if (x := hook.extra_channels(h)) is not None]   # (b, L1, 2Gn') each
         zxbcdt, mask, kept_after = insert_from_hooks(self.hooks, "after_in_proj", 0, zxbcdt, mask, offset)
         extra = [(hook, spread_like(x, kept_after)) for hook, x in extra]     # inserted tokens add nothing to them
@@ -239,6 +239,16 @@ class Mamba2Mixer(nn.Module, PeftMixerInterface):
         if state is not None:
             state.offset += length
         return self.out_proj(y)                                                                    # (b, L, d)
+
+    def scale_in_proj(self, zxbcdt: torch.Tensor) -> torch.Tensor:
+        """in_proj's output as the scan reads it: unchanged here; Falcon-H1's mixer multiplies its rows by the µP
+        vector (model/falcon_h1), after in_proj and so after any adapter on in_proj, as transformers does."""
+        return zxbcdt
+
+    def in_proj_block_scale(self, role: str) -> float:
+        """The factor `scale_in_proj` puts on in_proj's rows of block `role` (Z, X, B, C, dt): 1 here. A merge that
+        writes new rows into in_proj divides them by it, so that they come out of the scaling as they went in."""
+        return 1.0
 
     def _causal_conv(self, xBC: torch.Tensor, state: Mamba2MixerState | None) -> torch.Tensor:
         """Depthwise conv over time that sees only the past; with a state, continues from its last inputs."""
