@@ -52,6 +52,7 @@ class GraniteHybridFamily(HybridFamily):
     config_class = GraniteMoeHybridConfig
     architectures = GRANITE_HYBRID_ARCHITECTURES
     check_architecture = "granite-hybrid-micro"
+    transformers_class = "GraniteMoeHybridForCausalLM"
 
     def config(self, name: str, **overrides):
         return granite_hybrid_config(name, **overrides)
