@@ -18,7 +18,8 @@ from ..options import option
 from .config import RunConfig, default_of
 from .tasks import Prepared, TaskKind, task_kind
 
-# the packaged tiny language models (Mamba-1, Mamba-2): the same size, the same column of learning rates
+# the packaged tiny language models (Mamba-1, Mamba-2, the Granite 4.0-H hybrid): about the same size, the same
+# column of learning rates
 BUILTIN_MODELS = tuple(BUILTIN_LANGUAGE_MODELS)
 # A text every real tokenizer turns into several tokens; one that cannot is not a tokenizer for this model.
 PROBE = "The quick brown fox jumps over the lazy dog."

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import GraniteMoeHybridConfig
 
+from ...assets import BUILTIN_GRANITE_H
+
 from ..language import HFLanguageFamily
 from ..registry import register_family
 from .architectures import GRANITE_HYBRID_ARCHITECTURES, granite_hybrid_config
@@ -51,6 +53,7 @@ class GraniteHybridFamily(HybridFamily):
     model_class = GraniteHybridLM
     config_class = GraniteMoeHybridConfig
     architectures = GRANITE_HYBRID_ARCHITECTURES
+    builtins = {"tiny-granite-h": BUILTIN_GRANITE_H}       # scripts/pretrain_tiny_granite_h.py
     check_architecture = "granite-hybrid-micro"
     transformers_class = "GraniteMoeHybridForCausalLM"
 
