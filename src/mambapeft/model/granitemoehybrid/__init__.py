@@ -9,7 +9,6 @@ from pathlib import Path
 from transformers import GraniteMoeHybridConfig
 
 from ...assets import BUILTIN_GRANITE_H
-
 from ..language import HFLanguageFamily
 from ..registry import register_family
 from .architectures import GRANITE_HYBRID_ARCHITECTURES, granite_hybrid_config
