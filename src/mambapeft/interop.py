@@ -16,6 +16,13 @@ DoRA with the official input-column magnitude, a mix of LoRA and DoRA (peft's `u
 and every method that is not a low-rank update of a linear layer. Those are refused by name with the reason, or, with
 `merge_rest=True`, folded into a base checkpoint written beside the adapter (OUT/base), which the adapter then names
 as its base. Tested against peft 0.21 (the range in pyproject's `peft` extra).
+
+The hybrids (Granite 4.0-H, Nemotron-H, Bamba; docs/hybrids.md) export the same way onto transformers'
+...ForCausalLM, whose module paths are ours: LoRA / DoRA on the Mamba-2 in_proj (and its row blocks) and on the
+attention and MLP projections. LoRA on out_proj or conv1d is refused for every hybrid type, whether or not peft
+checks the model type (peft 0.22 guards nemotron_h but not granitemoehybrid or bamba): the fused Mamba-2 kernel
+reads those weights raw. The experts' and router's LoRA (parametrizations of tensors) are refused too: peft's
+target_parameters could carry them, but this exporter does not write that layout. Tested with peft 0.22.
 """
 
 from __future__ import annotations
