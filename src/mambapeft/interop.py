@@ -16,6 +16,13 @@ DoRA with the official input-column magnitude, a mix of LoRA and DoRA (peft's `u
 and every method that is not a low-rank update of a linear layer. Those are refused by name with the reason, or, with
 `merge_rest=True`, folded into a base checkpoint written beside the adapter (OUT/base), which the adapter then names
 as its base. Tested against peft 0.21 (the range in pyproject's `peft` extra).
+
+The hybrids (Granite 4.0-H, Nemotron-H, Bamba; docs/hybrids.md) export the same way onto transformers'
+...ForCausalLM, whose module paths are ours: LoRA / DoRA on the Mamba-2 in_proj (and its row blocks) and on the
+attention and MLP projections. LoRA on out_proj or conv1d is refused for every hybrid type, whether or not peft
+checks the model type (peft 0.22 guards nemotron_h but not granitemoehybrid or bamba): the fused Mamba-2 kernel
+reads those weights raw. The experts' and router's LoRA (parametrizations of tensors) are refused too: peft's
+target_parameters could carry them, but this exporter does not write that layout. Tested with peft 0.22.
 """
 
 from __future__ import annotations
@@ -52,9 +59,10 @@ def _require_peft():
 
 @functools.cache
 def transformers_bypasses(layer: str, family: str = "mamba") -> bool:
-    """Whether the mixer of the family's transformers class (MambaForCausalLM, Mamba2ForCausalLM) reads
-    `layer`.weight directly instead of calling the module, which silently bypasses a peft LoRA on it (transformers
-    5.x multiplies by Mamba-1's dt_proj.weight in its CPU path). Probed on the family's small architecture."""
+    """Whether the family's transformers class (MambaForCausalLM, Mamba2ForCausalLM, the hybrids' ...ForCausalLM)
+    reads `layer`.weight directly instead of calling the module in some layer, which silently bypasses a peft LoRA on
+    it (transformers 5.x multiplies by Mamba-1's dt_proj.weight in its CPU path). Probed on the family's small
+    architecture: a forward hook on every module of that name must fire."""
     import transformers
 
     from .model.registry import get_family
@@ -62,15 +70,25 @@ def transformers_bypasses(layer: str, family: str = "mamba") -> bool:
 
     record = get_family(family)
     with quiet_third_party():                  # transformers' expected "fast path ... falling back" notice
-        model = getattr(transformers, record.transformers_class)(record.config(record.check_architecture)).eval()
-        mixer = model.backbone.layers[0].mixer
-        if not hasattr(mixer, layer):
+        config = record.config(record.check_architecture)
+        config._experts_implementation = "eager"      # the grouped-matmul experts refuse the check sizes on CPU
+        model = getattr(transformers, record.transformers_class)(config).eval()
+        modules = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == layer]
+        if not modules:
             return False
-        called = []
-        getattr(mixer, layer).register_forward_hook(lambda *_: called.append(1))
+        called = set()
+        for module in modules:
+            module.register_forward_hook(lambda m, *_: called.add(id(m)))
         with torch.no_grad():
             model(torch.zeros(1, 3, dtype=torch.long))
-    return not called
+    return len(called) < len(modules)
+
+
+def is_hybrid(family) -> bool:
+    """A family of hybrid models (Mamba-2 mixers beside attention layers: model/granitemoehybrid HybridFamily)."""
+    from .model.granitemoehybrid import HybridFamily
+
+    return isinstance(family, HybridFamily)
 
 
 def peft_refuses_out_proj() -> bool:
@@ -184,7 +202,8 @@ def _export_into(peft_model, folder, *, base_name_or_path, merge_rest, tokenizer
     on_layers = {key for _, key, _, _ in parts}
     for name, method in methods.items():
         if name not in on_layers:
-            refusals[name] = f"{method.category} is not a low-rank update of a linear layer"
+            refusals[name] = (EXPERT_REFUSAL if name in ("lora_experts", "lora_router")
+                              else f"{method.category} is not a low-rank update of a linear layer")
     if not any(reason is None for *_, reason in parts):
         raise ConfigError("nothing in this adapter is expressible in peft's format: "
                           + "; ".join(f"{k}: {v}" for k, v in refusals.items()))
@@ -265,9 +284,32 @@ def _export_into(peft_model, folder, *, base_name_or_path, merge_rest, tokenizer
     return {"exported": exported, "merged": merged, "base": base, "note": note}
 
 
+# the projections of a hybrid's attention and MLP layers (transformers' module names; methods/layer_lora.py)
+HYBRID_LAYER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear", "gate_proj",
+                        "up_proj", "down_proj")
+
+
+# lora_experts / lora_router are parametrizations of tensors (the experts' stacked (E, out, in) weights, the router's
+# (E, d)), not LoRA layers; peft 0.22 can put LoRA on such tensors (LoraConfig.target_parameters, a ParamWrapper
+# per tensor, one rank-r pair per expert), but this exporter does not write that layout yet, so it refuses rather
+# than guess it
+EXPERT_REFUSAL = ("a LoRA on the experts' stacked weight tensors or the router's weight (a parametrization, not a "
+                  "LoRA layer): peft 0.22's target_parameters could carry it, but mambapeft does not export that "
+                  "layout yet")
+
+
 def _why_not_expressible(method, layer: str, family) -> str | None:
     """Why a low-rank part of `method` on `layer` has no peft form on the family's transformers class (None: it has
     one)."""
+    if is_hybrid(family) and layer in ("out_proj", "conv1d"):
+        # peft 0.22 guards only the model types mamba, mamba2, falcon_mamba, falcon_h1 and nemotron_h: for
+        # granitemoehybrid and bamba it would load the adapter and the fused kernel would drop it on CUDA
+        return (f"the fused Mamba-2 kernel that transformers' {family.transformers_class} runs on CUDA "
+                f"(mamba_ssm's mamba_split_conv1d_scan_combined) reads {layer}.weight as a raw tensor, bypassing a "
+                f"peft LoRA on it; refused for every hybrid, whether or not peft itself checks")
+    if is_hybrid(family) and layer in ("in_proj", *HYBRID_LAYER_TARGETS) and transformers_bypasses(layer, family.name):
+        return (f"transformers' {family.transformers_class} reads {layer}.weight directly instead of calling the "
+                f"layer, so a peft LoRA on it would be silently ignored")
     if layer == "out_proj" and peft_refuses_out_proj():
         return "peft refuses LoRA on Mamba's out_proj (its fused CUDA path bypasses it; huggingface/peft#2274, #2556)"
     if layer in ("dt_proj", "x_proj", "in_proj") and transformers_bypasses(layer, family.name):

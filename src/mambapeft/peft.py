@@ -75,6 +75,20 @@ def check_methods(model, methods: list[Method]) -> None:
             raise NotApplicable(f"{method.name} does not apply to {model.family} models: {reason}") from None
 
 
+def check_placement(model, config: PeftConfig) -> None:
+    """A placement preset (`placement/attention`, `.../ssm`, `.../both`) chooses between a hybrid's kinds of layer;
+    on a model of one kind of layer (`part_types()` empty) it would silently mean plain LoRA, so it is refused."""
+    from .config.presets import PLACEMENT_PREFIX
+
+    for spec in config.methods:
+        preset = (spec.preset or "").removeprefix("paper/")
+        if preset.startswith(PLACEMENT_PREFIX) and not model.part_types():
+            raise NotApplicable(f"{spec.preset} chooses which layer types of a hybrid model (Mamba-2 and attention "
+                                f"layers, as granitemoehybrid, nemotron_h and bamba have) train; {model.family} models "
+                                f"have SSM layers only, so there is nothing to place. Name the method instead (e.g. "
+                                f"{spec.method}:r={getattr(spec.config, 'r', 8)})")
+
+
 class PeftModel(nn.Module):
     """A base model with PEFT methods attached.
 
@@ -101,6 +115,7 @@ class PeftModel(nn.Module):
             self._owned = dict(attached)
             return
         check_combination(methods)
+        check_placement(model, config)
         check_methods(model, methods)
         self._base_ids = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
         self.base_parameter_count = count_unique(model.parameters())

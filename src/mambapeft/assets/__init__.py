@@ -4,6 +4,8 @@
                     `from_pretrained("builtin")` or "tiny-mamba"
     tiny-mamba2/    the same for Mamba-2, same text and tokenizer (scripts/pretrain_tiny_mamba2.py);
                     `from_pretrained("tiny-mamba2")` or "builtin-mamba2"
+    tiny-granite-h/ a hybrid in Granite 4.0-H's layout (Mamba-2 layers and one attention layer), same text and
+                    tokenizer (scripts/pretrain_tiny_granite_h.py); `from_pretrained("tiny-granite-h")`
     pydoc-topics/   train / validation / test JSON in LLM-Adapters' commonsense format (scripts/make_builtin_task.py)
     tiny-vim/, tiny-vmamba/, vtab-tiny/   the vision defaults (scripts/pretrain_tiny_vim.py, pretrain_tiny_vmamba.py);
                     `load_vim("tiny-vim")`, `load_vmamba("tiny-vmamba")`
@@ -20,11 +22,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BUILTIN_MODEL = HERE / "tiny-mamba"
 BUILTIN_MAMBA2 = HERE / "tiny-mamba2"
+BUILTIN_GRANITE_H = HERE / "tiny-granite-h"
 BUILTIN_TASK = HERE / "pydoc-topics"
 BUILTIN_NAME = "builtin"
 # the built-in language models by every name they answer to
 BUILTIN_LANGUAGE_MODELS = {"builtin": BUILTIN_MODEL, "tiny-mamba": BUILTIN_MODEL,
-                           "tiny-mamba2": BUILTIN_MAMBA2, "builtin-mamba2": BUILTIN_MAMBA2}
+                           "tiny-mamba2": BUILTIN_MAMBA2, "builtin-mamba2": BUILTIN_MAMBA2,
+                           "tiny-granite-h": BUILTIN_GRANITE_H}
 
 
 def builtin_split(split: str) -> Path:

@@ -84,4 +84,19 @@ def run(args) -> int:
     if not args.method:
         print("\nEvery method also takes lr= and weight_decay= (its own optimiser settings). "
               "Write a spec as id:key=value,key=value, e.g. lora_p_x:r=64,s=0.1")
+        print_placements()
     return 0
+
+
+def print_placements() -> None:
+    """The placement presets of hybrid models (config/presets.py), with the hybrids' default."""
+    from ..config.presets import PLACEMENT_PRESETS
+    from ..model.registry import FAMILIES
+
+    hybrids = [name for name, f in FAMILIES.items() if f.default_method]
+    print(f"\nPlacement presets (hybrid models: {', '.join(hybrids)}; refused on models of SSM layers only):")
+    for name, specs in PLACEMENT_PRESETS.items():
+        print(f"  {name:<22}{' + '.join(specs)}")
+    defaults = {f.default_method for f in FAMILIES.values() if f.default_method}
+    print(f"  a hybrid run without --method uses {' / '.join(' + '.join(d) for d in defaults)} (every layer type "
+          f"trains); MoE experts only with lora_experts")

@@ -9,6 +9,14 @@ The built-in tiny Mamba ("builtin", 1M parameters) has a column of its own: meth
 s = 0.1 from a zero start (`scaled_update`: the LoRA family, DoRA, the parallel adapter) move 10x slower at the same
 rate, so they take 3e-2 (measured on the built-in task, 8 epochs, lora_p_x r8: 3e-3 -> 24.1% test, chance;
 3e-2 -> 52.7%); full fine-tuning takes 1e-3 (83.0%); every other method the run's rate, BUILTIN_BASE_LR by default.
+
+`placement/<where>` (also written `paper/placement/<where>`) are the placements of LoRA in a hybrid model compared in
+the 2026 hybrid fine-tuning studies: on the attention layers only (what peft's default targets for nemotron_h do),
+on the SSM layers only, or on both. They mean something only where a model has both kinds of layer, so peft.py
+refuses them on a pure SSM model (`check_placement`). "both" trains every layer type: the SSM mixers, the attention
+projections and every MLP (Granite 4.0-H's and Bamba's follow each mixer, Nemotron-H's are layers of their own and
+the shared experts of its MoE layers), so `mambapeft params` shows no layer type at 0; it is the hybrids' default
+method (`HybridFamily.default_method`). The SSM part is lora_p_x, the language runs' default on pure Mamba models.
 """
 
 from __future__ import annotations
@@ -28,14 +36,33 @@ HYBRID_PRESETS: dict[str, list[str]] = {
     "lora_in_out_proj": ["lora_in_proj:r=8", "lora_out_proj:r=8"],
 }
 
+# where LoRA goes in a hybrid model (attention / SSM / mixed layer stacks); refused on pure SSM models
+PLACEMENT_PREFIX = "placement/"
+PLACEMENT_PRESETS: dict[str, list[str]] = {
+    "placement/attention": ["lora_attn:r=8"],
+    "placement/ssm": ["lora_p_x:r=8"],
+    "placement/both": ["lora_p_x:r=8", "lora_attn:r=8", "lora_mlp:r=8"],
+}
+
 
 def all_presets() -> dict[str, list[str]]:
-    """Every `paper/<name>` preset: each registered method's, then the hybrids."""
+    """Every preset: each registered method's `paper/<name>`, the combinations above, the placements."""
     presets = {}
     for cls in REGISTRY.values():
         presets.update(cls.presets)
     presets.update(HYBRID_PRESETS)
+    presets.update(PLACEMENT_PRESETS)
     return presets
+
+
+def is_preset(text: str) -> bool:
+    """Whether a method spec string names a preset (`paper/...` or `placement/...`)."""
+    return text.strip().startswith(("paper/", PLACEMENT_PREFIX))
+
+
+def preset_name(key: str) -> str:
+    """How a preset key is written on the command line."""
+    return key if key.startswith(PLACEMENT_PREFIX) else f"paper/{key}"
 
 
 def size_lr(method: str, arch: str | None, config=None) -> float | None:

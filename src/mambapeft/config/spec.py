@@ -2,8 +2,8 @@
 
 A method spec is a method id plus options, written `lora_p_x:r=64,s=0.1` or as the dict
 {"method": "lora_p_x", "r": 64, "s": 0.1}. A PEFT config is a list of specs, any combination (a hybrid);
-each spec may carry its own lr and weight_decay. Names of the form `paper/...` are presets (presets.py)
-that expand to one or more specs.
+each spec may carry its own lr and weight_decay. Names of the form `paper/...` and `placement/...` are presets
+(presets.py) that expand to one or more specs.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pathlib import Path
 from ..errors import ConfigError, did_you_mean
 from ..methods import REGISTRY, MethodConfig
 from ..options import build_options, parse_json
-from .presets import all_presets, size_lr, size_rank
+from .presets import all_presets, is_preset, preset_name, size_lr, size_rank
 
 
 @dataclass
 class MethodSpec:
     method: str
     config: MethodConfig
-    preset: str | None = None        # the `paper/...` preset it came from, if any
+    preset: str | None = None        # the `paper/...` or `placement/...` preset it came from, if any
 
     @classmethod
     def build(cls, method: str, options: dict) -> MethodSpec:
@@ -64,12 +64,13 @@ class MethodSpec:
 
 
 def expand_preset(name: str, arch: str | None = None) -> list[MethodSpec]:
-    """`paper/<row>` -> method specs, with the per-size learning rate (and SLL rank) when `arch` is known."""
+    """`paper/<row>` or `placement/<where>` -> method specs, with the per-size learning rate (and SLL rank) when
+    `arch` is known."""
     presets = all_presets()
     key = name.removeprefix("paper/")
     if key not in presets:
         raise ConfigError(f"unknown preset {name!r}{did_you_mean(key, presets)}; presets: "
-                          + ", ".join(f"paper/{k}" for k in presets))
+                          + ", ".join(preset_name(k) for k in presets))
     specs = []
     for text in presets[key]:
         spec = MethodSpec.parse(text)
@@ -107,7 +108,7 @@ class PeftConfig:
                 specs.append(item)
             elif isinstance(item, dict):
                 specs.append(MethodSpec.from_dict(item))
-            elif isinstance(item, str) and item.strip().startswith("paper/"):
+            elif isinstance(item, str) and is_preset(item):
                 specs.extend(expand_preset(item.strip(), arch))
             elif isinstance(item, str):
                 specs.append(MethodSpec.parse(item))

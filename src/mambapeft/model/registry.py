@@ -43,6 +43,7 @@ class ModelFamily:
     tasks: ClassVar[tuple[str, ...]] = ()         # the task kinds (train/tasks.py) it serves; the first is its default
     check_architecture: ClassVar[str]             # the small architecture that stands for it in checks
     has_tokenizer: ClassVar[bool] = False         # language families: a merged folder carries the tokenizer
+    default_method: ClassVar[tuple[str, ...] | None] = None   # a run's methods when none are given (None: the task's)
 
     # ------------------------------------------------------------ building
 

@@ -18,7 +18,8 @@ from ..options import option
 from .config import RunConfig, default_of
 from .tasks import Prepared, TaskKind, task_kind
 
-# the packaged tiny language models (Mamba-1, Mamba-2): the same size, the same column of learning rates
+# the packaged tiny language models (Mamba-1, Mamba-2, the Granite 4.0-H hybrid): about the same size, the same
+# column of learning rates
 BUILTIN_MODELS = tuple(BUILTIN_LANGUAGE_MODELS)
 # A text every real tokenizer turns into several tokens; one that cannot is not a tokenizer for this model.
 PROBE = "The quick brown fox jumps over the lazy dog."
@@ -140,6 +141,19 @@ def prepare_data(config: TrainConfig, tokenizer, log=print):
     return train_set, val_set, val_items, test_items
 
 
+def family_default_method(model: str) -> tuple[str, ...] | None:
+    """The default methods of `model`'s family, if it has its own; None where the family cannot be told without a
+    download (a hub id no family knows by name) or at all (a missing folder: loading the model then says why)."""
+    from ..errors import MambaPeftError
+    from ..model.registry import claimed_family
+
+    try:
+        family = claimed_family(model)
+    except (MambaPeftError, OSError):
+        return None
+    return family.default_method if family is not None else None
+
+
 def arch_of(config: TrainConfig, model) -> str | None:
     """The model size's name, for per-size learning rates ("builtin" for the packaged model)."""
     from ..peft import guess_arch
@@ -181,6 +195,14 @@ class LanguageTask(TaskKind):
 
     def is_builtin(self, values: dict) -> bool:
         return values.get("data", BUILTIN_NAME) == BUILTIN_NAME
+
+    def resolve(self, values: dict | None = None, where: str = "the command line") -> TrainConfig:
+        """As every task kind, and without a method, the model family's default where it has one (the hybrids:
+        every layer type, model/granitemoehybrid `HybridFamily.default_method`)."""
+        values = {k: v for k, v in (values or {}).items() if v is not None}
+        if "method" not in values and (methods := family_default_method(values.get("model", TrainConfig.model))):
+            values["method"] = list(methods)
+        return super().resolve(values, where)
 
     def output_dir_data(self, values: dict) -> list[str]:
         data = values.get("data", BUILTIN_NAME)

@@ -30,6 +30,7 @@ class BambaFamily(HybridFamily):
     config_class = BambaConfig
     architectures = BAMBA_ARCHITECTURES
     check_architecture = "bamba-micro"
+    transformers_class = "BambaForCausalLM"
 
     def config(self, name: str, **overrides):
         return BambaConfig(**{**self.architectures[name.lower()], **overrides})

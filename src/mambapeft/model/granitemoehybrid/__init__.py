@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import GraniteMoeHybridConfig
 
+from ...assets import BUILTIN_GRANITE_H
 from ..language import HFLanguageFamily
 from ..registry import register_family
 from .architectures import GRANITE_HYBRID_ARCHITECTURES, granite_hybrid_config
@@ -24,10 +25,13 @@ from .modeling import AttentionState, GraniteHybridLM, hybrid_summary
 
 
 class HybridFamily(HFLanguageFamily):
-    """What the hybrid families share: summaries by layer type; peft export is not offered yet (a hybrid's
-    transformers class has other module paths, which the exporter does not map)."""
+    """What the hybrid families share: summaries by layer type, and the default method: a run without --method
+    trains every layer type (`placement/both`: LoRA on the SSM mixers, the attention projections and the MLPs), not
+    the pure-SSM default, which would leave the attention layers (and Nemotron-H's MLP layers) frozen, nor peft's
+    attention-only default (4 of 56 layers of Nemotron Nano 9B v2)."""
 
     embedding_key = "model.embed_tokens.weight"
+    default_method = ("placement/both",)
 
     def summary(self, model) -> dict:
         return hybrid_summary(model)
@@ -48,7 +52,9 @@ class GraniteHybridFamily(HybridFamily):
     model_class = GraniteHybridLM
     config_class = GraniteMoeHybridConfig
     architectures = GRANITE_HYBRID_ARCHITECTURES
+    builtins = {"tiny-granite-h": BUILTIN_GRANITE_H}       # scripts/pretrain_tiny_granite_h.py
     check_architecture = "granite-hybrid-micro"
+    transformers_class = "GraniteMoeHybridForCausalLM"
 
     def config(self, name: str, **overrides):
         return granite_hybrid_config(name, **overrides)

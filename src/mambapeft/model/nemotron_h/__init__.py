@@ -39,6 +39,7 @@ class NemotronHFamily(HybridFamily):
     config_class = NemotronHConfig
     architectures = NEMOTRON_H_ARCHITECTURES
     check_architecture = "nemotron-h-micro"
+    transformers_class = "NemotronHForCausalLM"
     embedding_key = "model.embeddings.weight"
 
     def config(self, name: str, **overrides):
