@@ -11,6 +11,7 @@ from mambapeft import NotApplicable
 from mambapeft.cli.main import main
 from mambapeft.cli.methods import print_placements
 from mambapeft.config import expand_preset
+from mambapeft.model.registry import FAMILIES
 from mambapeft.peft import count_parameters
 from mambapeft.train.language import LanguageTask
 
@@ -88,3 +89,18 @@ def test_a_hybrid_run_without_method_trains_every_layer_type():
     assert language.resolve({}).method == ["lora_p_x"]                       # pure SSM models: as before
     assert language.resolve({"model": "granite-hybrid-micro", "method": ["lora_attn"]}).method == ["lora_attn"]
     assert language.resolve({"model": "no/such-model-offline"}).method == ["lora_p_x"]   # no download to decide
+
+
+@pytest.mark.parametrize("family", [name for name, f in FAMILIES.items() if f.default_method])
+def test_every_hybrid_default_applies_to_its_family_and_trains_the_ssm_layers(family):
+    """A hybrid run without --method must start: the family's default applies to its check architecture (Qwen3-Next's
+    fused input layers have no x rows, so its default adapts the whole input layers) and trains the recurrent
+    layers and the attention layers."""
+    from mambapeft import from_config, get_peft_model
+
+    record = FAMILIES[family]
+    from mambapeft.peft import trainable_by_layer_type
+
+    peft = get_peft_model(from_config(record.check_architecture, seed=0), list(record.default_method))
+    by_type = trainable_by_layer_type(peft.base_model)
+    assert by_type["mamba"]["trainable"] > 0 and by_type["attention"]["trainable"] > 0, by_type

@@ -97,6 +97,8 @@ def print_placements() -> None:
     print(f"\nPlacement presets (hybrid models: {', '.join(hybrids)}; refused on models of SSM layers only):")
     for name, specs in PLACEMENT_PRESETS.items():
         print(f"  {name:<22}{' + '.join(specs)}")
-    defaults = {f.default_method for f in FAMILIES.values() if f.default_method}
-    print(f"  a hybrid run without --method uses {' / '.join(' + '.join(d) for d in defaults)} (every layer type "
-          f"trains); MoE experts only with lora_experts")
+    usual = ("placement/both",)
+    others = "".join(f"; {name}: {' + '.join(f.default_method)}" for name, f in FAMILIES.items()
+                     if f.default_method and f.default_method != usual)
+    print(f"  a hybrid run without --method uses {' + '.join(usual)}{others} (every layer type trains); MoE "
+          f"experts only with lora_experts")

@@ -53,6 +53,9 @@ class Qwen3NextFamily(HybridFamily):
     config_class = Qwen3NextConfig
     architectures = QWEN3_NEXT_ARCHITECTURES
     check_architecture = "qwen3-next-micro"
+    # placement/both with the SSM part on the whole input layers: the fused in_proj_qkvz interleaves q, k, v, z per
+    # key head, so lora_p_x (the x rows) has no block to adapt here
+    default_method = ("lora_in_proj:r=8", "lora_attn:r=8", "lora_mlp:r=8")
 
     def config(self, name: str, **overrides):
         return Qwen3NextConfig(**{**self.architectures[name.lower()], **overrides})
