@@ -6,9 +6,9 @@ a method or a family adds its cases here without editing this file.
 
 Completeness, per family: every method either attaches (then each of its examples runs the battery) or raises
 NotApplicable with its reason. The battery: identity at init (where the method starts as one; otherwise the output
-must change), a gradient on every trainable tensor, frozen weights bit-identical after an optimiser step, a save /
-load round trip, merging, the merged checkpoint in the family's reference implementation, and step-by-step generation
-for causal families.
+must change), a gradient on every trainable tensor, the same gradients under per-block gradient checkpointing, frozen
+weights bit-identical after an optimiser step, a save / load round trip, merging, the merged checkpoint in the family's
+reference implementation, and step-by-step generation for causal families.
 """
 
 from __future__ import annotations
@@ -249,9 +249,36 @@ def check_generation(family, spec):
     assert torch.equal(generated, tokens), f"{family} {spec}: step-by-step generation differs from full forwards"
 
 
+def check_checkpointing(family, spec):
+    """Gradients with per-block checkpointing equal those without (training mode: dropout draws the same masks in the
+    recomputation), and the model runs plainly again once it is disabled."""
+    peft = make_peft(family, spec)
+    randomize_adapter(peft)
+    peft.train()
+    inputs = inputs_of(peft.base_model)
+    trainable = {n: p for n, p in peft.base_model.named_parameters() if p.requires_grad}
+
+    def gradients():
+        peft.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        peft(**inputs).loss.backward()
+        return {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}
+
+    plain = gradients()
+    peft.gradient_checkpointing_enable()
+    assert peft.is_gradient_checkpointing
+    checkpointed = gradients()
+    peft.gradient_checkpointing_disable()
+    assert not peft.is_gradient_checkpointing
+    assert checkpointed.keys() == plain.keys() and plain, f"{family} {spec}: gradients reach other tensors"
+    for name, grad in plain.items():
+        assert_rel_close(checkpointed[name], grad, tol=1e-5, what=f"{family} {spec} checkpointed gradient of {name}")
+
+
 def run_battery(family: str, spec: str, identity: bool, folder) -> None:
     check_identity(family, spec, identity)
     check_gradients_and_step(family, spec)
+    check_checkpointing(family, spec)
     check_save_load(family, spec, folder / "adapter")
     check_merge(family, spec, folder / "merged")
     check_generation(family, spec)
