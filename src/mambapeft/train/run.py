@@ -86,6 +86,10 @@ def fine_tune(config: RunConfig | dict, *, resume: bool = False, overwrite: bool
             log(f"zero-shot test accuracy: {format_scores(before)}")
 
         peft = get_peft_model(prepared.model, prepared.peft_config, seed=config.seed)
+        if config.gradient_checkpointing:
+            peft.gradient_checkpointing_enable()
+        if config.base_dtype != "float32":
+            peft.store_base_as(config.base_dtype)
         counts = peft.parameter_counts()
         results["parameters"] = counts
         log(f"methods: {', '.join(str(s) for s in peft.peft_config.methods)}; trainable parameters "
