@@ -102,7 +102,7 @@ def test_narrow_base_is_the_float32_model_with_rounded_weights(dtype):
                 module.weight.copy_(module.weight.to(dtype).float())
     peft, reference = get_peft_model(narrow, specs, seed=0).eval(), get_peft_model(rounded, specs, seed=0).eval()
     with torch.no_grad():
-        for (name, a), (_, b) in zip(peft.base_model.named_parameters(), reference.base_model.named_parameters()):
+        for a, b in zip(peft.base_model.parameters(), reference.base_model.parameters()):
             if a.requires_grad:
                 a.add_(torch.randn_like(a) * 0.05)
                 b.copy_(a)
