@@ -181,9 +181,11 @@ def test_narrow_base_trains_like_float32_and_merges():
     peft.eval()
     with torch.no_grad():
         expected = peft(input_ids=ids).logits
+        generated = peft.generate(ids[:, :4], max_new_tokens=3, eos_token_id=None)     # one-token steps, narrow
         merged = peft.merge_and_unload()
         assert {p.dtype for p in merged.parameters()} == {torch.float32}
         assert_rel_close(merged(input_ids=ids).logits, expected, tol=1e-5, what="merged")
+        assert torch.equal(merged.generate(ids[:, :4], max_new_tokens=3, eos_token_id=None), generated)
 
 
 def test_narrow_base_keeps_tied_weights_tied():
