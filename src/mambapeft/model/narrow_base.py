@@ -20,8 +20,14 @@ How:
   * `restore` (before merging, or to go back) turns the weights float32 again and removes the parametrizations, tied
     weights staying tied (the embedding and a tied head share one narrow original).
 
-Refused (ConfigError): a base that is not float32 (load it in float32); a run where no base weight is frozen
-(`full` trains them all: nothing to store narrow).
+Refused (ConfigError): a base that is not float32 (load it in float32: methods make their tensors in the base's
+type, and they must stay float32); a run where no base weight is frozen (`full` trains them all: nothing to store
+narrow); undoing it while another parametrization sits on top of a narrow weight. Left float32 rather than refused:
+weights a method trains or parametrizes (linear_probe's head, a delta on a Linear's weight).
+
+Not done: loading a checkpoint straight into the narrow form (the base is built or loaded in float32 first, so a
+process's peak holds the float32 weights once while it starts); the embedding lookup upcasts the whole table (the
+tied head shares it), a transient float32 copy.
 """
 
 from __future__ import annotations
@@ -112,11 +118,6 @@ def store_narrow(model: nn.Module, dtype: torch.dtype, among: set[int] | None = 
     for weight in unique.values():             # after registering: a tied weight is registered on both layers
         weight.data = weight.data.to(dtype)
     return len(unique)
-
-
-def is_narrow(model: nn.Module) -> bool:
-    return any(isinstance(p, Upcast) for m in model.modules() if parametrize.is_parametrized(m, "weight")
-               for p in m.parametrizations.weight)
 
 
 def stored_dtype(model: nn.Module) -> torch.dtype:
