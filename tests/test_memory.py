@@ -235,3 +235,8 @@ def test_train_cli_with_checkpointing_and_a_narrow_base(tmp_path):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 3 and all(loss == loss for loss in losses)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    refused = tmp_path / "refused"                      # checked before the output folder is touched
+    assert main(["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.json"), "--val-size",
+                 "0", "--output-dir", str(refused), "--max-steps", "1", "--method", "full",
+                 "--base-dtype", "bfloat16"]) == 2
+    assert not refused.exists()
