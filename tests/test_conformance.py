@@ -6,9 +6,9 @@ a method or a family adds its cases here without editing this file.
 
 Completeness, per family: every method either attaches (then each of its examples runs the battery) or raises
 NotApplicable with its reason. The battery: identity at init (where the method starts as one; otherwise the output
-must change), a gradient on every trainable tensor, frozen weights bit-identical after an optimiser step, a save /
-load round trip, merging, the merged checkpoint in the family's reference implementation, and step-by-step generation
-for causal families.
+must change), a gradient on every trainable tensor, the same gradients under per-block gradient checkpointing, frozen
+weights bit-identical after an optimiser step, a save / load round trip, merging, the merged checkpoint in the family's
+reference implementation, and step-by-step generation for causal families.
 """
 
 from __future__ import annotations
@@ -198,14 +198,38 @@ def check_gradients_and_step(family, spec):
     trainable = {n: p for n, p in names.items() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in names.items() if not p.requires_grad}
     assert trainable, f"{family} {spec}: nothing to train"
-    peft(**inputs_of(peft.base_model)).loss.backward()
+    inputs = inputs_of(peft.base_model)
+    torch.manual_seed(3)
+    peft(**inputs).loss.backward()
     no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, f"{family} {spec}: no gradient reaches {no_grad[:4]}"
+    check_checkpointed_gradients(family, spec, peft, inputs, trainable)
     before = {n: p.detach().clone() for n, p in trainable.items()}
     torch.optim.AdamW(peft.parameter_groups(lr=1e-2, weight_decay=0.1)).step()
     moved = [n for n, p in names.items() if not p.requires_grad and not torch.equal(p, frozen[n])]
     assert not moved, f"{family} {spec}: frozen weights changed: {moved[:3]}"
     assert any(not torch.equal(p, before[n]) for n, p in trainable.items()), f"{family} {spec}: nothing trained"
+
+
+def check_checkpointed_gradients(family, spec, peft, inputs, trainable):
+    """The same forward and backward with per-block gradient checkpointing gives the same gradients (the same seed:
+    dropout must draw the same masks when a block is recomputed); the gradients of the plain run are left in place."""
+    plain = {n: p.grad for n, p in trainable.items()}
+    for p in trainable.values():
+        p.grad = None
+    peft.gradient_checkpointing_enable()
+    assert peft.is_gradient_checkpointing
+    try:
+        torch.manual_seed(3)
+        peft(**inputs).loss.backward()
+        for name, p in trainable.items():
+            assert p.grad is not None, f"{family} {spec}: no gradient reaches {name} under checkpointing"
+            assert_rel_close(p.grad, plain[name], tol=1e-5, what=f"{family} {spec} checkpointed gradient of {name}")
+    finally:
+        peft.gradient_checkpointing_disable()
+    assert not peft.is_gradient_checkpointing
+    for name, p in trainable.items():
+        p.grad = plain[name]
 
 
 def check_save_load(family, spec, folder):

@@ -25,6 +25,7 @@ from .assets import BUILTIN_LANGUAGE_MODELS
 from .config import MethodSpec, PeftConfig
 from .errors import CheckpointError, ConfigError, NotApplicable
 from .methods import REGISTRY, Method
+from .model import narrow_base
 from .model.summary import count_unique
 from .version import __version__
 
@@ -134,7 +135,10 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------ running
 
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        if not getattr(self, "_narrow", False):
+            return self.base_model(*args, **kwargs)
+        with narrow_base.keeping_narrow():       # the backward pass keeps the narrow weights, not float32 copies
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         return self.base_model.generate(*args, **kwargs)
@@ -150,6 +154,32 @@ class PeftModel(nn.Module):
     @property
     def device(self):
         return self.base_model.device
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Per-block gradient checkpointing of the base model (model/checkpointing.py)."""
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.base_model.is_gradient_checkpointing
+
+    def store_base_as(self, dtype: str | torch.dtype) -> None:
+        """Stores the frozen base weights in `dtype` ("bfloat16", "float16"; "float32" undoes it), computing in
+        float32 (model/narrow_base.py); the trained tensors stay float32. Merging upcasts first."""
+        dtype = narrow_base.DTYPES.get(dtype, dtype)
+        if dtype not in narrow_base.DTYPES.values():
+            raise ConfigError(f"base dtype must be one of {', '.join(narrow_base.DTYPES)}, got {dtype!r}")
+        narrow_base.restore(self.base_model)
+        self._narrow = dtype != torch.float32
+        if self._narrow:
+            narrow_base.store_narrow(self.base_model, dtype, among=self._base_ids)
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return narrow_base.stored_dtype(self.base_model)
 
     # ------------------------------------------------------------ training phases
 
@@ -300,6 +330,8 @@ class PeftModel(nn.Module):
         affix tokens, with any projection collapsed into plain tokens; the parallel adapter).
         """
         model = self.base_model
+        narrow_base.restore(model)              # a narrow base merges in float32 (and comes back float32)
+        self._narrow = False
         for method in sorted((m for m in self.methods if m.mergeable), key=lambda m: m.merge_order):
             method.merge(model)
         remaining = [m for m in self.methods if not m.mergeable]

@@ -59,7 +59,7 @@ def add_config_flags(parser) -> None:
             if target is list:
                 where.add_argument(_flag(f.name), nargs="+", metavar="SPEC", **kwargs)
             elif target is bool:
-                where.add_argument(_flag(f.name), type=_bool, metavar="true|false", **kwargs)
+                where.add_argument(_flag(f.name), type=_bool, nargs="?", const=True, metavar="true|false", **kwargs)
             else:
                 where.add_argument(_flag(f.name), type=target, choices=f.metadata.get("choices"), **kwargs)
 

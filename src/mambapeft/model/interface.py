@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import NotApplicable
+from . import checkpointing
 
 PROJECTION_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "X", "Z", "dt", "B", "C")
 TENSOR_ROLES = ("A_log", "D", "conv", "dt_bias")
@@ -262,6 +263,25 @@ class PeftModelInterface(ABC):
     @abstractmethod
     def peft_fingerprint(self) -> dict:
         """The architecture an adapter depends on; an adapter saved on one fingerprint refuses another."""
+
+    supports_gradient_checkpointing: ClassVar[bool] = True      # what transformers' Trainer asks
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The blocks gradient checkpointing recomputes one at a time (model/checkpointing.py); by default the
+        elements of the innermost module lists that hold the mixers."""
+        return checkpointing.default_blocks(self)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Keeps only each block's input for the backward pass and recomputes the block there (transformers' name;
+        its kwargs are accepted and ignored: the blocks always run non-reentrant, with the RNG state preserved)."""
+        checkpointing.enable(self)
+
+    def gradient_checkpointing_disable(self) -> None:
+        checkpointing.disable(self)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return checkpointing.is_enabled(self)
 
     def layer_types(self) -> list[str]:
         """The kind of each layer ("mamba", "attention", ...); a pure SSM model's layers are all its mixers'."""

@@ -48,10 +48,17 @@ class RunConfig:
     seed: int = option(42, "seed of the adapter initialisation, data order and dropout", minimum=0, maximum=SEED_MAX)
     threads: int = option(0, "torch CPU threads (0: torch's default)", minimum=0)
     bf16: bool | None = option(None, "bfloat16 autocast (default: on for CUDA, off on CPU, which trains in fp32)")
+    gradient_checkpointing: bool = option(False, "keep only each block's input for the backward pass and recompute "
+                                          "the block there: activation memory of one block instead of all, for one "
+                                          "more forward pass of compute")
+    base_dtype: str = option("float32", "store the frozen base weights (linear layers, embedding, head) in this type, "
+                             "upcast to float32 layer by layer as they are used; trained tensors stay float32",
+                             choices=("float32", "bfloat16", "float16"))
 
     # fields a resumed run may change (the others define the run and must match its run_config.json)
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("epochs", "max_steps", "logging_steps", "save_total_limit",
-                                                    "eval_batch_size", "threads", "output_dir")
+                                                    "eval_batch_size", "threads", "output_dir",
+                                                    "gradient_checkpointing")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "the config"):

@@ -42,6 +42,9 @@ def check_run(config: RunConfig, prepared: Prepared) -> None:
     methods = [REGISTRY[spec.method](spec.config) for spec in prepared.peft_config.methods]
     check_combination(methods)
     check_methods(prepared.model, methods)
+    if config.base_dtype != "float32" and any(m.name == "full" for m in methods):
+        raise ConfigError(f"base_dtype {config.base_dtype}: `full` trains every base weight, so none stays frozen to "
+                          f"store narrow; use float32 with full fine-tuning")
     steps = total_steps(config, len(prepared.train_set))
     for method in methods:
         method.check_training(steps)
@@ -86,6 +89,10 @@ def fine_tune(config: RunConfig | dict, *, resume: bool = False, overwrite: bool
             log(f"zero-shot test accuracy: {format_scores(before)}")
 
         peft = get_peft_model(prepared.model, prepared.peft_config, seed=config.seed)
+        if config.gradient_checkpointing:
+            peft.gradient_checkpointing_enable()
+        if config.base_dtype != "float32":
+            peft.store_base_as(config.base_dtype)
         counts = peft.parameter_counts()
         results["parameters"] = counts
         log(f"methods: {', '.join(str(s) for s in peft.peft_config.methods)}; trainable parameters "
