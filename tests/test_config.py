@@ -74,3 +74,16 @@ def test_presets_carry_the_paper_settings():
     assert (spec.config.r, spec.config.s) == (64, 1.0)
     (spec,) = expand_preset("paper/lora_p_x")                          # size unknown: the run's lr applies
     assert spec.config.lr is None
+
+
+def test_a_run_saved_before_a_field_existed_resumes_with_its_default():
+    """run_config.json files written by an older version lack newer fields (e.g. base_dtype): the run used the
+    field's default, so resuming with the default is no change, and resuming with another value is."""
+    from mambapeft.train.language import TrainConfig
+
+    config = TrainConfig()
+    saved = config.to_dict()
+    del saved["base_dtype"]
+    assert config.differences(saved) == []
+    narrow = TrainConfig(base_dtype="bfloat16")
+    assert narrow.differences(saved) == ["base_dtype: 'float32' -> 'bfloat16'"]

@@ -114,8 +114,11 @@ class RunConfig:
         return {"task": self.kind, **asdict(self)}
 
     def differences(self, saved: dict) -> list[str]:
-        """What differs from a saved run_config.json in the fields that define the run."""
+        """What differs from a saved run_config.json in the fields that define the run. A field the saved file lacks
+        (written by an older version, before the field existed) counts as its default, which that run used."""
         mine = self.to_dict()
+        defaults = type(self)().to_dict()
+        saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
         return [f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(saved))
                 if k not in self.RESUMABLE_CHANGES and mine.get(k) != saved.get(k)]
 
