@@ -93,12 +93,18 @@ def test_in_the_default_search_space(toy):
 def test_runs_the_conformance_battery_on_every_family(toy, tmp_path):
     import test_conformance as conformance
 
+    ran = 0
     for family in conformance.FAMILIES:
         cases = conformance.cases(family, methods=["toy_d"])
+        reason = conformance.applicability(family)["toy_d"]
+        if reason is not None:              # a family without D (the Gated DeltaNet hybrids) says why, by name
+            assert cases == [] and "D" in reason, (family, reason)
+            continue
         assert cases == [("toy_d", "toy_d:scale=2", True)]
         for _, spec, identity in cases:
             conformance.run_battery(family, spec, identity, tmp_path / family)
-        assert conformance.applicability(family)["toy_d"] is None
+        ran += 1
+    assert ran >= len(conformance.FAMILIES) - 2
 
 
 def test_the_battery_catches_a_broken_method(toy, tmp_path):
