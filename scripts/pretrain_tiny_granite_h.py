@@ -22,23 +22,31 @@ pretraining.json holding the final losses.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from pretrain_tiny_lm import parser, pretrain, save_with_report, token_streams  # noqa: E402
+from pretrain_tiny_lm import parser, pretrain_on_shared_tokens  # noqa: E402
 
-from mambapeft.data.pydoc_text import pretraining_documents  # noqa: E402
 
-TOKENIZER_FROM = ROOT / "src/mambapeft/assets/tiny-mamba"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+def granite_h_config(args, vocab: int, eos: int):
+    from transformers import GraniteMoeHybridConfig
+
+    layer_types = ["attention" if i in args.attention_at else "mamba" for i in range(args.layers)]
+    # Granite 4.0-H's multipliers scaled to this width as the published configs do: embeddings x12, attention
+    # 1/head_dim, residual branches x0.246 (350m's value), logits / 3 (granite-4.0-h-350m's)
+    return GraniteMoeHybridConfig(
+        vocab_size=vocab, hidden_size=args.d, num_hidden_layers=args.layers, layer_types=layer_types,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=args.mlp, shared_intermediate_size=args.mlp,
+        num_local_experts=0, num_experts_per_tok=0, position_embedding_type="nope",
+        mamba_n_heads=2 * args.d // args.head_dim, mamba_d_head=args.head_dim, mamba_d_state=args.d_state,
+        mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, mamba_conv_bias=True, mamba_proj_bias=False,
+        mamba_chunk_size=64, attention_bias=False, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        embedding_multiplier=12.0, attention_multiplier=1 / (args.d // 4), residual_multiplier=0.246,
+        logits_scaling=3.0, max_position_embeddings=2048, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
 
 
 def main(argv=None) -> None:
@@ -49,43 +57,10 @@ def main(argv=None) -> None:
     p.add_argument("--d-state", type=int, default=32, help="Mamba-2 state size per head (N)")
     p.add_argument("--mlp", type=int, default=256, help="width of the shared MLP after every mixer")
     args = p.parse_args(argv)
-
-    from transformers import GraniteMoeHybridConfig, PreTrainedTokenizerFast
-
-    from mambapeft import from_config
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    start = time.time()
-    documents = pretraining_documents()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_FROM))
-    eos = tokenizer.eos_token_id
-    stream, held_out = token_streams(tokenizer, documents)
-    print(f"{len(documents)} documents, {sum(map(len, documents)):,} characters, {len(stream):,} tokens, "
-          f"vocab {len(tokenizer)} (tokenizer of {TOKENIZER_FROM.name})", flush=True)
-
-    vocab = -(-len(tokenizer) // 8) * 8
-    layer_types = ["attention" if i in args.attention_at else "mamba" for i in range(args.layers)]
-    # Granite 4.0-H's multipliers scaled to this width as the published configs do: embeddings x12, attention
-    # 1/head_dim, residual branches x0.246 (350m's value), logits / 3 (granite-4.0-h-350m's)
-    config = GraniteMoeHybridConfig(
-        vocab_size=vocab, hidden_size=args.d, num_hidden_layers=args.layers, layer_types=layer_types,
-        num_attention_heads=4, num_key_value_heads=2, intermediate_size=args.mlp, shared_intermediate_size=args.mlp,
-        num_local_experts=0, num_experts_per_tok=0, position_embedding_type="nope",
-        mamba_n_heads=2 * args.d // args.head_dim, mamba_d_head=args.head_dim, mamba_d_state=args.d_state,
-        mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, mamba_conv_bias=True, mamba_proj_bias=False,
-        mamba_chunk_size=64, attention_bias=False, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        embedding_multiplier=12.0, attention_multiplier=1 / (args.d // 4), residual_multiplier=0.246,
-        logits_scaling=3.0, max_position_embeddings=2048, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    model = from_config(config, seed=args.seed).train()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: Granite 4.0-H layout {layer_types}, d {args.d}, Mamba-2 {config.mamba_n_heads} heads x "
-          f"{args.head_dim}, state {args.d_state}, MLP {args.mlp}, vocab {vocab}, {n_params:,} parameters", flush=True)
-    pretrain(model, stream, held_out, args, start)
-    save_with_report(model, tokenizer, stream, held_out, args, argv, start, "pretrain_tiny_granite_h.py",
-                     tokenizer_from=TOKENIZER_FROM.name)
-    for name in TOKENIZER_FILES:      # the files as they are (save_pretrained would add loading-time keys)
-        shutil.copyfile(TOKENIZER_FROM / name, Path(args.out) / name)
+    pretrain_on_shared_tokens(
+        args, argv, granite_h_config, script="pretrain_tiny_granite_h.py",
+        describe=lambda c: f"Granite 4.0-H layout {c.layer_types}, d {c.hidden_size}, Mamba-2 {c.mamba_n_heads} "
+                           f"heads x {c.mamba_d_head}, state {c.mamba_d_state}, MLP {c.intermediate_size}")
 
 
 if __name__ == "__main__":

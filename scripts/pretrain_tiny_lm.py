@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -141,6 +142,40 @@ def save_with_report(model, tokenizer, stream, held_out, args, argv, start: floa
     }
     (out / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+
+
+TOKENIZER_FROM = ROOT / "src/mambapeft/assets/tiny-mamba"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def pretrain_on_shared_tokens(args, argv, make_config, describe, script: str) -> None:
+    """Pretrains another built-in language model exactly as the tiny Mamba was, reading the tiny Mamba's tokens.
+
+    make_config(args, vocab, eos) returns the transformers config of the new layout; describe(config) the line that
+    names it. The tokenizer is not trained again but copied file for file (save_pretrained would add loading-time
+    keys), so every built-in language model reads the same tokens and their scores compare.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from mambapeft import from_config
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = time.time()
+    documents = pretraining_documents()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_FROM))
+    stream, held_out = token_streams(tokenizer, documents)
+    print(f"{len(documents)} documents, {sum(map(len, documents)):,} characters, {len(stream):,} tokens, "
+          f"vocab {len(tokenizer)} (tokenizer of {TOKENIZER_FROM.name})", flush=True)
+    vocab = -(-len(tokenizer) // 8) * 8
+    config = make_config(args, vocab, tokenizer.eos_token_id)
+    model = from_config(config, seed=args.seed).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {describe(config)}, vocab {vocab}, {n_params:,} parameters", flush=True)
+    pretrain(model, stream, held_out, args, start)
+    save_with_report(model, tokenizer, stream, held_out, args, argv, start, script, tokenizer_from=TOKENIZER_FROM.name)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(TOKENIZER_FROM / name, Path(args.out) / name)
 
 
 def main(argv=None) -> None:

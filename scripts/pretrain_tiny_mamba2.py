@@ -15,23 +15,24 @@ Mamba2ForCausalLM both load, with pretraining.json holding the final losses.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from pretrain_tiny_lm import parser, pretrain, save_with_report, token_streams  # noqa: E402
+from pretrain_tiny_lm import parser, pretrain_on_shared_tokens  # noqa: E402
 
-from mambapeft.data.pydoc_text import pretraining_documents  # noqa: E402
 
-TOKENIZER_FROM = ROOT / "src/mambapeft/assets/tiny-mamba"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+def mamba2_config(args, vocab: int, eos: int):
+    from transformers import Mamba2Config
+
+    inner = 2 * args.d
+    return Mamba2Config(hidden_size=args.d, num_hidden_layers=args.layers, vocab_size=vocab, expand=2,
+                        num_heads=inner // args.head_dim, head_dim=args.head_dim, state_size=args.d_state,
+                        n_groups=args.groups, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                        tie_word_embeddings=True)
 
 
 def main(argv=None) -> None:
@@ -40,36 +41,10 @@ def main(argv=None) -> None:
     p.add_argument("--d-state", type=int, default=32, help="state size per head (N)")
     p.add_argument("--groups", type=int, default=1, help="groups of heads sharing B and C (G)")
     args = p.parse_args(argv)
-
-    from transformers import Mamba2Config, PreTrainedTokenizerFast
-
-    from mambapeft import from_config
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    start = time.time()
-    documents = pretraining_documents()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_FROM))
-    eos = tokenizer.eos_token_id
-    stream, held_out = token_streams(tokenizer, documents)
-    print(f"{len(documents)} documents, {sum(map(len, documents)):,} characters, {len(stream):,} tokens, "
-          f"vocab {len(tokenizer)} (tokenizer of {TOKENIZER_FROM.name})", flush=True)
-
-    vocab = -(-len(tokenizer) // 8) * 8
-    inner = 2 * args.d
-    config = Mamba2Config(hidden_size=args.d, num_hidden_layers=args.layers, vocab_size=vocab, expand=2,
-                          num_heads=inner // args.head_dim, head_dim=args.head_dim, state_size=args.d_state,
-                          n_groups=args.groups, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                          tie_word_embeddings=True)
-    model = from_config(config, seed=args.seed).train()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: Mamba-2, d {args.d}, {args.layers} layers, {config.num_heads} heads x {args.head_dim}, "
-          f"state {args.d_state}, vocab {vocab}, {n_params:,} parameters", flush=True)
-    pretrain(model, stream, held_out, args, start)
-    save_with_report(model, tokenizer, stream, held_out, args, argv, start, "pretrain_tiny_mamba2.py",
-                     tokenizer_from=TOKENIZER_FROM.name)
-    for name in TOKENIZER_FILES:      # the files as they are (save_pretrained would add loading-time keys)
-        shutil.copyfile(TOKENIZER_FROM / name, Path(args.out) / name)
+    pretrain_on_shared_tokens(
+        args, argv, mamba2_config, script="pretrain_tiny_mamba2.py",
+        describe=lambda c: f"Mamba-2, d {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_heads} heads x "
+                           f"{c.head_dim}, state {c.state_size}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mambapeft {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show every warning, with its source, and the "
                         "libraries' own notices (default: each data warning once, expected notices silenced)")
+    # the command line as given, set by main(): what `search --jobs N` starts its helper processes with (None when
+    # a command's function is called on parsed arguments alone, which then runs in one process)
+    parser.set_defaults(argv=None)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(commands)

@@ -292,7 +292,7 @@ def run(args) -> int:
     settings = SearchSettings(study_name=args.study_name, storage=storage_url, seed=seed, prune=pruner != "none",
                               pruner=pruner, heartbeat_interval=args.heartbeat, grace_period=args.grace,
                               fingerprint=settings_fingerprint(described))
-    jobs = search_jobs(args.jobs, builtin=args.config is None) if hasattr(args, "argv") else 1
+    jobs = search_jobs(args.jobs, builtin=args.config is None) if args.argv is not None else 1
     if jobs > 1 and not base.threads:           # not part of what the search is: left out of the fingerprint
         base.threads = max(1, (os.cpu_count() or 1) // jobs)
     lock = FolderLock(out, "search folder")
