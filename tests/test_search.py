@@ -55,7 +55,11 @@ def states(out, step):
 
 def test_search_reports_and_its_best_config_reproduces(setup, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["search", "--config", str(setup / "run.json"), "--space", str(setup / "space.json"),
+    # a trial budget that differs from the recipe only in its logging: the final run is trained again, and must
+    # reproduce its trial
+    run = {**json.loads((setup / "run.json").read_text()), "trial": {"logging_steps": 2}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    code = main(["search", "--config", str(tmp_path / "run.json"), "--space", str(setup / "space.json"),
                  "--output-dir", str(out), "--no-prune"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -72,6 +76,7 @@ def test_search_reports_and_its_best_config_reproduces(setup, tmp_path, capsys):
             assert trial.intermediate_values and trial.value == max(trial.intermediate_values.values())
     # the final run is the best config, retrained with the same seed: the same validation score
     results = json.loads((out / "final" / "results.json").read_text())
+    assert "trained_as" not in results and "the winner then trains with the full recipe" in printed
     assert results["best_validation"] == pytest.approx(best.value, abs=1e-6)
     config = json.loads((out / "best_config.json").read_text())
     assert config["test_data"] == str(setup / "test.json") and "fine_tuned" in results
@@ -83,6 +88,32 @@ def test_search_reports_and_its_best_config_reproduces(setup, tmp_path, capsys):
     kept_methods = ([c["method"] for c in best.user_attrs["config"]] if summary["kept"] == "winner"
                     else summary["default"]["methods"])
     assert [spec.split(":")[0] for spec in config["method"]] == kept_methods
+
+
+def test_a_winner_whose_trial_ran_the_full_recipe_is_not_trained_again(setup, tmp_path, capsys):
+    """Trials that run the full recipe (the built-in language demo's) already trained the winner's final run: final/
+    is that trial's run (the adapter byte for byte), scored on the test set as a trained final run would be."""
+    from mambapeft.cli.eval import load_model
+    from mambapeft.data.multiple_choice import load_mc_items
+    from mambapeft.evaluation.multiple_choice import score_items
+    from mambapeft.train.language import load_tokenizer
+
+    out = tmp_path / "run"
+    code = main(["search", "--config", str(setup / "run.json"), "--space", str(setup / "space.json"),
+                 "--output-dir", str(out), "--no-prune", "--no-baseline"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "trials run the full recipe, so the winner's run is its trial's" in printed
+    results = json.loads((out / "final" / "results.json").read_text())
+    trial = out / results["trained_as"]          # relative to the search folder
+    assert trial.parent.parent.name == "trials"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / "final" / "adapter" / name).read_bytes() == (trial / "adapter" / name).read_bytes()
+    model = load_model("builtin", str(out / "final" / "adapter"))
+    expected = score_items(model, load_tokenizer("builtin"), load_mc_items(str(setup / "test.json")), batch_size=8)
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert results["fine_tuned"]["acc"] == summary["winner"]["test"] == pytest.approx(expected["acc"])
+    assert summary["winner"]["validation"] == pytest.approx(summary["winner"]["search_validation"], abs=1e-6)
 
 
 def test_jobs_run_trials_in_two_processes_and_the_final_runs_side_by_side(setup, tmp_path, capsys):

@@ -152,7 +152,10 @@ def test_no_sampled_trial_of_the_default_space_clashes():
 def test_step2_starts_from_exactly_step_1s_best(tmp_path):
     """Its first trial is step 1's best configuration as the trial ran it (the learning rates the run filled in
     included), even where that lies outside the step-2 ranges."""
+    tags = []
+
     def objective(specs, report, tag):
+        tags.append(tag)
         ran = [{**s.to_dict(), "lr": s.config.lr or 0.03} for s in specs]        # the run's rate, written out
         score = sum({**GOOD, **BAD}[s.method] for s in specs)
         report(1, score)
@@ -164,6 +167,10 @@ def test_step2_starts_from_exactly_step_1s_best(tmp_path):
     step1 = open_study(s, storage, 1).best_trial
     first = open_study(s, storage, 2).get_trials()[0]
     assert first.user_attrs["config"] == step1.user_attrs["config"] and first.value == step1.value
+    # replayed, not trained again: same evaluations for the pruner, and the run folder it names is step 1's
+    assert first.intermediate_values == step1.intermediate_values and "step2-trial0" not in tags
+    assert first.user_attrs["replayed"] == f"step1-trial{step1.number}"
+    assert sum(t.startswith("step2") for t in tags) == 3
     assert first.params.get("lora_p_x.lr") == 0.03                                 # outside [1e-4, 5e-3]: as it ran
     assert result.best_score >= step1.value
 

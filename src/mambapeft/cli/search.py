@@ -101,6 +101,8 @@ def load_run_config(path: str | None, task: str | None = None, trial_steps: int 
     raw.pop("task", None)
     if model is not None:
         raw["model"] = model
+    if not path:
+        raw.update(kind.search_builtin_recipe)
     base = kind.resolve(raw, where=where)
     kind.Config.from_dict({**base.to_dict(), **trial}, where=f"{where}: trial")          # the budget is checked too
     return kind, base, trial, tasks
@@ -132,7 +134,7 @@ def default_space(kind, base, log=print):
         space = space.restricted_to([m for m in space.step1 if m not in skipped])
     if kind.is_builtin_model(base):
         space = space.restricted_to(kind.search_builtin_methods)
-        space.step1_trials, space.step2_trials = 5, 3
+        space.step1_trials, space.step2_trials = kind.search_builtin_trials
         lr_range = getattr(kind, "search_builtin_lr", None)
         for ranges in space.step2.values():
             if lr_range and "lr" in ranges:
@@ -310,14 +312,23 @@ def run(args) -> int:
             out.mkdir(parents=True, exist_ok=True)
         objective = TrainingObjective(base, tasks, out, trial=trial)
         print(f"search: {len(space.step1)} methods, {space.step1_trials} + {space.step2_trials} trials "
-              f"({budget_text(trial)} each, pruner {pruner}); the winner then trains with the full recipe "
-              f"({budget_text(base)}); storage {shown_url(storage_url)} (studies {study_name(args.study_name, 1)}, "
+              f"({budget_text({**base.to_dict(), **trial})} each, pruner {pruner}); "
+              + ("trials run the full recipe, so the winner's run is its trial's" if trial_is_recipe(trial, base)
+                 else f"the winner then trains with the full recipe ({budget_text(base)})")
+              + f"; storage {shown_url(storage_url)} (studies {study_name(args.study_name, 1)}, "
               f"{study_name(args.study_name, 2)}); worker {worker()}", flush=True)
 
         def progress(step, done, total):
             print(f"step {step}: {done}/{total} trials finished", flush=True)
 
+        best_task = tasks[0] if tasks else {}
+        baseline = None
+        if not (args.worker or args.no_final or args.no_baseline):
+            default = [MethodSpec.parse(m).to_dict() for m in kind.Config().method]
+            baseline = final_config(objective, default, best_task, out / "baseline")
         helpers = [] if args.worker else start_helpers(args.argv, jobs - 1, out, base.threads)
+        # side by side, the default's full-recipe run needs nothing from the search: it runs beside the trials
+        pool, default_run = start_final_run(baseline, "baseline") if baseline is not None and jobs > 1 else (None, None)
         try:
             result = run_search(space, objective, settings, progress=progress)
             wait_for_helpers(helpers)
@@ -325,6 +336,8 @@ def run(args) -> int:
             for helper in helpers:
                 if helper.poll() is None:
                     helper.terminate()
+            if pool is not None and sys.exc_info()[0] is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         print(f"step 1 kept: {' + '.join(result.combination)}")
         print(f"best (step {result.best_step}, trial {result.best_trial}): validation {result.best_score:.4f} with "
               + " + ".join(c["method"] for c in result.best_config))
@@ -334,7 +347,6 @@ def run(args) -> int:
         storage = open_storage(settings)
         with quiet_third_party():           # Optuna's notices on a small study's importances are expected
             report = write_report(out / "report", {step: open_study(settings, storage, step) for step in (1, 2)})
-        best_task = tasks[0] if tasks else {}
         final = final_config(objective, result.best_config, best_task, out / "final")
         config_file = out / "best_config.json"
         write_atomic(config_file, json.dumps(ready_to_train(final), indent=2) + "\n")
@@ -343,11 +355,13 @@ def run(args) -> int:
                    "winner": {"methods": [c["method"] for c in result.best_config], "search_validation":
                               result.best_score}}
         if not args.no_final:
-            baseline = None
-            if not args.no_baseline:
-                default = [MethodSpec.parse(m).to_dict() for m in kind.Config().method]
-                baseline = final_config(objective, default, best_task, out / "baseline")
-            winner_scores, baseline_scores = final_runs(final, baseline, side_by_side=jobs > 1)
+            trial_run = winner_trial_run(objective, result, final, out, len(tasks))
+            winner_scores = reuse_trial_run(trial_run, final) if trial_run else final_scores(final, "final")
+            if default_run is not None:
+                baseline_scores = default_run.result()
+                pool.shutdown()
+            else:
+                baseline_scores = baseline and final_scores(baseline, "baseline")
             summary["winner"].update(winner_scores)
             if baseline is not None:
                 summary["default"] = {"methods": list(kind.Config().method), **baseline_scores}
@@ -397,17 +411,60 @@ def wait_for_helpers(helpers: list[subprocess.Popen]) -> None:
                   f"workers/worker-{i + 1}.log); the other processes ran its trials", flush=True)
 
 
-def final_runs(final, baseline, side_by_side: bool) -> tuple[dict, dict | None]:
-    """The winner's and (unless None) the default's full-recipe runs: one after the other, or side by side in two
-    processes (the default's in a fresh one), each on its share of the cores."""
-    if baseline is None or not side_by_side:
-        return final_scores(final, "final"), baseline and final_scores(baseline, "baseline")
+def start_final_run(config, what: str):
+    """(pool, future): `config`'s full-recipe run in a fresh process, started now."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        other = pool.submit(final_scores, baseline, "baseline")
-        return final_scores(final, "final"), other.result()
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    return pool, pool.submit(final_scores, config, what)
+
+
+def trial_is_recipe(trial: dict, base) -> bool:
+    """Whether the trial budget changes nothing of the full recipe (the built-in language demo's trials)."""
+    values = base.to_dict()
+    return all(values.get(key) == value for key, value in trial.items())
+
+
+def winner_trial_run(objective, result, final, out: Path, n_tasks: int) -> Path | None:
+    """The winner's trial run folder where that trial trained exactly what the final run would (same recipe, seed
+    and methods, on the one task; only the test set differs): training it again would repeat it."""
+    if n_tasks > 1:
+        return None
+    folder = out / "trials" / f"step{result.best_step}-trial{result.best_trial}" / "task0"
+    specs = [MethodSpec.from_dict(c) for c in result.best_config]
+    as_trial = objective.task_config(specs, {}, folder, with_test=False).to_dict()
+    as_final = final.to_dict()
+    same = all(as_trial.get(k) == v for k, v in as_final.items() if k not in ("output_dir", "test_data"))
+    return folder if same and (folder / "adapter").is_dir() and (folder / "results.json").is_file() else None
+
+
+def reuse_trial_run(folder: Path, config) -> dict:
+    """The winner's final run as its trial ran it: the trial's folder becomes final/ and its adapter is scored on
+    the test set, as `final_scores` reports a run it trained."""
+    from ..peft import PeftModel
+    from ..train.run_folder import write_atomic
+    from ..train.tasks import get_task
+
+    out = Path(config.output_dir)
+    staging = out.with_name(out.name + ".incomplete")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging)
+    results = json.loads((staging / "results.json").read_text())
+    task = get_task(config.kind)
+    prepared = task.prepare(config, lambda *_: None)
+    model = PeftModel.from_pretrained(prepared.model, staging / "adapter").eval()
+    test = task.score_test(model, prepared, config)
+    results.update(fine_tuned=test, trained_as=str(folder.relative_to(out.parent)))
+    write_atomic(staging / "results.json", json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    scores = {"validation": results.get("best_validation"), "steps": results.get("steps"), "test": test.get("acc")}
+    val = scores["validation"]
+    print(f"final ({scores['steps']} steps, {' + '.join(config.method)}; the trial's run, "
+          f"{results['trained_as']}): " + (f"validation {val:.4f}, " if val is not None else "")
+          + (f"test accuracy {scores['test']:.1%}" if scores["test"] is not None else "no test set"))
+    return scores
 
 
 def ready_to_train(config) -> dict:

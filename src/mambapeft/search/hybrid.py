@@ -337,7 +337,9 @@ def start_params(space: SearchSpace, config: list[dict]) -> dict:
 
 
 def step2_trial(space: SearchSpace, combination: list[str], objective: Objective, settings: SearchSettings,
-                start: list[dict] | None = None):
+                start: list[dict] | None = None, ran: optuna.trial.FrozenTrial | None = None):
+    """Step 2's trials. The first is step 1's best configuration, exactly; `ran`, step 1's trial of it, is replayed
+    (its score, evaluations and records) instead of training the same configuration with the same seed again."""
     def trial_fn(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER, worker_id())
         if start is not None and trial.user_attrs.get(START):
@@ -349,6 +351,8 @@ def step2_trial(space: SearchSpace, combination: list[str], objective: Objective
                     else:
                         _record(trial, space, name)
             trial.set_user_attr("removed", NONE)
+            if ran is not None and ran.user_attrs.get("config") == start:
+                return _replay(trial, ran)
             return _evaluate(trial, [MethodSpec.from_dict(c) for c in start], objective, settings, "step2")
         remove = NONE
         if space.remove_one and len(combination) > 1:
@@ -364,6 +368,18 @@ def step2_trial(space: SearchSpace, combination: list[str], objective: Objective
                 specs.append(MethodSpec.build(method, options))
         return _evaluate(trial, specs, objective, settings, "step2")
     return trial_fn
+
+
+def _replay(trial: optuna.Trial, ran: optuna.trial.FrozenTrial) -> float:
+    """Step 1's trial `ran` as this trial's outcome: its evaluations (which the pruner compares later trials with),
+    its records and its score; "replayed" names the trial whose run folder holds the model."""
+    for step, value in sorted(ran.intermediate_values.items()):
+        trial.report(value, step)
+    for key, value in ran.user_attrs.items():
+        if key not in (WORKER, "removed"):
+            trial.set_user_attr(key, value)
+    trial.set_user_attr("replayed", f"step1-trial{ran.number}")
+    return float(ran.value)
 
 
 def _record(trial: optuna.Trial, space: SearchSpace, name: str) -> None:
@@ -421,7 +437,8 @@ def run_search(space: SearchSpace, objective: Objective, settings: SearchSetting
         raise ConfigError(f"the storage's step 2 was built on {stored}, but step 1's best is now {combination}; "
                           f"use a new study name to search again")
     if space.step2_trials:
-        run_step(study2, step2_trial(space, combination, objective, settings, study2.user_attrs.get("start", start)),
+        run_step(study2, step2_trial(space, combination, objective, settings, study2.user_attrs.get("start", start),
+                                     ran=best),
                  space.step2_trials, settings, progress and (lambda done, total: progress(2, done, total)))
         done = study2.get_trials(states=(TrialState.COMPLETE,))
         if done and study2.best_trial.value > best.value:      # a tie keeps step 1's (step 2 started from it)

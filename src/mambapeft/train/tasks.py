@@ -78,6 +78,8 @@ class TaskKind:
     builtin_defaults: ClassVar[dict] = {}
     # the search's built-in demo: the trial budget, the methods of its restricted space, its trial counts
     search_builtin_trial: ClassVar[dict] = {}
+    search_builtin_recipe: ClassVar[dict] = {}      # the built-in demo's full recipe where it differs from train's
+    search_builtin_trials: ClassVar[tuple[int, int]] = (5, 3)     # the built-in demo's step 1 and step 2 trials
     search_builtin_methods: ClassVar[tuple[str, ...]] = ()
     search_vision_methods: ClassVar[bool] = False     # whether the paper space's vision-only methods apply
     search_extra_step1: ClassVar[dict] = {}           # methods outside the paper space added to it (method -> step 1)
