@@ -9,9 +9,9 @@ keeps each projector's W frozen and learns a linear transformation T of its inpu
                                      Down (r, n) nn.Linear's init, Up (n, r) zero: T = I, the model is the base model
     out = W' x + bias = base(x) + W ((D_b - I) x + s * Up(Down(x)))      n = the projector's input width
 
-Only D_b, Down and Up train (n b + 2 n r per projector, where b divides n). W' = W T merges exactly; it is merged before any other
-method's delta on the same layer (merge_order -1), since T transforms W alone and not what others add. DoRA, which
-normalises W's columns, must be alone on its layer and refuses to combine.
+Only D_b, Down and Up train (n b + 2 n r per projector, where b divides n). W' = W T merges exactly; it is merged
+before any other method's delta on the same layer (merge_order -1), since T transforms W alone and not what others
+add. DoRA, which normalises W's columns, must be alone on its layer and refuses to combine.
 
 Families: every family whose mixers have in_proj and out_proj (Mamba, Mamba-2, Vim, VMamba, the hybrids' SSM
 layers); S4D has neither and raises NotApplicable. The block size b and rank r of the paper's runs, and whether T
@@ -94,7 +94,7 @@ class DiagonalCentricDelta(nn.Module):
 
     @torch.no_grad()
     def merge_into(self, base) -> None:
-        base.weight.copy_((base.weight @ self.transform().to(base.weight.dtype)))
+        base.weight.copy_(base.weight @ self.transform().to(base.weight.dtype))
 
 
 @register
