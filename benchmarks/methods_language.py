@@ -33,7 +33,7 @@ from mambapeft.train import TrainConfig, fine_tune  # noqa: E402
 SINGLE = ["lora_embed", "lora_in_proj", "lora_x_proj", "lora_dt_proj", "lora_out_proj", "lora_p_x", "lora_p_z",
           "lora_p_dt", "lora_p_b", "lora_p_c", "parallel_adapter", "prompt", "affix", "additional_scan",
           "partial_a", "partial_d", "partial_conv1d", "partial_bias", "sdt", "sdt_lora", "dora_p_x",
-          "initial_state", "state_offset", "state_offset_y"]
+          "initial_state", "state_offset", "state_offset_y", "memba", "prodial"]
 ALL_AT_ONCE = ["lora_embed:r=8", "lora_p_x:r=8", "lora_p_z:r=8", "lora_out_proj:r=8", "parallel_adapter:dim=8",
                "affix:n=1", "additional_scan:n=1", "partial_a", "partial_d", "partial_bias"]
 

@@ -66,7 +66,8 @@ def test_all_methods_at_once(tmp_path):
     assert torch.equal(generated, tokens)
     merged = loaded.merge_and_unload().eval()
     assert_rel_close(merged(IDS).logits, expected, tol=1e-5, what="all at once")
-    assert {m.name for m in merged.methods} == {"parallel_adapter", "prompt", "affix", "initial_state", "state_offset"}
+    assert {m.name for m in merged.methods} == {"parallel_adapter", "prompt", "affix", "initial_state", "state_offset",
+                                                "memba"}            # Memba's LoRA merges, its neurons stay
 
 
 def test_parameter_groups_carry_method_settings():

@@ -61,6 +61,12 @@ class PeftHook(nn.Module):
         """The mixer's state has grown by n dimensions (additional scan merged), at the top or the bottom: a hook that
         holds state-shaped tensors pads them with zeros there, which leaves its effect as it was."""
 
+    def gate(self, z: torch.Tensor, mask: torch.Tensor | None, state) -> torch.Tensor:
+        """The gate's input Z (b, L, E) transformed before silu (stage "gate": Memba's membrane neurons); `state` is
+        the mixer's recurrent state in generation (the hook keeps its own values in `state.extra`), else None. Only
+        hooks that override this are called."""
+        return z
+
     def extra_channels(self, h: torch.Tensor) -> torch.Tensor | None:
         """Mamba-2's form of extra states: more B and C channels (b, L, 2 G n') computed from in_proj's input h, which
         the hook then convolves (`extra_conv`) and joins to B and C (`join_states`); None: nothing to add."""

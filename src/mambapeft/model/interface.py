@@ -17,7 +17,7 @@ Roles name the parts of a mixer by what they do, not by where a family keeps the
                   "log_dt" (H), "out_bias" (the output linear's bias), and "D"
     stages        where `PeftHook`s are called: "embeddings" (the model), "before_in_proj", "after_in_proj"
                   (soft tokens; VMamba: "after_cross_scan"), "extend_state" (extra state dimensions),
-                  "initial_state" and "state_offset"
+                  "initial_state" and "state_offset", "gate" (the gate's input Z before silu: Memba)
 
 Hybrid models (attention, MLP and expert layers beside the SSM mixers) answer more roles at the model level, for
 the layers that are not mixers (`layer_projections`, `layer_tensors`); the SSM methods still see only the mixers:

@@ -20,6 +20,8 @@ Extension points, so that PEFT methods plug in without editing this file:
   `torch.nn.utils.parametrize` can add a zero-initialised delta to any of them (partial tuning).
 * `hooks` hold `PeftHook`s (model/hooks.py): soft tokens inserted before or after in_proj and dropped again before
   out_proj (affix tuning), and extra state dimensions (extra columns of A, extra B and C rows: additional scan).
+* a hook's `gate` transforms the gate's input Z before silu (Memba's membrane neurons), once per forward and before
+  the directions, so Vim's two directions share one gate as they share silu(z).
 * `step` is the one-token path of generation (mamba_ssm's forward/step split): the same modules and tensors,
   called on the last K conv inputs and one step of the recurrence instead of the chunked scan. `forward`
   takes it by itself for a length-1 input that continues a state.
@@ -32,14 +34,14 @@ Extension points, so that PEFT methods plug in without editing this file:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...scan import selective_scan
-from ..hooks import drop_inserted, insert_from_hooks, masked
+from ..hooks import PeftHook, drop_inserted, insert_from_hooks, masked
 from ..interface import PeftMixerInterface, Projection, TensorSlot, unwrap
 
 # Per-direction parameter names: index 0 is the (only) forward direction, index 1 Vim's backward one.
@@ -58,6 +60,7 @@ class MixerState:
     conv: torch.Tensor | None = None   # (b, E, K-1): the last K-1 inputs of the causal conv
     ssm: torch.Tensor | None = None    # (b, E, n) float32 (float64 models: float64): the scan state; n = N + extra
     offset: int = 0                    # real tokens consumed so far (inserted soft tokens not counted)
+    extra: dict = field(default_factory=dict)   # hooks' own recurrent values (Memba's membrane potential), by hook
 
 
 def _rms(t: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,7 +82,8 @@ class WeightedRMSNorm(nn.Module):
 
 
 class MambaMixer(nn.Module, PeftMixerInterface):
-    peft_stages = frozenset({"before_in_proj", "after_in_proj", "extend_state", "initial_state", "state_offset"})
+    peft_stages = frozenset({"before_in_proj", "after_in_proj", "extend_state", "initial_state", "state_offset",
+                             "gate"})
 
     def __init__(
         self,
@@ -222,7 +226,7 @@ class MambaMixer(nn.Module, PeftMixerInterface):
 
         h = masked(hidden_states, mask)
         h, mask, kept = insert_from_hooks(self.hooks, "before_in_proj", 0, h, mask, offset)           # (b, L1, d)
-        xz = self.in_proj(h)                                                        # (b, L1, 2E)
+        xz = self._gate(self.in_proj(h), mask, state)                               # (b, L1, 2E)
         y = self._scan_direction(0, xz, mask, state, offset)                        # (b, L1, E)
         if self.bidirectional:
             flipped_mask = mask.flip(1) if mask is not None else None
@@ -265,6 +269,16 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         if offset is not None:
             y = y + (offset * F.silu(z)).to(y.dtype)                                # gated like the scan's output
         return drop_inserted(y, kept)                                               # soft tokens leave here
+
+    def _gate(self, xz: torch.Tensor, mask, state: MixerState | None) -> torch.Tensor:
+        """The hooks' transforms of Z, the gate's input (silu follows in the scan): xz (b, L, 2E) -> (b, L, 2E)."""
+        gates = [hook for hook in self.hooks if type(hook).gate is not PeftHook.gate]
+        if not gates:
+            return xz
+        x, z = xz.chunk(2, dim=-1)                                                  # (b, L, E) each
+        for hook in gates:
+            z = hook.gate(z, mask, state)
+        return torch.cat([x, z], dim=-1)
 
     def _bcdt_norms(self, dt_low, B, C):
         """FalconMamba's weight-free norms or Jamba's weighted ones on x_proj's outputs, where the model has them."""
@@ -326,7 +340,7 @@ class MambaMixer(nn.Module, PeftMixerInterface):
         are the same ones, read the same way, so every adapter applies. For inference (no autograd graph).
         """
         conv1d, x_proj, dt_proj, A_log, D = self.direction_parts(0)
-        xz = self.in_proj(masked(hidden_states, mask))                             # (b, 1, 2E)
+        xz = self._gate(self.in_proj(masked(hidden_states, mask)), mask, state)    # (b, 1, 2E)
         x, z = xz.chunk(2, dim=-1)                                                  # (b, 1, E) each
         window = torch.cat([state.conv, x.mT], dim=-1)                              # (b, E, K)
         state.conv.copy_(window[..., 1:])
