@@ -16,7 +16,7 @@ from mambapeft.assets import BUILTIN_GRANITE_H, BUILTIN_MODEL, builtin_split
 from mambapeft.cli.main import main
 from mambapeft.model.granitemoehybrid import GraniteHybridLM
 from mambapeft.peft import count_parameters
-from mambapeft.train.language import BUILTIN_MODELS
+from mambapeft.train.language import BUILTIN_MODELS, method_config, resolve_config
 
 from conftest import assert_rel_close
 
@@ -88,3 +88,13 @@ def test_search_runs_on_the_hybrid_with_attention_in_its_space(tmp_path, capsys)
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["default"]["methods"] == ["lora_p_x", "lora_attn", "lora_mlp"]
     assert "fine_tuned" in json.loads((out / "final" / "results.json").read_text())
+
+
+def test_a_runs_lr_reaches_the_default_presets_methods():
+    """The hybrids' default is a preset (placement/both); its methods used to keep the built-in column's 3e-2 even
+    when the run was given --lr. Now --lr reaches them; without it they take the column's rate."""
+    given = method_config(resolve_config(None, {"model": "tiny-granite-h", "lr": 0.1}), None)
+    assert [(s.method, s.config.lr) for s in given.methods] == [("lora_p_x", None), ("lora_attn", None),
+                                                                ("lora_mlp", None)]         # None: the run's 0.1
+    default = method_config(resolve_config(None, {"model": "tiny-granite-h"}), None)
+    assert all(s.config.lr is not None for s in default.methods)
