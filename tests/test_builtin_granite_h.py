@@ -65,7 +65,8 @@ def test_train_without_arguments_runs_the_hybrid_default(tmp_path, capsys):
 def test_search_runs_on_the_hybrid_with_attention_in_its_space(tmp_path, capsys):
     """`mambapeft search --model tiny-granite-h` end to end on a sliver of the built-in task (2 optimiser steps a
     trial): step 1 can switch the attention LoRA on beside an SSM method, the winner is retrained, and the baseline
-    it is compared with is the hybrid's own default (placement/both: every layer type)."""
+    it is compared with is the hybrid's own default (placement/both: every layer type; it used to be the language
+    task's lora_p_x)."""
     folder = tmp_path / "data"
     folder.mkdir()
     for split, n in (("train", 16), ("validation", 6), ("test", 6)):
@@ -86,7 +87,9 @@ def test_search_runs_on_the_hybrid_with_attention_in_its_space(tmp_path, capsys)
     assert config["model"] == "tiny-granite-h"
     assert {spec.split(":")[0] for spec in config["method"]} <= {"lora_p_x", "lora_attn", "lora_mlp"}
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert summary["default"]["methods"] == ["lora_p_x", "lora_attn", "lora_mlp"]
+    assert summary["default"]["methods"] == ["placement/both"]            # the hybrid's own default, not lora_p_x
+    baseline = json.loads((out / "baseline" / "results.json").read_text())
+    assert [m["method"] for m in baseline["methods"]] == ["lora_p_x", "lora_attn", "lora_mlp"]
     assert "fine_tuned" in json.loads((out / "final" / "results.json").read_text())
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config.spec import MethodSpec
+from ..config.spec import MethodSpec, PeftConfig
 from ..errors import ConfigError, RunFolderError
 from ..train.tasks import TASKS
 
@@ -104,6 +104,18 @@ def load_run_config(path: str | None, task: str | None = None, trial_steps: int 
     base = kind.resolve(raw, where=where)
     kind.Config.from_dict({**base.to_dict(), **trial}, where=f"{where}: trial")          # the budget is checked too
     return kind, base, trial, tasks
+
+
+def default_methods(kind, base) -> list[str]:
+    """What `mambapeft train` runs on the searched model without --method, the baseline the winner is compared with:
+    the task's default, or where the model's family has its own the family's (a hybrid's `placement/both`: every
+    layer type; the task's lora_p_x alone would leave its attention and MLPs untrained)."""
+    if kind.name == "language":
+        from ..train.language import family_default_method
+
+        if methods := family_default_method(base.model):
+            return list(methods)
+    return list(kind.Config().method)
 
 
 def default_space(kind, base, log=print):
@@ -345,12 +357,13 @@ def run(args) -> int:
         if not args.no_final:
             baseline = None
             if not args.no_baseline:
-                default = [MethodSpec.parse(m).to_dict() for m in kind.Config().method]
+                defaults = default_methods(kind, base)
+                default = [spec.to_dict() for spec in PeftConfig.parse(defaults).methods]
                 baseline = final_config(objective, default, best_task, out / "baseline")
             winner_scores, baseline_scores = final_runs(final, baseline, side_by_side=jobs > 1)
             summary["winner"].update(winner_scores)
             if baseline is not None:
-                summary["default"] = {"methods": list(kind.Config().method), **baseline_scores}
+                summary["default"] = {"methods": list(defaults), **baseline_scores}
                 summary["kept"] = kept(summary)
                 if summary["kept"] == "default":        # chosen on validation only: the test set stays unseen
                     write_atomic(config_file, json.dumps(ready_to_train(baseline), indent=2) + "\n")
