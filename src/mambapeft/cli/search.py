@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config.spec import MethodSpec
+from ..config.spec import MethodSpec, PeftConfig
 from ..errors import ConfigError, RunFolderError
 from ..train.tasks import TASKS
 
@@ -106,6 +106,18 @@ def load_run_config(path: str | None, task: str | None = None, trial_steps: int 
     base = kind.resolve(raw, where=where)
     kind.Config.from_dict({**base.to_dict(), **trial}, where=f"{where}: trial")          # the budget is checked too
     return kind, base, trial, tasks
+
+
+def default_methods(kind, base) -> list[str]:
+    """What `mambapeft train` runs on the searched model without --method, the baseline the winner is compared with:
+    the task's default, or where the model's family has its own the family's (a hybrid's `placement/both`: every
+    layer type; the task's lora_p_x alone would leave its attention and MLPs untrained)."""
+    if kind.name == "language":
+        from ..train.language import family_default_method
+
+        if methods := family_default_method(base.model):
+            return list(methods)
+    return list(kind.Config().method)
 
 
 def default_space(kind, base, log=print):
@@ -324,7 +336,7 @@ def run(args) -> int:
         best_task = tasks[0] if tasks else {}
         baseline = None
         if not (args.worker or args.no_final or args.no_baseline):
-            default = [MethodSpec.parse(m).to_dict() for m in kind.Config().method]
+            default = [spec.to_dict() for spec in PeftConfig.parse(default_methods(kind, base)).methods]
             baseline = final_config(objective, default, best_task, out / "baseline")
         helpers = [] if args.worker else start_helpers(args.argv, jobs - 1, out, base.threads)
         # side by side, the default's full-recipe run needs nothing from the search: it runs beside the trials
@@ -364,7 +376,7 @@ def run(args) -> int:
                 baseline_scores = baseline and final_scores(baseline, "baseline")
             summary["winner"].update(winner_scores)
             if baseline is not None:
-                summary["default"] = {"methods": list(kind.Config().method), **baseline_scores}
+                summary["default"] = {"methods": default_methods(kind, base), **baseline_scores}
                 summary["kept"] = kept(summary)
                 if summary["kept"] == "default":        # chosen on validation only: the test set stays unseen
                     write_atomic(config_file, json.dumps(ready_to_train(baseline), indent=2) + "\n")

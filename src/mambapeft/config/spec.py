@@ -63,9 +63,10 @@ class MethodSpec:
         return self.method + (":" + ",".join(changed) if changed else "")
 
 
-def expand_preset(name: str, arch: str | None = None) -> list[MethodSpec]:
+def expand_preset(name: str, arch: str | None = None, *, size_rates: bool = True) -> list[MethodSpec]:
     """`paper/<row>` or `placement/<where>` -> method specs, with the per-size learning rate (and SLL rank) when
-    `arch` is known."""
+    `arch` is known. size_rates=False leaves out the per-size rates (not a rate the preset's own text sets): a run
+    given a learning rate of its own (--lr) uses it, rather than silently keeping the size's."""
     presets = all_presets()
     key = name.removeprefix("paper/")
     if key not in presets:
@@ -75,7 +76,7 @@ def expand_preset(name: str, arch: str | None = None) -> list[MethodSpec]:
     for text in presets[key]:
         spec = MethodSpec.parse(text)
         spec.preset = name
-        if spec.config.lr is None:
+        if spec.config.lr is None and size_rates:
             spec.config.lr = size_lr(spec.method, arch, spec.config)
         if (rank := size_rank(spec.method, arch)) is not None:
             spec.config.r = rank
@@ -98,8 +99,9 @@ class PeftConfig:
     methods: list[MethodSpec]
 
     @classmethod
-    def parse(cls, items, arch: str | None = None) -> PeftConfig:
-        """From spec strings, dicts, presets (`paper/...`) or a mix; `arch` picks presets' per-size settings."""
+    def parse(cls, items, arch: str | None = None, *, size_rates: bool = True) -> PeftConfig:
+        """From spec strings, dicts, presets (`paper/...`) or a mix; `arch` picks presets' per-size settings (their
+        learning rates only with size_rates: a run with its own --lr passes False)."""
         if isinstance(items, (str, dict, MethodSpec)):
             items = [items]
         specs = []
@@ -109,7 +111,7 @@ class PeftConfig:
             elif isinstance(item, dict):
                 specs.append(MethodSpec.from_dict(item))
             elif isinstance(item, str) and is_preset(item):
-                specs.extend(expand_preset(item.strip(), arch))
+                specs.extend(expand_preset(item.strip(), arch, size_rates=size_rates))
             elif isinstance(item, str):
                 specs.append(MethodSpec.parse(item))
             else:

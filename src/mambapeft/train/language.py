@@ -163,11 +163,12 @@ def arch_of(config: TrainConfig, model) -> str | None:
 
 def method_config(config: TrainConfig, model):
     """The PEFT config; without --lr, each method with a rate for this model size (Table 7, or the built-in model's
-    column) gets it."""
+    column) gets it. With --lr, presets (the hybrids' default `placement/both` among them) take it too: their
+    per-size rates would otherwise override it silently."""
     from ..config import PeftConfig, fill_size_rates
 
     arch = arch_of(config, model)
-    methods = PeftConfig.parse(config.method, arch=arch)
+    methods = PeftConfig.parse(config.method, arch=arch, size_rates=config.lr is None)
     return fill_size_rates(methods, arch) if config.lr is None else methods
 
 
