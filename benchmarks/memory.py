@@ -1,5 +1,6 @@
 """Peak memory and time of one LoRA training step (lora_p_x r=8, batch 1, random weights) under the memory options:
-float32, gradient checkpointing, a bfloat16 base, both.
+float32, gradient checkpointing, a bfloat16 base, an int8 or 4-bit (NF4) quantized base (needs mambapeft[quant]),
+each base with checkpointing.
 
     python benchmarks/memory.py [--arch mamba-370m --tokens 512 2048 --settings fp32 ckpt bf16 bf16+ckpt
                                  --steps 2 --threads 2 --json results/memory.json]
@@ -23,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = ("fp32", "ckpt", "bf16", "bf16+ckpt")
+SETTINGS = ("fp32", "ckpt", "bf16", "bf16+ckpt", "int8", "int8+ckpt", "int4", "int4+ckpt")
+BASES = {"bf16": "bfloat16", "int8": "int8", "int4": "int4"}
 
 
 def vm_hwm_bytes() -> int | None:
@@ -58,8 +60,9 @@ def one(arch: str, tokens: int, setting: str, steps: int, threads: int) -> dict:
     peft = get_peft_model(model, ["lora_p_x:r=8"], seed=0).train()
     if "ckpt" in setting:
         peft.gradient_checkpointing_enable()
-    if "bf16" in setting:
-        peft.store_base_as("bfloat16")
+    base = BASES.get(setting.split("+")[0])
+    if base:
+        peft.store_base_as(base)
     stored = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
@@ -83,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=["mamba-370m"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[512, 2048])
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS[:4]))
     parser.add_argument("--steps", type=int, default=2, help="steps per setting; the last one is timed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
