@@ -8,8 +8,9 @@ per block (the QLoRA paper's data type, ~10 % of a block's absmax at worst).
 
 The library: bitsandbytes (the QLoRA reference; `pip install mambapeft[quant]`). Its `quantize_4bit` /
 `dequantize_4bit` (NF4) and `int8_vectorwise_quant` / `int8_vectorwise_dequant` run on the CPU (this project's Zen 3:
-AVX2, no AVX-512) as on CUDA. torchao 0.18 was tried first: its int8 weight-only form runs here, but its 4-bit forms
-on a CPU either need kernels not built for x86 without AVX-512 or store int4 unpacked in int8 (no saving over int8).
+AVX2, no AVX-512) as on CUDA. torchao 0.18 was tried first: its int8 weight-only form runs here, but no 4-bit form
+stores 4 bits on this CPU (Int4WeightOnlyConfig's "plain" packing needs the separate mslk kernels, "plain_int32"
+refuses the CPU; IntxWeightOnlyConfig(torch.int4) stores the values unpacked, one per int8: no saving over int8).
 
 What is quantized: the `weight` of every frozen nn.Linear of the base model except
   * out_proj, x_proj and dt_proj: the fused CUDA kernels (mamba_ssm's mamba_inner_fn for Mamba-1,
