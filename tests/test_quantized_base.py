@@ -147,11 +147,11 @@ def test_quantized_base_keeps_the_quantized_tensor_for_backward():
             assert_rel_close(p.grad, grads[n], tol=1e-5, what=n)
 
 
-@pytest.mark.parametrize("scheme,tol", [("int8", 2e-3), ("int4", 2e-2)])
+@pytest.mark.parametrize("scheme,tol", [("int8", 1e-3), ("int4", 5e-3)])
 def test_quantized_base_trains_like_float32_and_merges(scheme, tol):
     """Five AdamW steps of LoRA on a quantized base follow the float32 run's losses to the storage type's error
-    (int8 within 0.2 %, NF4 within 2 %, relative); merging dequantizes: a plain float32 model with no
-    parametrization left that gives the adapted model's logits."""
+    (relative: int8 within 0.1 %, NF4 within 0.5 %; measured 0.02 % and 0.05 %, a bfloat16 base 0.02 %); merging
+    dequantizes: a plain float32 model with no parametrization left that gives the adapted model's logits."""
     losses = {}
     for dtype in ("float32", scheme):
         model = tiny("mamba")
