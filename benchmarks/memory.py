@@ -9,8 +9,10 @@ Each (arch, tokens, setting) runs in a fresh subprocess, so one setting's peak c
 setting: the peak RSS of the whole process (resource.getrusage: model build included) and the peak RSS of the steps
 alone (/proc/self/status VmHWM after resetting it through /proc/self/clear_refs once the model is ready), the
 stored bytes of parameters + buffers, and the time of the last step (the first warms up). Model building materialises
-float32 weights before a bf16 base is narrowed, so the whole-process peak of a bf16 setting includes the float32
-weights once; the steps' peak is what the step itself needs.
+float32 weights before a bf16 or int8 / int4 base is narrowed, so the whole-process peak of such a setting includes
+the float32 weights once; the steps' peak is what the step itself needs (plus, for small models, whatever part of the
+freed float32 weights the allocator keeps instead of returning it: tensors under glibc's mmap threshold, 32 MB at
+most, go back to its heap).
 """
 
 from __future__ import annotations
