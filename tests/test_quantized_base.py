@@ -243,3 +243,24 @@ def test_train_cli_with_a_quantized_base(tmp_path):
                  "0", "--output-dir", str(refused), "--max-steps", "1", "--method", "full", "--base-dtype",
                  "int8"]) == 2
     assert not refused.exists()
+
+
+def test_quantized_hybrid_base():
+    """A hybrid (the built-in tiny Granite 4.0-H): the Mamba in_proj, the attention and the MLP projections are
+    quantized, out_proj and lm_head are not; the loss stays within int8's error of the float32 one."""
+    from mambapeft.model.factory import from_pretrained
+
+    model = from_pretrained("tiny-granite-h")
+    peft = get_peft_model(model, ["lora_p_x:r=4,dropout=0"], seed=0)
+    inputs = model.peft_inputs(batch=2, seed=0)
+    with torch.no_grad():
+        expected = peft(**inputs).loss
+    peft.store_base_as("int8")
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "parametrizations")}
+    assert {"in_proj", "base", "q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear"} >= names
+    assert {"q_proj", "o_proj", "input_linear"} <= names
+    quantized = [n for n, m in model.named_modules() if hasattr(m, "parametrizations")]
+    assert not any("out_proj" in n or "lm_head" in n for n in quantized)
+    loss = peft(**inputs).loss
+    loss.backward()
+    assert abs(loss.item() - expected.item()) < 1e-3 * expected.item()
