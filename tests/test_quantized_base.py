@@ -205,6 +205,13 @@ def test_quantized_base_refusals(monkeypatch):
         get_peft_model(half, ["lora_p_x"]).store_base_as("int4")
     with pytest.raises(ConfigError, match="base dtype must be one of float32, bfloat16, float16, int8, int4"):
         get_peft_model(tiny("mamba"), ["lora_p_x"]).store_base_as("int3")
+    peft = get_peft_model(tiny("mamba"), ["lora_p_x"])
+    peft.store_base_as("int4")
+    peft.store_base_as("int4")                                    # the same scheme again: nothing to do
+    for other in ("int8", "bfloat16"):                            # would quantize the quantized values again
+        with pytest.raises(ConfigError, match="the base is stored int4: its float32 weights are gone"):
+            peft.store_base_as(other)
+    assert peft.base_dtype == "int4"
     real_import = builtins.__import__
 
     def no_bitsandbytes(name, *args, **kwargs):

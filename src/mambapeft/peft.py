@@ -170,6 +170,13 @@ class PeftModel(nn.Module):
         """Stores the frozen base weights in `dtype` ("bfloat16", "float16": model/narrow_base.py; "int8", "int4":
         weight-only quantization of the linear layers the fused kernels do not read raw, model/quantized_base.py;
         "float32" undoes it), computing in float32; the trained tensors stay float32. Merging widens first."""
+        scheme = quantized_base.stored_scheme(self.base_model)
+        if scheme and dtype == scheme:
+            return
+        if scheme and dtype not in ("float32", torch.float32):
+            raise ConfigError(f"the base is stored {scheme}: its float32 weights are gone, so {dtype} would quantize "
+                              f"or round the {scheme} values again; load the model again to store it as {dtype}, or "
+                              f"store_base_as('float32') to go on from the dequantized weights")
         if dtype in quantized_base.SCHEMES:
             self._undo_narrow()
             added = quantized_base.store_quantized(self.base_model, dtype, among=self._base_ids)
