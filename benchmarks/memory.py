@@ -1,5 +1,6 @@
 """Peak memory and time of one LoRA training step (lora_p_x r=8, batch 1, random weights) under the memory options:
-float32, gradient checkpointing, a bfloat16 base, both.
+float32, gradient checkpointing, a bfloat16 base, an int8 or 4-bit (NF4) quantized base (needs mambapeft[quant]),
+each base with checkpointing.
 
     python benchmarks/memory.py [--arch mamba-370m --tokens 512 2048 --settings fp32 ckpt bf16 bf16+ckpt
                                  --steps 2 --threads 2 --json results/memory.json]
@@ -8,8 +9,10 @@ Each (arch, tokens, setting) runs in a fresh subprocess, so one setting's peak c
 setting: the peak RSS of the whole process (resource.getrusage: model build included) and the peak RSS of the steps
 alone (/proc/self/status VmHWM after resetting it through /proc/self/clear_refs once the model is ready), the
 stored bytes of parameters + buffers, and the time of the last step (the first warms up). Model building materialises
-float32 weights before a bf16 base is narrowed, so the whole-process peak of a bf16 setting includes the float32
-weights once; the steps' peak is what the step itself needs.
+float32 weights before a bf16 or int8 / int4 base is narrowed, so the whole-process peak of such a setting includes
+the float32 weights once; the steps' peak is what the step itself needs (plus, for small models, whatever part of the
+freed float32 weights the allocator keeps instead of returning it: tensors under glibc's mmap threshold, 32 MB at
+most, go back to its heap).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = ("fp32", "ckpt", "bf16", "bf16+ckpt")
+SETTINGS = ("fp32", "ckpt", "bf16", "bf16+ckpt", "int8", "int8+ckpt", "int4", "int4+ckpt")
+BASES = {"bf16": "bfloat16", "int8": "int8", "int4": "int4"}
 
 
 def vm_hwm_bytes() -> int | None:
@@ -58,8 +62,9 @@ def one(arch: str, tokens: int, setting: str, steps: int, threads: int) -> dict:
     peft = get_peft_model(model, ["lora_p_x:r=8"], seed=0).train()
     if "ckpt" in setting:
         peft.gradient_checkpointing_enable()
-    if "bf16" in setting:
-        peft.store_base_as("bfloat16")
+    base = BASES.get(setting.split("+")[0])
+    if base:
+        peft.store_base_as(base)
     stored = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
@@ -83,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=["mamba-370m"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[512, 2048])
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS[:4]))
     parser.add_argument("--steps", type=int, default=2, help="steps per setting; the last one is timed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the rows to this file")

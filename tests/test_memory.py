@@ -205,7 +205,7 @@ def test_narrow_base_refusals():
         peft.store_base_as("bfloat16")
     peft = get_peft_model(tiny_mamba(), ["lora_p_x"])
     with pytest.raises(ConfigError, match="base dtype must be one of"):
-        peft.store_base_as("int8")
+        peft.store_base_as("int3")
     half = tiny_mamba().to(torch.bfloat16)
     with pytest.raises(ConfigError, match="made from a float32 model"):
         get_peft_model(half, ["lora_p_x"]).store_base_as("bfloat16")

@@ -25,7 +25,7 @@ from .assets import BUILTIN_LANGUAGE_MODELS
 from .config import MethodSpec, PeftConfig
 from .errors import CheckpointError, ConfigError, NotApplicable
 from .methods import REGISTRY, Method
-from .model import narrow_base
+from .model import narrow_base, quantized_base
 from .model.summary import count_unique
 from .version import __version__
 
@@ -167,19 +167,41 @@ class PeftModel(nn.Module):
         return self.base_model.is_gradient_checkpointing
 
     def store_base_as(self, dtype: str | torch.dtype) -> None:
-        """Stores the frozen base weights in `dtype` ("bfloat16", "float16"; "float32" undoes it), computing in
-        float32 (model/narrow_base.py); the trained tensors stay float32. Merging upcasts first."""
+        """Stores the frozen base weights in `dtype` ("bfloat16", "float16": model/narrow_base.py; "int8", "int4":
+        weight-only quantization of the linear layers the fused kernels do not read raw, model/quantized_base.py;
+        "float32" undoes it), computing in float32; the trained tensors stay float32. Merging widens first."""
+        scheme = quantized_base.stored_scheme(self.base_model)
+        if scheme and dtype == scheme:
+            return
+        if scheme and dtype not in ("float32", torch.float32):
+            raise ConfigError(f"the base is stored {scheme}: its float32 weights are gone, so {dtype} would quantize "
+                              f"or round the {scheme} values again; load the model again to store it as {dtype}, or "
+                              f"store_base_as('float32') to go on from the dequantized weights")
+        if dtype in quantized_base.SCHEMES:
+            self._undo_narrow()
+            added = quantized_base.store_quantized(self.base_model, dtype, among=self._base_ids)
+            self._base_ids |= {id(t) for t in added}       # statistics of the base, not an adapter's tensors
+            self._narrow = True
+            return
         dtype = narrow_base.DTYPES.get(dtype, dtype)
         if dtype not in narrow_base.DTYPES.values():
-            raise ConfigError(f"base dtype must be one of {', '.join(narrow_base.DTYPES)}, got {dtype!r}")
-        narrow_base.restore(self.base_model)
+            raise ConfigError(f"base dtype must be one of {', '.join([*narrow_base.DTYPES, *quantized_base.SCHEMES])}, "
+                              f"got {dtype!r}")
+        self._undo_narrow()
         self._narrow = dtype != torch.float32
         if self._narrow:
             narrow_base.store_narrow(self.base_model, dtype, among=self._base_ids)
 
+    def _undo_narrow(self) -> None:
+        """The base back to float32 (a quantized one to its dequantized values)."""
+        quantized_base.restore(self.base_model)
+        narrow_base.restore(self.base_model)
+        self._narrow = False
+
     @property
-    def base_dtype(self) -> torch.dtype:
-        return narrow_base.stored_dtype(self.base_model)
+    def base_dtype(self) -> torch.dtype | str:
+        """The frozen base's storage: a torch dtype, or "int8" / "int4" for a quantized base."""
+        return quantized_base.stored_scheme(self.base_model) or narrow_base.stored_dtype(self.base_model)
 
     # ------------------------------------------------------------ training phases
 
@@ -330,8 +352,7 @@ class PeftModel(nn.Module):
         affix tokens, with any projection collapsed into plain tokens; the parallel adapter).
         """
         model = self.base_model
-        narrow_base.restore(model)              # a narrow base merges in float32 (and comes back float32)
-        self._narrow = False
+        self._undo_narrow()                     # a narrow base merges in float32 (a quantized one dequantized)
         for method in sorted((m for m in self.methods if m.mergeable), key=lambda m: m.merge_order):
             method.merge(model)
         remaining = [m for m in self.methods if not m.mergeable]

@@ -43,8 +43,9 @@ from ..errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NARROW_LAYERS = (nn.Linear, nn.Embedding)
 
-# storage address of a live float32 upcast -> (weak reference to it, the narrow tensor it came from)
-_upcasts: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+# storage address of a live float32 upcast -> (weak reference to it, the narrow tensor it came from, the function
+# that widens that tensor again: Tensor.float here, a dequantization for a quantized base, model/quantized_base.py)
+_upcasts: dict[int, tuple[weakref.ref, torch.Tensor, object]] = {}
 
 
 def _forget(ptr: int, ref: weakref.ref) -> None:
@@ -58,25 +59,31 @@ class Upcast(nn.Module):
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         wide = original.float()
-        if wide.requires_grad:                  # a trained tensor is never stored narrow; nothing to remember
-            return wide
-        ptr = wide.untyped_storage().data_ptr()
-        ref = weakref.ref(wide, lambda r, p=ptr: _forget(p, r))
-        _upcasts[ptr] = (ref, original)
+        return remember(wide, original, torch.Tensor.float)
+
+
+def remember(wide: torch.Tensor, source: torch.Tensor, widen) -> torch.Tensor:
+    """Notes that float32 `wide` is `widen(source)`, so that `keeping_narrow` saves `source` for the backward pass
+    in its place; returns `wide`."""
+    if wide.requires_grad:                      # a trained tensor is never stored narrow; nothing to remember
         return wide
+    ptr = wide.untyped_storage().data_ptr()
+    ref = weakref.ref(wide, lambda r, p=ptr: _forget(p, r))
+    _upcasts[ptr] = (ref, source, widen)
+    return wide
 
 
 def _pack(t: torch.Tensor):
     found = _upcasts.get(t.untyped_storage().data_ptr()) if t.dtype == torch.float32 else None
     if found is None or found[0]() is None:
         return t
-    return ("narrow", found[1], t.shape, t.stride(), t.storage_offset())
+    return ("narrow", found[1], found[2], t.shape, t.stride(), t.storage_offset())
 
 
 def _unpack(packed):
     if isinstance(packed, tuple) and packed and packed[0] == "narrow":
-        _, narrow, shape, stride, offset = packed
-        return narrow.float().as_strided(shape, stride, offset)      # the same view of a fresh upcast
+        _, narrow, widen, shape, stride, offset = packed
+        return widen(narrow).as_strided(shape, stride, offset)       # the same view of a fresh upcast
     return packed
 
 

@@ -51,9 +51,13 @@ class RunConfig:
     gradient_checkpointing: bool = option(False, "keep only each block's input for the backward pass and recompute "
                                           "the block there: activation memory of one block instead of all, for one "
                                           "more forward pass of compute")
-    base_dtype: str = option("float32", "store the frozen base weights (linear layers, embedding, head) in this type, "
-                             "upcast to float32 layer by layer as they are used; trained tensors stay float32",
-                             choices=("float32", "bfloat16", "float16"))
+    base_dtype: str = option("float32", "store the frozen base weights in this type and compute in float32, "
+                             "widening layer by layer as they are used; trained tensors stay float32. bfloat16 / "
+                             "float16: the linear layers, embedding and head. int8 / int4 (NF4, QLoRA's; needs "
+                             "mambapeft[quant]): weight-only quantization of the linear layers except out_proj, "
+                             "x_proj, dt_proj (read raw by the fused CUDA kernels), the embedding and the head, which "
+                             "stay float32; merging dequantizes",
+                             choices=("float32", "bfloat16", "float16", "int8", "int4"))
 
     # fields a resumed run may change (the others define the run and must match its run_config.json)
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("epochs", "max_steps", "logging_steps", "save_total_limit",
