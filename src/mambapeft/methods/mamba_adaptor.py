@@ -10,7 +10,8 @@ block's SSM output y, the input of out_proj, with the backbone frozen:
                                                 linear interpolation between the two nearest positions, 0 outside
                           c^s_i  = SoftMax_k(phi_c(y_i))   phi_p, phi_c: Linear E -> S K;  gamma (E,) zeros
     Adaptor-S (spatial):  S(y)   = sum_{r in dilations} DWConv_{k x k, dilation r}(y on its H x W patch grid)
-                          (depthwise, no bias, zero kernels; on Vim the class token gets nothing)
+                          (depthwise, no bias, zero kernels; on Vim the class token gets nothing, and the last
+                          block has no S: the head reads only the class token, so S there could not change it)
     out = out_proj(y + T(y) + S(y))      = out_proj(y) + W_out (T(y) + S(y))      W_out: out_proj's frozen weight
 
 Both terms start at zero (gamma and the kernels are zeros), so the model starts as the pretrained one; phi_c starts as
@@ -29,7 +30,7 @@ later tokens, which a causal model must not see.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -70,14 +71,6 @@ class MambaAdaptorConfig(MethodConfig):
             raise ConfigError(f"mamba_adaptor: dilations={self.dilations!r} must be distinct whole numbers >= 1, "
                               f"joined by + (e.g. 1+2+3)")
         return rates
-
-    def validate(self, method: str) -> None:
-        super().validate(method)
-        self.dilation_list()
-        if self.kernel % 2 == 0:
-            raise ConfigError(f"{method}: kernel={self.kernel} must be odd so the convolution keeps the grid centred")
-        if not (self.temporal or self.spatial):
-            raise ConfigError(f"{method}: temporal=false and spatial=false leave nothing to train; keep at least one")
 
 
 def read_along(y: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -169,7 +162,7 @@ class AdaptorBranch(nn.Module):
         else:                                                             # Vim: (b, M + 1, E), class token at cls
             side, cls = self.layout
             b, L, E = y.shape
-            if L != side * side + 1:
+            if side * side + 1 != L:
                 raise ConfigError(f"mamba_adaptor: out_proj sees {L} tokens, not the {side * side} patches and the "
                                   f"class token; another method inserts tokens (prompt, affix), so the 2-D grid is "
                                   f"lost. Use mamba_adaptor without soft-token methods")
@@ -203,6 +196,13 @@ class MambaAdaptor(Method):
     search_vision_only = True
 
     def check(self, model):
+        c = self.config
+        c.dilation_list()
+        if c.kernel % 2 == 0:
+            raise ConfigError(f"mamba_adaptor: kernel={c.kernel} must be odd so the convolution keeps the grid centred")
+        if not (c.temporal or c.spatial):
+            raise ConfigError("mamba_adaptor: temporal=false and spatial=false leave nothing to train; keep at least "
+                              "one")
         if getattr(model, "family", None) not in ("vim", "vmamba"):
             raise NotApplicable("Mamba-Adaptor works on a visual token map: Adaptor-S convolves the 2-D patch grid, "
                                 "which a language model does not have, and Adaptor-T's learned offsets read later "
@@ -217,11 +217,19 @@ class MambaAdaptor(Method):
         if model.family == "vim":
             layout = (model.config.grid_size, model.config.cls_position)
         params, seen = [], set()
-        for p in projections(model, "out_proj"):
+        found = projections(model, "out_proj")
+        for p in found:
             if (id(p.owner), p.attr) in seen:
                 continue
             seen.add((id(p.owner), p.attr))
-            branch = AdaptorBranch(p.layer, self.config, layout)
+            config = self.config
+            if layout is not None and p.owner is found[-1].owner:
+                # Vim's head reads only the class token, and after the last block nothing mixes the patches into
+                # it: a spatial part there (which leaves the class token alone) could never change the output
+                if not config.temporal:
+                    continue
+                config = replace(config, spatial=False)
+            branch = AdaptorBranch(p.layer, config, layout)
             attach_delta(p, self.name, branch)
             params += list(branch.parameters())
         return params

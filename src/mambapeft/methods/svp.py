@@ -85,6 +85,9 @@ class SVPPrompters(nn.Module):
             self.cross, self.cross_scale = None, None
         self.dropout = nn.Dropout(config.dropout)
 
+    def forward(self, i: int, u: torch.Tensor) -> torch.Tensor:
+        return self.prompt(i, u)
+
     def prompt(self, i: int, u: torch.Tensor) -> torch.Tensor:
         if u.shape[1] != self.length:
             raise ConfigError(f"svp: block {i} sees {u.shape[1]} tokens, but SVP prompts the {self.length - 1} patch "
