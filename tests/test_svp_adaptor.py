@@ -168,9 +168,12 @@ def test_svp_groups_when_depth_does_not_divide():
 def test_svp_refuses_other_families_and_soft_tokens():
     with pytest.raises(NotApplicable, match="svp does not apply to vmamba models: .*class token"):
         get_peft_model(tiny_vmamba(), ["svp"])
-    peft = get_peft_model(tiny_vim(), ["svp:rank=2", "prompt:n=2"])
-    with pytest.raises(ConfigError, match="another method inserts tokens"):
-        peft(pixel_values=pixels(peft.base_model))
+    with pytest.raises(ConfigError, match="svp and prompt cannot be combined"):
+        get_peft_model(tiny_vim(), ["svp:rank=2", "prompt:n=2"])
+    peft = get_peft_model(tiny_vim(), ["svp:rank=2"])
+    with pytest.raises(ConfigError, match="another method inserts tokens"):       # the forward's own check
+        peft.base_model.svp.prompt(0, torch.zeros(1, 7, 8, dtype=torch.float64))
+    assert get_peft_model(tiny_vim(), ["svp:rank=2", "affix:n=2"])               # affix is dropped before out_proj
     with pytest.raises(ConfigError, match="nothing to train"):
         get_peft_model(tiny_vim(), ["svp:inner=false,cross=false"])
 
@@ -359,6 +362,8 @@ def test_adaptor_refusals():
         get_peft_model(tiny_vim(), ["mamba_adaptor:dilations=1+1"])
     with pytest.raises(ConfigError, match="odd"):
         get_peft_model(tiny_vim(), ["mamba_adaptor:kernel=2"])
-    peft = get_peft_model(tiny_vim(), ["mamba_adaptor:points=2,groups=2", "prompt:n=2"])
-    with pytest.raises(ConfigError, match="another method inserts tokens"):
-        peft(pixel_values=pixels(peft.base_model))
+    with pytest.raises(ConfigError, match="mamba_adaptor and prompt cannot be combined"):
+        get_peft_model(tiny_vim(), ["mamba_adaptor:points=2,groups=2", "prompt:n=2"])
+    branch = adaptor_modules(get_peft_model(tiny_vim(), ["mamba_adaptor:points=2,groups=2"]))[0]
+    with pytest.raises(ConfigError, match="another method inserts tokens"):       # the forward's own check
+        branch(torch.zeros(1, 7, 16, dtype=torch.float64), torch.zeros(1, 7, 8, dtype=torch.float64))

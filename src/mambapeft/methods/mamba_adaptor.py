@@ -233,3 +233,13 @@ class MambaAdaptor(Method):
             attach_delta(p, self.name, branch)
             params += list(branch.parameters())
         return params
+
+    def clash(self, other):
+        """Soft tokens inserted at the model's input (prompt tuning) shift every position:
+        the 2-D patch grid is no longer where this method
+        reads it; refused before anything runs (the search space then never samples the pair).
+        Affix tokens are dropped before out_proj and do not matter."""
+        if other.name == "prompt":
+            return (f"{self.name} and prompt cannot be combined: prompt's tokens move the 2-D patch grid, which "
+                    f"{self.name} relies on")
+        return super().clash(other)

@@ -154,6 +154,16 @@ class SelectiveVisualPrompting(Method):
             return out + prompters.prompt(i, out)               # mixer i-1's output, before the residual add
         return hook
 
+    def clash(self, other):
+        """Soft tokens inserted at the model's input (prompt tuning) shift every position:
+        the class token is no longer where this method
+        reads it; refused before anything runs (the search space then never samples the pair).
+        Affix tokens are dropped before out_proj and do not matter."""
+        if other.name == "prompt":
+            return (f"{self.name} and prompt cannot be combined: prompt's tokens move the class token, which "
+                    f"{self.name} relies on")
+        return super().clash(other)
+
     def explain_count(self):
         c = self.config
         return (f"per block: inner Down/Up d x {c.rank} + biases + scale d; per {c.shared_layers} blocks: cross "
