@@ -30,6 +30,7 @@ METHODS = [
     "partial_cls_token", "partial_pos_embed", "parallel_adapter:dim=8", "additional_scan:n=4",
     "prompt:n=4,position=prefix", "affix:n=2", "sdt", "sdt lora_out_proj:r=8",
     "initial_state", "state_offset", "state_offset:variant=y",
+    "svp:rank=8,shared_layers=4", "mamba_adaptor:points=2,groups=2",     # issue 29: published after MambaPEFT
     "lora_p_x:r=8 lora_in_proj:r=8 lora_out_proj:r=8 partial_d additional_scan:n=4 affix:n=2",   # all at once
 ]
 
@@ -38,6 +39,7 @@ VMAMBA_METHODS = [
     "linear_probe", "full", "partial_conv1d", "affix:n=3", "additional_scan:n=2", "parallel_adapter:dim=8",
     "lora_out_proj:r=8", "lora_p_x:r=8",
     "lora_x_proj:r=4", "partial_a", "partial_d", "sdt", "initial_state", "state_offset",
+    "mamba_adaptor:points=2,groups=2",                                      # issue 29 (SVP is Vim-only)
 ]
 
 

@@ -14,9 +14,15 @@ def test_paper_space_is_table_9():
               "lora_out_proj", "lora_p_x", "lora_p_z", "lora_p_dt", "lora_p_b", "lora_p_c", "lora_embed", "partial_a",
               "partial_d", "partial_conv1d", "partial_bias", "partial_cls_token", "partial_pos_embed", "sdt"}
     # the 20 switches of Table 9's step 1 (sdt included), and the methods added since: partial_norm (Mamba-2's gated
-    # norm), the state-based methods, Memba and ProDiaL
-    added = {"partial_norm", "initial_state", "state_offset", "memba", "prodial"}
+    # norm), the state-based methods, Memba and ProDiaL, and SVP and Mamba-Adaptor (vision only; each excludes
+    # prompt: issue 29)
+    added = {"partial_norm", "initial_state", "state_offset", "memba", "prodial", "svp", "mamba_adaptor"}
     assert set(space.step1) == table9 | added, set(space.step1) ^ table9
+    assert not {"svp", "mamba_adaptor"} & set(paper_space(vision=False).step1)
+    groups = {tuple(members): allowed for members, allowed in space.exclusive_groups()}
+    prompt_group = next(allowed for members, allowed in groups.items() if "prompt" in members)
+    assert not any("prompt" in subset and ("svp" in subset or "mamba_adaptor" in subset) for subset in prompt_group)
+    assert {"svp", "mamba_adaptor"} in [set(subset) for subset in prompt_group]        # the two go together
     assert space.step1["sdt"] == {"warmup_steps": 10}
     assert space.step1["lora_dt_proj"] == {"r": 4, "s": 0.1} and space.step1["affix"] == {"n": 1}
     assert space.step2["lora_p_b"]["r"] == {"int": [4, 12]} and space.step2["lora_p_x"]["r"] == {"int": [4, 16]}
