@@ -1,7 +1,8 @@
 """One training step of mamba-130m and mamba2-130m (random weights) on the CPU: ours against transformers'
-MambaForCausalLM / Mamba2ForCausalLM.
+MambaForCausalLM / Mamba2ForCausalLM; and of a Qwen3.5 stack (`--arch qwen3.5-4l`, Gated DeltaNet) against
+transformers' Qwen3_5ForCausalLM on its torch path (train_step_qwen.py).
 
-    python benchmarks/train_step.py [--arch mamba-130m mamba2-130m --tokens 128 --threads 2]
+    python benchmarks/train_step.py [--arch mamba-130m mamba2-130m qwen3.5-4l --tokens 128 --threads 2]
 
 Both models hold the same weights; only in_proj is trainable (forward + backward of the LM loss, batch 1).
 Prints time and peak memory of each, the check that losses and in_proj gradients agree, and the
@@ -18,6 +19,7 @@ import gc
 
 import torch
 from _common import machine, peak_memory, rel_err, setup_threads, timed
+from train_step_qwen import QWEN_SIZES, benchmark_qwen
 
 # Mamba-2: transformers' CPU path is itself a chunked (matmul) scan, so the projections both models share bound
 # the ratio: it cannot exceed transformers' time over the matmul-bound estimate printed below (about 3x measured).
@@ -73,7 +75,10 @@ def main():
     setup_threads(args.threads)
     print(f"machine: {machine()}")
     for arch in args.arch:
-        benchmark(arch, args)
+        if arch in QWEN_SIZES:
+            benchmark_qwen(arch, args)
+        else:
+            benchmark(arch, args)
         trim()
 
 
