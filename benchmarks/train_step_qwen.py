@@ -75,11 +75,11 @@ def projection_flops(c, tokens: int) -> tuple[float, float]:
 
 
 def benchmark_qwen(arch: str, args) -> None:
+    from _common import peak_memory, rel_err
     from scan_gated_delta import RecordProducts, product_bound
     from train_step import gemm_rate, trim
     from transformers import Qwen3_5ForCausalLM
 
-    from _common import peak_memory, rel_err, timed
     from mambapeft.model.qwen3_5 import Qwen3_5LM
     from mambapeft.model.registry import get_family
 
