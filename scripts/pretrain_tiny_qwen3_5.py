@@ -2,12 +2,15 @@
 (three Gated DeltaNet layers per attention layer) at the built-in models' size, on their text.
 
     .venv/bin/python scripts/pretrain_tiny_qwen3_5.py --threads 1     # deterministic (seed 0, 1 thread)
+    .venv/bin/python scripts/pretrain_tiny_qwen3_5.py --threads 1 --steps 400     # what the shipped folder ran
     .venv/bin/python scripts/pretrain_tiny_qwen3_5.py --steps 20 --out /tmp/tinyq   # a quick smoke run
 
 Everything but the model is scripts/pretrain_tiny_lm.py's (pretrain_on_shared_tokens): the same text, AdamW loop,
 batch, length, learning rate and seed, and the tiny Mamba's tokenizer copied file for file, so every built-in
-language model reads the same tokens and their task scores compare. Steps as tiny-granite-h (1,000), the hybrid
-budget. Model: `qwen3_5_text` as Qwen3.5 lays it out, d 128, 4 layers [linear, linear, linear, full] (Qwen3.5's
+language model reads the same tokens and their task scores compare. Steps by default as tiny-granite-h (1,000), the
+hybrid budget; the shipped folder was built with --steps 400 (pretraining.json says so): on the shared two-core
+machine at load average 16-30 a step took 4-5 s, and 1,000 would not fit the session that built it.
+Model: `qwen3_5_text` as Qwen3.5 lays it out, d 128, 4 layers [linear, linear, linear, full] (Qwen3.5's
 3:1 ratio, which at four layers is one attention layer last); Gated DeltaNet with 4 key heads and 8 value heads of
 32 channels (the 1:2 key-to-value head ratio of the published 4B-and-up sizes, and a value width of 2 d as the
 tiny Mamba-2's expand 2), short convolution 4; output-gated attention with 4 heads of 32 and 2 key-value heads
