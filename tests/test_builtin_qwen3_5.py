@@ -1,8 +1,9 @@
 """The built-in tiny Qwen3.5-layout model `tiny-qwen3.5` (src/mambapeft/assets/tiny-qwen3.5,
 scripts/pretrain_tiny_qwen3_5.py): three Gated DeltaNet layers and one attention layer at the built-in models' size,
 the built-in tokenizer; transformers' own Qwen3_5ForCausalLM loads the shipped folder with our logits; `info` names
-its layers; initial-state tuning counts one state per recurrent layer by hand; and a short
-`mambapeft train --model tiny-qwen3.5 --method initial_state` runs end to end, offline, and beats zero-shot."""
+its layers; initial-state tuning counts one state per recurrent layer by hand; a short
+`mambapeft train --model tiny-qwen3.5 --method initial_state` runs end to end, offline; and the reason it does not
+beat zero-shot on this model (its heads forget an initial state within a few tokens) is measured."""
 
 from __future__ import annotations
 
@@ -53,19 +54,38 @@ def test_info_names_the_layers(capsys):
     assert "qwen3_5_text" in out and "attention 1" in out
 
 
-# The shortest run measured to beat zero-shot (docs/hybrids.md, "The built-in Qwen3.5-layout hybrid")
-RUN = ["--method", "initial_state", "--lr", "0.1", "--max-steps", "60", "--eval-steps", "60", "--threads", "1"]
 
-
-def test_train_initial_state_beats_zero_shot(tmp_path, capsys):
-    """S0 tuning's method on the built-in Gated DeltaNet hybrid, end to end and offline: one learned initial state
-    per recurrent layer, scored on the built-in task's 112 test items before and after."""
+def test_train_initial_state_runs_offline(tmp_path, capsys):
+    """S0 tuning's method on the built-in Gated DeltaNet hybrid, end to end and offline (two optimiser steps): one
+    learned initial state per recurrent layer, scored on the built-in task's 112 test items before and after. It does
+    not beat zero-shot on this model (docs/hybrids.md, "The built-in Qwen3.5-layout hybrid"); the test below says
+    why."""
     out = tmp_path / "run"
-    assert main(["train", "--model", "tiny-qwen3.5", *RUN, "--output-dir", str(out)]) == 0
+    assert main(["train", "--model", "tiny-qwen3.5", "--method", "initial_state", "--max-steps", "2",
+                 "--eval-steps", "2", "--output-dir", str(out)]) == 0
     capsys.readouterr()
-    config = json.loads((out / "run_config.json").read_text())
-    assert config["method"] == ["initial_state"]
+    assert json.loads((out / "run_config.json").read_text())["method"] == ["initial_state"]
     results = json.loads((out / "results.json").read_text())
-    assert results["parameters"]["trainable"] == 3 * 8 * 32 * 32
+    assert results["steps"] == 2 and results["parameters"]["trainable"] == 3 * 8 * 32 * 32
     assert results["fine_tuned"]["n"] == results["zero_shot"]["n"] == 112
-    assert results["fine_tuned"]["acc"] > results["zero_shot"]["acc"], results
+
+
+def test_initial_state_fades_along_the_sequence():
+    """Why initial-state tuning cannot move this model's answers: its Gated DeltaNet heads forget fast (per-token
+    decay exp(-exp(A_log) softplus(dt_bias)) at most 0.06 after 400 pretraining steps from transformers'
+    initialisation), so even a large H0 changes the first logits and hardly those 30 tokens on, where the built-in
+    task's answers are; what is left reaches them through the attention layer."""
+    model = mambapeft.from_pretrained("tiny-qwen3.5").eval()
+    decay = torch.cat([torch.exp(-m.A_log.exp() * torch.nn.functional.softplus(m.dt_bias))
+                       for m in model.peft_mixers()])
+    assert decay.numel() == 24 and decay.max() < 0.1
+    ids = torch.randint(0, 4096, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits                                                  # (1, 40, V)
+        peft = mambapeft.get_peft_model(model, ["initial_state"])
+        g = torch.Generator().manual_seed(1)
+        for hook in peft.methods[0].hooks:
+            for value in hook.values:
+                value.copy_(10 * torch.randn(value.shape, generator=g))           # (H, d_k, d_v)
+        moved = ((peft(ids).logits - base).abs().amax(-1) / base.abs().amax())[0]  # (40,)
+    assert moved[0] > 0.3 and moved[30:].max() < moved[0] / 20
