@@ -12,7 +12,7 @@ hybrid budget; the shipped folder was built with --steps 400 (pretraining.json s
 machine at load average 16-30 a step took 4-5 s, and 1,000 would not fit the session that built it.
 Model: `qwen3_5_text` as Qwen3.5 lays it out, d 128, 4 layers [linear, linear, linear, full] (Qwen3.5's
 3:1 ratio, which at four layers is one attention layer last); Gated DeltaNet with 4 key heads and 8 value heads of
-32 channels (the 1:2 key-to-value head ratio of the published 4B-and-up sizes, and a value width of 2 d as the
+32 channels (the 1:2 key-to-value head ratio of transformers' Qwen3_5TextConfig defaults, a value width of 2 d as the
 tiny Mamba-2's expand 2), short convolution 4; output-gated attention with 4 heads of 32 and 2 key-value heads
 (GQA), a quarter of each head rotated (Qwen3.5's partial RoPE); a dense gated MLP of width 256 after every layer;
 tied head. About the size of the other built-ins (~1.1 M parameters, half of them the embedding). Saved in the
