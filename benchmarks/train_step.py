@@ -1,7 +1,9 @@
-"""One training step of mamba-130m, mamba2-130m or the Granite 4.0-H hybrid granite-4.0-h-350m (random weights) on the
-CPU: ours against transformers' MambaForCausalLM / Mamba2ForCausalLM / GraniteMoeHybridForCausalLM (its torch path).
+"""One training step (random weights) on the CPU, ours against transformers' torch path with the same weights:
+mamba-130m and mamba2-130m (MambaForCausalLM / Mamba2ForCausalLM), the Granite 4.0-H hybrid granite-4.0-h-350m
+(GraniteMoeHybridForCausalLM), and a Qwen3.5 stack (`--arch qwen3.5-4l`, Gated DeltaNet; Qwen3_5ForCausalLM,
+in train_step_qwen.py).
 
-    python benchmarks/train_step.py [--arch mamba-130m mamba2-130m --tokens 128 --threads 2]
+    python benchmarks/train_step.py [--arch mamba-130m mamba2-130m qwen3.5-4l --tokens 128 --threads 2]
     python benchmarks/train_step.py --arch granite-4.0-h-350m --tokens 64 --threads 1
 
 Both models hold the same weights; only in_proj is trainable (forward + backward of the LM loss, batch 1).
@@ -24,6 +26,7 @@ import time
 
 import torch
 from _common import machine, peak_memory, rel_err, setup_threads, timed
+from train_step_qwen import QWEN_SIZES, benchmark_qwen
 
 # Mamba-2: transformers' CPU path is itself a chunked (matmul) scan, so the projections both models share bound
 # the ratio: it cannot exceed transformers' time over the matmul-bound estimate printed below (about 3x measured).
@@ -137,7 +140,10 @@ def main():
     setup_threads(args.threads)
     print(f"machine: {machine()}")
     for arch in args.arch:
-        benchmark(arch, args)
+        if arch in QWEN_SIZES:
+            benchmark_qwen(arch, args)
+        else:
+            benchmark(arch, args)
         trim()
 
 

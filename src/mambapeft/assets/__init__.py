@@ -6,6 +6,8 @@
                     `from_pretrained("tiny-mamba2")` or "builtin-mamba2"
     tiny-granite-h/ a hybrid in Granite 4.0-H's layout (Mamba-2 layers and one attention layer), same text and
                     tokenizer (scripts/pretrain_tiny_granite_h.py); `from_pretrained("tiny-granite-h")`
+    tiny-qwen3.5/   a hybrid in Qwen3.5's layout (three Gated DeltaNet layers, one attention layer), same text and
+                    tokenizer (scripts/pretrain_tiny_qwen3_5.py); `from_pretrained("tiny-qwen3.5")`
     pydoc-topics/   train / validation / test JSON in LLM-Adapters' commonsense format (scripts/make_builtin_task.py)
     tiny-vim/, tiny-vmamba/, vtab-tiny/   the vision defaults (scripts/pretrain_tiny_vim.py, pretrain_tiny_vmamba.py);
                     `load_vim("tiny-vim")`, `load_vmamba("tiny-vmamba")`
@@ -23,12 +25,13 @@ HERE = Path(__file__).resolve().parent
 BUILTIN_MODEL = HERE / "tiny-mamba"
 BUILTIN_MAMBA2 = HERE / "tiny-mamba2"
 BUILTIN_GRANITE_H = HERE / "tiny-granite-h"
+BUILTIN_QWEN3_5 = HERE / "tiny-qwen3.5"
 BUILTIN_TASK = HERE / "pydoc-topics"
 BUILTIN_NAME = "builtin"
 # the built-in language models by every name they answer to
 BUILTIN_LANGUAGE_MODELS = {"builtin": BUILTIN_MODEL, "tiny-mamba": BUILTIN_MODEL,
                            "tiny-mamba2": BUILTIN_MAMBA2, "builtin-mamba2": BUILTIN_MAMBA2,
-                           "tiny-granite-h": BUILTIN_GRANITE_H}
+                           "tiny-granite-h": BUILTIN_GRANITE_H, "tiny-qwen3.5": BUILTIN_QWEN3_5}
 
 
 def builtin_split(split: str) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import Qwen3_5TextConfig
 
+from ...assets import BUILTIN_QWEN3_5
 from ..granitemoehybrid import HybridFamily
 from ..registry import register_family
 from .loading import is_qwen3_5_config, load_qwen3_5, read_qwen3_5_config, text_model_keys
@@ -48,6 +49,7 @@ class Qwen3_5Family(HybridFamily):
     model_class = Qwen3_5LM
     config_class = Qwen3_5TextConfig
     architectures = QWEN3_5_ARCHITECTURES
+    builtins = {"tiny-qwen3.5": BUILTIN_QWEN3_5}             # scripts/pretrain_tiny_qwen3_5.py
     check_architecture = "qwen3.5-micro"
 
     def config(self, name: str, **overrides):
