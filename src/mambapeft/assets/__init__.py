@@ -8,6 +8,10 @@
                     tokenizer (scripts/pretrain_tiny_granite_h.py); `from_pretrained("tiny-granite-h")`
     tiny-qwen3.5/   a hybrid in Qwen3.5's layout (three Gated DeltaNet layers, one attention layer), same text and
                     tokenizer (scripts/pretrain_tiny_qwen3_5.py); `from_pretrained("tiny-qwen3.5")`
+    tiny-falcon-h1/, tiny-jamba/, tiny-attention/   the placement benchmark's models (benchmarks/placement.py): a
+                    parallel hybrid (Falcon-H1's layout), a sequential one (Jamba's) and an attention-only Transformer
+                    of the tiny Mamba's size, same text and tokenizer, one pretraining budget for the three
+                    (scripts/pretrain_tiny_falcon_h1.py, pretrain_tiny_jamba.py, pretrain_tiny_attention.py)
     pydoc-topics/   train / validation / test JSON in LLM-Adapters' commonsense format (scripts/make_builtin_task.py)
     tiny-vim/, tiny-vmamba/, vtab-tiny/   the vision defaults (scripts/pretrain_tiny_vim.py, pretrain_tiny_vmamba.py);
                     `load_vim("tiny-vim")`, `load_vmamba("tiny-vmamba")`
@@ -26,12 +30,17 @@ BUILTIN_MODEL = HERE / "tiny-mamba"
 BUILTIN_MAMBA2 = HERE / "tiny-mamba2"
 BUILTIN_GRANITE_H = HERE / "tiny-granite-h"
 BUILTIN_QWEN3_5 = HERE / "tiny-qwen3.5"
+BUILTIN_FALCON_H1 = HERE / "tiny-falcon-h1"
+BUILTIN_JAMBA = HERE / "tiny-jamba"
+BUILTIN_ATTENTION = HERE / "tiny-attention"
 BUILTIN_TASK = HERE / "pydoc-topics"
 BUILTIN_NAME = "builtin"
 # the built-in language models by every name they answer to
 BUILTIN_LANGUAGE_MODELS = {"builtin": BUILTIN_MODEL, "tiny-mamba": BUILTIN_MODEL,
                            "tiny-mamba2": BUILTIN_MAMBA2, "builtin-mamba2": BUILTIN_MAMBA2,
-                           "tiny-granite-h": BUILTIN_GRANITE_H, "tiny-qwen3.5": BUILTIN_QWEN3_5}
+                           "tiny-granite-h": BUILTIN_GRANITE_H, "tiny-qwen3.5": BUILTIN_QWEN3_5,
+                           "tiny-falcon-h1": BUILTIN_FALCON_H1, "tiny-jamba": BUILTIN_JAMBA,
+                           "tiny-attention": BUILTIN_ATTENTION}
 
 
 def builtin_split(split: str) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import FalconH1Config
 
+from ...assets import BUILTIN_FALCON_H1
 from ...errors import ConfigError, did_you_mean
 from ..granitemoehybrid import HybridFamily
 from ..registry import register_family
@@ -53,6 +54,7 @@ class FalconH1Family(HybridFamily):
     model_class = FalconH1LM
     config_class = FalconH1Config
     architectures = FALCON_H1_ARCHITECTURES
+    builtins = {"tiny-falcon-h1": BUILTIN_FALCON_H1}       # scripts/pretrain_tiny_falcon_h1.py
     check_architecture = "falcon-h1-micro"
 
     def config(self, name: str, **overrides):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import GraniteMoeHybridConfig
 
-from ...assets import BUILTIN_GRANITE_H
+from ...assets import BUILTIN_ATTENTION, BUILTIN_GRANITE_H
 from ..language import HFLanguageFamily
 from ..registry import register_family
 from .architectures import GRANITE_HYBRID_ARCHITECTURES, granite_hybrid_config
@@ -52,7 +52,8 @@ class GraniteHybridFamily(HybridFamily):
     model_class = GraniteHybridLM
     config_class = GraniteMoeHybridConfig
     architectures = GRANITE_HYBRID_ARCHITECTURES
-    builtins = {"tiny-granite-h": BUILTIN_GRANITE_H}       # scripts/pretrain_tiny_granite_h.py
+    # scripts/pretrain_tiny_granite_h.py; tiny-attention (every layer attention) scripts/pretrain_tiny_attention.py
+    builtins = {"tiny-granite-h": BUILTIN_GRANITE_H, "tiny-attention": BUILTIN_ATTENTION}
     check_architecture = "granite-hybrid-micro"
     transformers_class = "GraniteMoeHybridForCausalLM"
 

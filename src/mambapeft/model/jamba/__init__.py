@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import JambaConfig
 
+from ...assets import BUILTIN_JAMBA
 from ...errors import ConfigError, did_you_mean
 from ..granitemoehybrid import HybridFamily
 from ..registry import register_family
@@ -55,6 +56,7 @@ class JambaFamily(HybridFamily):
     model_class = JambaLM
     config_class = JambaConfig
     architectures = JAMBA_ARCHITECTURES
+    builtins = {"tiny-jamba": BUILTIN_JAMBA}       # scripts/pretrain_tiny_jamba.py
     check_architecture = "jamba-micro"
 
     def config(self, name: str, **overrides):
