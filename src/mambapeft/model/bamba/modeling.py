@@ -21,11 +21,9 @@ from transformers.models.bamba.modeling_bamba import BambaAttention, BambaMLP, B
 from ...errors import NotApplicable
 from ..granitemoehybrid.modeling import (
     ATTENTION_ROLES,
-    GATED_MLP_ROLES,
     GraniteHybridLM,
     layer_kind,
     mixer_from_config,
-    whole_projections,
 )
 from ..interface import Projection, TensorSlot
 from ..mamba.lm import MambaLMOutput
@@ -96,14 +94,8 @@ class BambaLM(GraniteHybridLM):
 
     def layer_projections(self, role: str) -> list[Projection]:
         if role in ATTENTION_ROLES:
-            attention = [layer.self_attn for layer in self.model.layers if layer.self_attn is not None]
-            if not attention:
-                raise NotApplicable(f"this {self.family} model has no attention layers")
-            return whole_projections(attention, (role,))
-        attrs = GATED_MLP_ROLES.get(role)
-        if attrs is None:
-            raise NotApplicable(f"{self.family} has no {role!r} projection")
-        return whole_projections([layer.feed_forward for layer in self.model.layers], attrs)
+            return self.attention_projections(role)
+        return self.gated_mlp_projections(role, [layer.feed_forward for layer in self.model.layers])
 
     def layer_tensors(self, role: str) -> list[TensorSlot]:
         raise NotApplicable(f"{self.family} has no experts (a dense MLP after every layer)")

@@ -47,10 +47,8 @@ from transformers.models.falcon_h1.modeling_falcon_h1 import (
 from ...errors import NotApplicable
 from ..granitemoehybrid.modeling import (
     ATTENTION_ROLES,
-    GATED_MLP_ROLES,
     AttentionState,
     GraniteHybridLM,
-    whole_projections,
 )
 from ..interface import Projection, TensorSlot, unwrap
 from ..mamba.lm import MambaState
@@ -241,11 +239,8 @@ class FalconH1LM(GraniteHybridLM):
 
     def layer_projections(self, role: str) -> list[Projection]:
         if role in ATTENTION_ROLES:
-            return whole_projections([layer.self_attn for layer in self.model.layers], (role,))
-        attrs = GATED_MLP_ROLES.get(role)
-        if attrs is None:
-            raise NotApplicable(f"{self.family} has no {role!r} projection")
-        return whole_projections([layer.feed_forward for layer in self.model.layers], attrs)
+            return self.attention_projections(role)                  # every layer has one
+        return self.gated_mlp_projections(role, [layer.feed_forward for layer in self.model.layers])
 
     def layer_tensors(self, role: str) -> list[TensorSlot]:
         raise NotApplicable(f"{self.family} has no experts (a dense MLP after every layer)")

@@ -350,14 +350,26 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
                 parts[f"model.layers.{i}.block_sparse_moe"] = "moe"
         return parts
 
-    def layer_projections(self, role: str) -> list[Projection]:
+    def attention_projections(self, role: str) -> list[Projection]:
+        """`role` (q_proj, k_proj, v_proj, o_proj) of every layer's `self_attn`, whole; refused by name in a model
+        without attention layers."""
         attention = [layer.self_attn for layer in self.model.layers if layer.self_attn is not None]
+        if not attention:
+            raise NotApplicable(f"this {self.family} model has no attention layers (layer_types: all mamba)")
+        return whole_projections(attention, (role,))
+
+    def gated_mlp_projections(self, role: str, mlps: list[nn.Module]) -> list[Projection]:
+        """`role` in a family whose MLPs are gated, one Linear per role (GATED_MLP_ROLES): those Linears of `mlps`."""
+        attrs = GATED_MLP_ROLES.get(role)
+        if attrs is None:
+            raise NotApplicable(f"{self.family} has no {role!r} projection")
+        return whole_projections(mlps, attrs)
+
+    def layer_projections(self, role: str) -> list[Projection]:
+        if role in ATTENTION_ROLES:
+            return self.attention_projections(role)
         mlps = [layer.shared_mlp for layer in self.model.layers]
         width = self.config.shared_intermediate_size
-        if role in ATTENTION_ROLES:
-            if not attention:
-                raise NotApplicable(f"this {self.family} model has no attention layers (layer_types: all mamba)")
-            return whole_projections(attention, (role,))
         rows = {"gate_proj": ("input_linear", (0, width)), "up_proj": ("input_linear", (width, 2 * width)),
                 "mlp_in": ("input_linear", (0, 2 * width)), "down_proj": ("output_linear", (0, self.d_model)),
                 "mlp_out": ("output_linear", (0, self.d_model))}

@@ -38,7 +38,6 @@ from ..granitemoehybrid.modeling import (
     AttentionState,
     GraniteHybridLM,
     layer_kind,
-    whole_projections,
 )
 from ..interface import Projection, TensorSlot
 from ..mamba.lm import MambaState
@@ -133,17 +132,11 @@ class JambaLM(GraniteHybridLM):
 
     def layer_projections(self, role: str) -> list[Projection]:
         if role in ATTENTION_ROLES:
-            attention = [layer.self_attn for layer in self.model.layers if layer.self_attn is not None]
-            if not attention:
-                raise NotApplicable(f"this {self.family} model has no attention layers")
-            return whole_projections(attention, (role,))
-        attrs = GATED_MLP_ROLES.get(role)
-        if attrs is None:
-            raise NotApplicable(f"{self.family} has no {role!r} projection")
+            return self.attention_projections(role)
         mlps = [layer.feed_forward for layer in self.model.layers if not layer.is_moe]
-        if not mlps:
+        if role in GATED_MLP_ROLES and not mlps:
             raise NotApplicable(f"this {self.family} model has no dense MLP (experts after every layer)")
-        return whole_projections(mlps, attrs)
+        return self.gated_mlp_projections(role, mlps)
 
     def layer_tensors(self, role: str) -> list[TensorSlot]:
         where = {"router": lambda m: TensorSlot(m.router, "weight"),

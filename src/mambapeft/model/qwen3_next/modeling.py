@@ -41,11 +41,9 @@ from ...errors import NotApplicable
 from ..gated_deltanet import GatedDeltaNetMixer, GatedDeltaNetState, mixer_from_config
 from ..granitemoehybrid.modeling import (
     ATTENTION_ROLES,
-    GATED_MLP_ROLES,
     AttentionState,
     GraniteHybridLM,
     layer_kind,
-    whole_projections,
 )
 from ..interface import Projection, TensorSlot
 from ..mamba.lm import MambaState
@@ -174,15 +172,9 @@ class Qwen3NextLM(GraniteHybridLM):
 
     def layer_projections(self, role: str) -> list[Projection]:
         if role in ATTENTION_ROLES:
-            attention = [layer.self_attn for layer in self.model.layers if layer.self_attn is not None]
-            if not attention:
-                raise NotApplicable(f"this {self.family} model has no attention layers")
             # q_proj's rows hold each head's query and its output gate side by side: the whole layer is the role
-            return whole_projections(attention, (role,))
-        attrs = GATED_MLP_ROLES.get(role)
-        if attrs is None:
-            raise NotApplicable(f"{self.family} has no {role!r} projection")
-        return whole_projections(self._mlps(), attrs)
+            return self.attention_projections(role)
+        return self.gated_mlp_projections(role, self._mlps())
 
     def layer_tensors(self, role: str) -> list[TensorSlot]:
         moes = [layer.mlp for layer in self.model.layers if layer.is_moe]
