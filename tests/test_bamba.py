@@ -4,16 +4,13 @@ registered method through the conformance battery. The glue is Granite 4.0-H's (
 
 from __future__ import annotations
 
+import hybrid_checks as checks
 import pytest
-import test_conformance as conformance
-import torch
 from transformers import BambaConfig, BambaForCausalLM
 
-from mambapeft import NotApplicable, get_peft_model
+from mambapeft import NotApplicable
 from mambapeft.model.bamba import BambaLM, load_bamba
 from mambapeft.model.granitemoehybrid.loading import load_state_dict_strict
-
-from conftest import assert_rel_close
 
 VOCAB = 43
 CONFIGS = {
@@ -34,66 +31,30 @@ def config(name: str, **extra) -> BambaConfig:
 
 
 def twins(cfg: BambaConfig, seed: int = 0, jitter: float = 0.1):
-    torch.manual_seed(seed)
-    hf = BambaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * jitter)
-    ours = BambaLM(cfg).eval()
-    load_state_dict_strict(ours, hf.state_dict(), "test")
-    return hf, ours
+    return checks.twins(BambaForCausalLM, BambaLM, cfg, load_state_dict_strict, seed=seed, jitter=jitter)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_loss_equal_transformers(name):
-    hf, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (3, 21))
-    with torch.no_grad():
-        expected = hf(ids, labels=ids, use_cache=False)
-        got = ours(ids, labels=ids)
-    assert_rel_close(got.logits, expected.logits, tol=1e-4, what="logits")
-    assert_rel_close(got.loss, expected.loss, tol=1e-4, what="loss")
+    checks.assert_logits_and_loss_equal(*twins(config(name)), length=21)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_generation_is_transformers_with_and_without_cache(name):
-    hf, ours = twins(config(name), jitter=0.3)
-    prompt = torch.randint(0, VOCAB, (2, 7))
-    ours_tokens = ours.generate(prompt, max_new_tokens=8)
-    for use_cache in (True, False):
-        assert torch.equal(ours_tokens, hf.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache))
+    checks.assert_greedy_generation_equal(*twins(config(name), jitter=0.3))
 
 
 def test_checkpoints_both_ways(tmp_path):
-    hf, ours = twins(config("AMM-mqa-odd"))
-    ids = torch.randint(0, VOCAB, (2, 11))
-    with torch.no_grad():
-        expected = hf(ids, use_cache=False).logits
-    ours.save_pretrained(tmp_path / "ours")
-    hf.save_pretrained(tmp_path / "hf")
-    with torch.no_grad():
-        back = BambaForCausalLM.from_pretrained(tmp_path / "ours").eval()
-        assert_rel_close(back(ids, use_cache=False).logits, expected, tol=1e-5, what="ours saved, transformers loads")
-        assert_rel_close(load_bamba(tmp_path / "hf")(ids).logits, expected, tol=1e-5, what="transformers saved")
+    checks.assert_checkpoints_both_ways(*twins(config("AMM-mqa-odd")), BambaForCausalLM, load_bamba, tmp_path)
 
 
 def test_mlp_roles():
     _, ours = twins(config("MAMA-partial-rope"))       # 4 gated MLPs: gate and up 24 -> 10, down 10 -> 24
-    assert get_peft_model(ours, ["lora_mlp:r=2"]).parameter_counts()["trainable"] == 4 * 2 * 3 * (24 + 10)
+    assert checks.trainable(ours, "lora_mlp:r=2") == 4 * 2 * 3 * (24 + 10)
     with pytest.raises(NotApplicable, match="no experts"):
         ours.layer_tensors("router")
 
 
-FAMILY = "bamba"
-
-
 def test_every_method_has_a_case_or_a_reason():
-    covered = {method for method, _, _ in conformance.cases(FAMILY)}
-    for name, reason in conformance.applicability(FAMILY).items():
-        if reason is None:
-            assert name in covered, name
-        else:
-            assert reason.startswith(f"{name} does not apply to {FAMILY} models: ") and len(reason) > 50, reason
-    assert {"lora_p_x", "additional_scan", "affix", "prompt", "lora_attn", "lora_mlp", "dora_mlp"} <= covered
-
-
+    checks.assert_every_method_has_a_case_or_a_reason(
+        "bamba", {"lora_p_x", "additional_scan", "affix", "prompt", "lora_attn", "lora_mlp", "dora_mlp"})

@@ -6,8 +6,8 @@ adapted model; every registered method through the conformance battery (tests/te
 
 from __future__ import annotations
 
+import hybrid_checks as checks
 import pytest
-import test_conformance as conformance
 import torch
 from transformers import FalconH1Config, FalconH1ForCausalLM
 
@@ -47,25 +47,12 @@ def config(name: str, **extra) -> FalconH1Config:
 
 
 def twins(cfg: FalconH1Config, seed: int = 0, jitter: float = 0.1):
-    torch.manual_seed(seed)
-    hf = FalconH1ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():             # norms off 1, D off 1: every weight matters
-            p.add_(torch.randn_like(p) * jitter)
-    ours = FalconH1LM(cfg).eval()
-    load_state_dict_strict(ours, hf.state_dict(), "test")
-    return hf, ours
+    return checks.twins(FalconH1ForCausalLM, FalconH1LM, cfg, load_state_dict_strict, seed=seed, jitter=jitter)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_loss_equal_transformers(name):
-    hf, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (3, 19))
-    with torch.no_grad():
-        expected = hf(ids, labels=ids, use_cache=False)
-        got = ours(ids, labels=ids)
-    assert_rel_close(got.logits, expected.logits, tol=1e-4, what="logits")
-    assert_rel_close(got.loss, expected.loss, tol=1e-4, what="loss")
+    checks.assert_logits_and_loss_equal(*twins(config(name)), length=19)
 
 
 def test_every_multiplier_is_honoured():
@@ -84,37 +71,17 @@ def test_every_multiplier_is_honoured():
 
 
 def test_left_padded_batch_equals_transformers_at_real_positions():
-    hf, ours = twins(config("gated-norm-groups"))
-    ids = torch.randint(0, VOCAB, (3, 13))
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    with torch.no_grad():
-        expected = hf(ids, attention_mask=mask, use_cache=False).logits
-        got = ours(ids, attention_mask=mask).logits
-    assert_rel_close(got[mask.bool()], expected[mask.bool()], tol=1e-4, what="logits")
+    checks.assert_left_padding_equal(*twins(config("gated-norm-groups")), (3, 13), {0: 5})
 
 
 @pytest.mark.parametrize("name", ["gated-norm-groups", "no-norm"])
 def test_greedy_generation_is_transformers_with_and_without_cache(name):
-    hf, ours = twins(config(name), jitter=0.3)
-    prompt = torch.randint(0, VOCAB, (2, 7))
-    ours_tokens = ours.generate(prompt, max_new_tokens=8)
-    for use_cache in (True, False):
-        expected = hf.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache)
-        assert torch.equal(ours_tokens, expected), use_cache
+    checks.assert_greedy_generation_equal(*twins(config(name), jitter=0.3))
 
 
 def test_checkpoints_both_ways(tmp_path):
-    hf, ours = twins(config("norm-before-gate-mqa-bias"))
-    ids = torch.randint(0, VOCAB, (2, 11))
-    with torch.no_grad():
-        expected = hf(ids, use_cache=False).logits
-    ours.save_pretrained(tmp_path / "ours")
-    hf.save_pretrained(tmp_path / "hf")
-    with torch.no_grad():
-        back = FalconH1ForCausalLM.from_pretrained(tmp_path / "ours").eval()
-        assert_rel_close(back(ids, use_cache=False).logits, expected, tol=1e-5, what="ours saved, transformers loads")
-        assert_rel_close(load_falcon_h1(tmp_path / "hf")(ids).logits, expected, tol=1e-5, what="transformers saved")
+    checks.assert_checkpoints_both_ways(*twins(config("norm-before-gate-mqa-bias")), FalconH1ForCausalLM,
+                                        load_falcon_h1, tmp_path)
 
 
 def test_merge_through_the_mup_vector_loads_in_transformers(tmp_path):
@@ -133,11 +100,7 @@ def test_merge_through_the_mup_vector_loads_in_transformers(tmp_path):
     with torch.no_grad():
         adapted = peft(ids).logits
         assert not torch.allclose(adapted, twins(config("gated-norm-groups"))[1](ids).logits, atol=1e-3)
-    merged = peft.merge_and_unload()
-    merged.save_pretrained(tmp_path)
-    with torch.no_grad():
-        back = FalconH1ForCausalLM.from_pretrained(tmp_path).eval()
-        assert_rel_close(back(ids, use_cache=False).logits, adapted, tol=1e-4, what="merged, in transformers")
+    checks.assert_merged_loads_in_transformers(peft, adapted, FalconH1ForCausalLM, ids, tmp_path)
 
 
 def test_roles_and_parts():
@@ -146,7 +109,7 @@ def test_roles_and_parts():
     assert {ours.part_types()[f"model.layers.0.{p}"] for p in ("mamba", "self_attn", "feed_forward")} == {
         "mamba", "attention", "mlp"}
     # lora_mlp: 2 gated MLPs, gate and up 16 -> 10, down 10 -> 16
-    assert get_peft_model(ours, ["lora_mlp:r=2"]).parameter_counts()["trainable"] == 2 * 2 * 3 * (16 + 10)
+    assert checks.trainable(ours, "lora_mlp:r=2") == 2 * 2 * 3 * (16 + 10)
     with pytest.raises(NotApplicable, match="no experts"):
         ours.layer_tensors("router")
     _, plain = twins(config("no-norm"))
@@ -154,18 +117,10 @@ def test_roles_and_parts():
         get_peft_model(plain, ["partial_norm"])
 
 
-FAMILY = "falcon_h1"
-
-
 def test_every_method_has_a_case_or_a_reason():
-    covered = {method for method, _, _ in conformance.cases(FAMILY)}
-    for name, reason in conformance.applicability(FAMILY).items():
-        if reason is None:
-            assert name in covered, name
-        else:
-            assert reason.startswith(f"{name} does not apply to {FAMILY} models: ") and len(reason) > 50, reason
-    assert {"lora_p_x", "lora_p_dt", "lora_in_proj", "additional_scan", "affix", "prompt", "state_offset",
-            "initial_state", "partial_a", "partial_norm", "lora_attn", "lora_mlp", "dora_mlp"} <= covered
+    checks.assert_every_method_has_a_case_or_a_reason(
+        "falcon_h1", {"lora_p_x", "lora_p_dt", "lora_in_proj", "additional_scan", "affix", "prompt", "state_offset",
+                      "initial_state", "partial_a", "partial_norm", "lora_attn", "lora_mlp", "dora_mlp"})
 
 
 def test_mambapeft_methods_lists_falcon_h1():

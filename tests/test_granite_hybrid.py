@@ -9,6 +9,7 @@ what our model uses too), the same math expert by expert.
 
 from __future__ import annotations
 
+import hybrid_checks as checks
 import pytest
 import test_conformance as conformance
 import torch
@@ -55,41 +56,18 @@ def config(name: str, **extra) -> GraniteMoeHybridConfig:
 
 def twins(cfg: GraniteMoeHybridConfig, seed: int = 0, jitter: float = 0.1):
     """transformers' model with perturbed random weights, and ours with the same weights."""
-    torch.manual_seed(seed)
-    hf = GraniteMoeHybridForCausalLM(cfg).eval()
-    cfg._experts_implementation = "eager"
-    with torch.no_grad():
-        for p in hf.parameters():      # no parameter left at a constant init (norms 1, D 1, ...)
-            p.add_(torch.randn_like(p) * jitter)
-    ours = GraniteHybridLM(cfg).eval()
-    load_state_dict_strict(ours, hf.state_dict(), "test")
-    return hf, ours
+    return checks.twins(GraniteMoeHybridForCausalLM, GraniteHybridLM, cfg, load_state_dict_strict, seed=seed,
+                        jitter=jitter, eager_experts=True)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_loss_equal_transformers(name):
-    hf, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (3, 21))            # odd length, across transformers' chunks of 8
-    with torch.no_grad():
-        expected = hf(ids, labels=ids, use_cache=False)     # (transformers 5.25 fails to mask an all-Mamba cache)
-        got = ours(ids, labels=ids)
-    assert_rel_close(got.logits, expected.logits, tol=1e-4, what="logits")
-    assert_rel_close(got.loss, expected.loss, tol=1e-4, what="loss")
+    checks.assert_logits_and_loss_equal(*twins(config(name)), length=21)     # odd, across transformers' chunks of 8
 
 
 @pytest.mark.parametrize("name", ["MAM-rope-moe-gqa", "AMMA-nope-dense-tied"])
 def test_left_padded_batch_equals_transformers_at_real_positions(name):
-    hf, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (3, 15))
-    mask = torch.ones_like(ids)
-    mask[0, :6] = 0
-    mask[2, :1] = 0
-    with torch.no_grad():
-        expected = hf(ids, attention_mask=mask).logits
-        got = ours(ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert_rel_close(got[real], expected[real], tol=1e-4, what="logits")
-    assert torch.isfinite(got).all()
+    checks.assert_left_padding_equal(*twins(config(name)), (3, 15), {0: 6, 2: 1})
 
 
 def test_left_padding_does_not_leak_into_real_tokens():
@@ -105,72 +83,28 @@ def test_left_padding_does_not_leak_into_real_tokens():
 
 @pytest.mark.parametrize("name", ["MAM-rope-moe-gqa", "MMMA-rope-mqa-biases"])
 def test_every_gradient_equals_transformers(name):
-    hf, ours = twins(config(name))
-    hf.train(), ours.train()
-    ids = torch.randint(0, VOCAB, (2, 17))
-    hf(ids, labels=ids).loss.backward()
-    ours(ids, labels=ids).loss.backward()
-    hf_params = dict(hf.named_parameters())
-    assert {n for n, _ in ours.named_parameters()} == set(hf_params)
-    for n, p in ours.named_parameters():
-        if hf_params[n].grad is None:       # an expert no token was routed to
-            assert p.grad is None or not p.grad.any(), n
-            continue
-        assert_rel_close(p.grad, hf_params[n].grad, tol=1e-4, what=n)
+    checks.assert_gradients_equal(*twins(config(name)))
 
 
 @pytest.mark.parametrize("name", ["MAM-rope-moe-gqa", "AMMA-nope-dense-tied", "MMMA-rope-mqa-biases"])
 def test_greedy_generation_is_transformers_with_and_without_cache(name):
-    hf, ours = twins(config(name), jitter=0.3)
-    prompt = torch.randint(0, VOCAB, (2, 7))
-    ours_tokens = ours.generate(prompt, max_new_tokens=8)
-    for use_cache in (True, False):
-        expected = hf.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache)
-        assert torch.equal(ours_tokens, expected), use_cache
+    checks.assert_greedy_generation_equal(*twins(config(name), jitter=0.3))
 
 
 @pytest.mark.parametrize("name", ["MAM-rope-moe-gqa", "AMMA-nope-dense-tied"])
 def test_state_continuation_equals_the_full_forward(name):
-    """The prompt through the state, then three single tokens and a chunk of four: the logits and the KV cache of a
-    full forward over the whole sequence."""
-    _, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (2, 14))
-    with torch.no_grad():
-        full = ours(ids).logits
-        state = ours.new_state()
-        parts = [ours(ids[:, :7], state=state).logits]
-        parts += [ours(ids[:, i : i + 1], state=state).logits for i in range(7, 10)]
-        parts.append(ours(ids[:, 10:], state=state).logits)
-    assert_rel_close(torch.cat(parts, dim=1), full, tol=1e-5)
-    attention = [s for s in state.layers if hasattr(s, "key")]
-    assert attention and all(s.key.shape[2] == 14 and s.offset == 14 for s in attention)
+    """The logits and the KV cache of a full forward over the whole sequence (hybrid_checks)."""
+    checks.assert_state_continuation_equals_full_forward(twins(config(name))[1], need_attention=True)
 
 
 def test_padded_generation_equals_each_prompt_alone():
-    _, ours = twins(config("MAM-rope-moe-gqa"), jitter=0.3)
-    a, b = torch.randint(1, VOCAB, (1, 9)), torch.randint(1, VOCAB, (1, 5))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, :4] = 0
-    together = ours.generate(batch, max_new_tokens=5, attention_mask=mask)
-    assert torch.equal(together[0, 9:], ours.generate(a, max_new_tokens=5)[0, 9:])
-    assert torch.equal(together[1, 9:], ours.generate(b, max_new_tokens=5)[0, 5:])
+    checks.assert_padded_generation_equals_each_prompt_alone(twins(config("MAM-rope-moe-gqa"), jitter=0.3)[1])
 
 
 @pytest.mark.parametrize("name", ["MAM-rope-moe-gqa", "AMMA-nope-dense-tied"])
 def test_checkpoints_both_ways(name, tmp_path):
-    hf, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (2, 11))
-    with torch.no_grad():
-        expected = hf(ids).logits
-    ours.save_pretrained(tmp_path / "ours")
-    back = GraniteMoeHybridForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    back.config._experts_implementation = "eager"
-    hf.save_pretrained(tmp_path / "hf")
-    loaded = load_granite_hybrid(tmp_path / "hf")
-    with torch.no_grad():
-        assert_rel_close(back(ids).logits, expected, tol=1e-5, what="ours saved, transformers loads")
-        assert_rel_close(loaded(ids).logits, expected, tol=1e-5, what="transformers saved, ours loads")
+    checks.assert_checkpoints_both_ways(*twins(config(name)), GraniteMoeHybridForCausalLM, load_granite_hybrid,
+                                        tmp_path)
 
 
 def test_meta_device_build_and_load_from_meta(tmp_path):
@@ -204,9 +138,8 @@ def test_layer_types_and_parts():
 
 def test_attention_lora_is_counted_by_hand_and_refused_by_pure_ssm_models():
     _, ours = twins(config("MMMA-rope-mqa-biases"))      # one attention layer: d 30, 3 heads of 10, 1 KV head
-    peft = get_peft_model(ours, ["lora_attn:r=2"])
     # r (in + out) per projection: q 30 -> 30, k and v 30 -> 10, o 30 -> 30
-    assert peft.parameter_counts()["trainable"] == 2 * ((30 + 30) + 2 * (30 + 10) + (30 + 30))
+    assert checks.trainable(ours, "lora_attn:r=2") == 2 * ((30 + 30) + 2 * (30 + 10) + (30 + 30))
     pure = GraniteHybridLM(config("MM-moe-top3"))
     with pytest.raises(NotApplicable, match="lora_attn does not apply to granitemoehybrid models: .*no attention"):
         get_peft_model(pure, ["lora_attn"])
@@ -221,11 +154,9 @@ def test_attention_lora_is_counted_by_hand_and_refused_by_pure_ssm_models():
 
 def test_expert_lora_per_expert_and_shared_counts():
     _, ours = twins(config("MAM-rope-moe-gqa"))    # 3 MoE layers, 3 experts: gate_up (3, 20, 24), down (3, 24, 10)
-    per_expert = get_peft_model(ours, ["lora_experts:r=2"]).parameter_counts()["trainable"]
-    assert per_expert == 3 * 3 * 2 * ((20 + 24) + (24 + 10))
+    assert checks.trainable(ours, "lora_experts:r=2") == 3 * 3 * 2 * ((20 + 24) + (24 + 10))
     _, ours = twins(config("MAM-rope-moe-gqa"))
-    shared = get_peft_model(ours, ["lora_experts:r=2,per_expert=false"]).parameter_counts()["trainable"]
-    assert shared == 3 * 2 * ((20 + 24) + (24 + 10))
+    assert checks.trainable(ours, "lora_experts:r=2,per_expert=false") == 3 * 2 * ((20 + 24) + (24 + 10))
 
 
 def test_lora_on_every_non_ssm_role_merges_into_a_checkpoint_transformers_loads(tmp_path):
@@ -237,33 +168,17 @@ def test_lora_on_every_non_ssm_role_merges_into_a_checkpoint_transformers_loads(
     with torch.no_grad():
         adapted = peft(ids).logits
         assert (adapted - hf(ids).logits).abs().max() > 1e-3
-    merged = peft.merge_and_unload()
-    merged.save_pretrained(tmp_path)
-    back = GraniteMoeHybridForCausalLM.from_pretrained(tmp_path).eval()
-    back.config._experts_implementation = "eager"
-    with torch.no_grad():
-        assert_rel_close(back(ids).logits, adapted, tol=1e-4, what="merged, in transformers")
+    checks.assert_merged_loads_in_transformers(peft, adapted, GraniteMoeHybridForCausalLM, ids, tmp_path)
 
 
 # ------------------------------------------------------------------ every method, through the conformance battery
 
 
-FAMILY = "granitemoehybrid"
-
-
 def test_every_method_has_a_case_or_a_reason():
-    covered = {method for method, _, _ in conformance.cases(FAMILY)}
-    for name, reason in conformance.applicability(FAMILY).items():
-        if reason is None:
-            assert name in covered, name
-        else:
-            assert reason.startswith(f"{name} does not apply to {FAMILY} models: ") and len(reason) > 50, reason
-    expected = {"lora_p_x", "lora_in_proj", "lora_out_proj", "additional_scan", "affix", "prompt",
-                "initial_state", "state_offset", "partial_norm", "lora_attn", "lora_mlp", "dora_attn", "lora_experts",
-                "lora_router"}
-    assert expected <= covered
-
-
+    checks.assert_every_method_has_a_case_or_a_reason(
+        "granitemoehybrid", {"lora_p_x", "lora_in_proj", "lora_out_proj", "additional_scan", "affix", "prompt",
+                             "initial_state", "state_offset", "partial_norm", "lora_attn", "lora_mlp", "dora_attn",
+                             "lora_experts", "lora_router"})
 
 
 # ------------------------------------------------------------------ sizes and reports

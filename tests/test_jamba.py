@@ -6,6 +6,7 @@ conformance battery (tests/test_conformance.py). The glue is Granite 4.0-H's (te
 
 from __future__ import annotations
 
+import hybrid_checks as checks
 import pytest
 import test_conformance as conformance
 import torch
@@ -37,31 +38,19 @@ CONFIGS = {
 
 
 def config(name: str, **extra) -> JambaConfig:
-    return JambaConfig(**{"vocab_size": VOCAB, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-                          "use_mamba_kernels": False, **CONFIGS[name], **extra})
+    cfg = JambaConfig(**{"vocab_size": VOCAB, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+                         "use_mamba_kernels": False, **CONFIGS[name], **extra})
+    cfg._experts_implementation = "eager"     # transformers' own loop (its grouped matmul refuses odd widths on CPU)
+    return cfg
 
 
 def twins(cfg: JambaConfig, seed: int = 0, jitter: float = 0.1):
-    torch.manual_seed(seed)
-    cfg._experts_implementation = "eager"     # transformers' own loop (its grouped matmul refuses odd widths on CPU)
-    hf = JambaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():             # norms off 1, D off 1: every weight matters
-            p.add_(torch.randn_like(p) * jitter)
-    ours = JambaLM(cfg).eval()
-    load_state_dict_strict(ours, hf.state_dict(), "test")
-    return hf, ours
+    return checks.twins(JambaForCausalLM, JambaLM, cfg, load_state_dict_strict, seed=seed, jitter=jitter)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_loss_equal_transformers(name):
-    hf, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (3, 17))
-    with torch.no_grad():
-        expected = hf(ids, labels=ids, use_cache=False)
-        got = ours(ids, labels=ids)
-    assert_rel_close(got.logits, expected.logits, tol=1e-4, what="logits")
-    assert_rel_close(got.loss, expected.loss, tol=1e-4, what="loss")
+    checks.assert_logits_and_loss_equal(*twins(config(name)), length=17)
 
 
 def test_layer_pattern_and_parts_are_transformers():
@@ -72,44 +61,18 @@ def test_layer_pattern_and_parts_are_transformers():
 
 
 def test_left_padded_batch_equals_transformers_at_real_positions():
-    hf, ours = twins(config("MAMA-moe"))
-    ids = torch.randint(0, VOCAB, (3, 13))
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    with torch.no_grad():
-        expected = hf(ids, attention_mask=mask, use_cache=False).logits
-        got = ours(ids, attention_mask=mask).logits
-    assert_rel_close(got[mask.bool()], expected[mask.bool()], tol=1e-4, what="logits")
+    checks.assert_left_padding_equal(*twins(config("MAMA-moe")), (3, 13), {0: 5})
 
 
 @pytest.mark.parametrize("name", ["MAMA-moe", "AMM-dense-mqa"])
 def test_greedy_generation_is_transformers_with_and_without_cache(name):
-    hf, ours = twins(config(name), jitter=0.3)
-    prompt = torch.randint(0, VOCAB, (2, 7))
-    ours_tokens = ours.generate(prompt, max_new_tokens=8)
-    for use_cache in (True, False):
-        expected = hf.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache)
-        assert torch.equal(ours_tokens, expected), use_cache
+    checks.assert_greedy_generation_equal(*twins(config(name), jitter=0.3))
 
 
 def test_checkpoints_both_ways_in_the_published_layout(tmp_path):
-    from safetensors.torch import load_file
-
-    hf, ours = twins(config("MAMA-moe"))
-    ids = torch.randint(0, VOCAB, (2, 11))
-    with torch.no_grad():
-        expected = hf(ids, use_cache=False).logits
-    ours.save_pretrained(tmp_path / "ours")
-    keys = set(load_file(tmp_path / "ours" / "model.safetensors"))
+    keys = set(checks.assert_checkpoints_both_ways(*twins(config("MAMA-moe")), JambaForCausalLM, load_jamba, tmp_path))
     assert {"model.layers.1.feed_forward.experts.2.up_proj.weight", "model.layers.0.mamba.dt_layernorm.weight"} <= keys
     assert not any(k.endswith("gate_up_proj") for k in keys)
-    back = JambaForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    back.config._experts_implementation = "eager"
-    hf.save_pretrained(tmp_path / "hf")
-    loaded = load_jamba(tmp_path / "hf")
-    with torch.no_grad():
-        assert_rel_close(back(ids, use_cache=False).logits, expected, tol=1e-5, what="ours saved, transformers loads")
-        assert_rel_close(loaded(ids).logits, expected, tol=1e-5, what="transformers saved, ours loads")
 
 
 def test_mamba1_methods_reach_x_proj_dt_proj_and_the_rows_before_the_norms():
@@ -118,8 +81,7 @@ def test_mamba1_methods_reach_x_proj_dt_proj_and_the_rows_before_the_norms():
     counts = {"lora_x_proj:r=2": 2 * r * (E + R + 2 * N), "lora_dt_proj:r=2": 2 * r * (R + E),
               "lora_p_b:r=2": 2 * r * (E + N), "lora_p_dt:r=2": 2 * r * (E + R)}
     for spec, expected in counts.items():
-        peft = get_peft_model(twins(config("MAMA-moe"))[1], [spec])
-        assert peft.parameter_counts()["trainable"] == expected, spec
+        assert checks.trainable(twins(config("MAMA-moe"))[1], spec) == expected, spec
     # the norms on dt, B and C sit between x_proj and the scan: a LoRA on x_proj changes what they normalise
     peft = get_peft_model(ours, ["lora_x_proj:r=2"])
     with torch.no_grad():
@@ -133,26 +95,18 @@ def test_mamba1_methods_reach_x_proj_dt_proj_and_the_rows_before_the_norms():
 
 def test_roles():
     _, ours = twins(config("MAMA-moe"))       # dense MLPs at layers 0 and 2 (20 -> 9 -> 20), gated
-    assert get_peft_model(ours, ["lora_mlp:r=2"]).parameter_counts()["trainable"] == 2 * 2 * 3 * (20 + 9)
+    assert checks.trainable(ours, "lora_mlp:r=2") == 2 * 2 * 3 * (20 + 9)
     _, dense = twins(config("AMM-dense-mqa"))
     with pytest.raises(NotApplicable, match="no experts"):
         dense.layer_tensors("router")
 
 
-FAMILY = "jamba"
-
-
 def test_every_method_has_a_case_or_a_reason():
-    covered = {method for method, _, _ in conformance.cases(FAMILY)}
-    for name, reason in conformance.applicability(FAMILY).items():
-        if reason is None:
-            assert name in covered, name
-        else:
-            assert reason.startswith(f"{name} does not apply to {FAMILY} models: ") and len(reason) > 50, reason
-    assert {"lora_p_x", "lora_p_dt", "lora_x_proj", "lora_dt_proj", "affix", "prompt", "sdt", "initial_state",
-            "state_offset", "lora_attn", "lora_mlp", "lora_experts", "lora_router"} <= covered
+    checks.assert_every_method_has_a_case_or_a_reason(
+        "jamba", {"lora_p_x", "lora_p_dt", "lora_x_proj", "lora_dt_proj", "affix", "prompt", "sdt", "initial_state",
+                  "state_offset", "lora_attn", "lora_mlp", "lora_experts", "lora_router"})
     # the one Mamba-1 method a merge could not keep exact through Jamba's norms on B and C
-    assert "b_layernorm" in conformance.applicability(FAMILY)["additional_scan"]
+    assert "b_layernorm" in conformance.applicability("jamba")["additional_scan"]
 
 
 def test_mambapeft_methods_lists_jamba_with_the_mamba1_methods():

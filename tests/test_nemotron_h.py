@@ -5,16 +5,13 @@ The glue is Granite 4.0-H's (tests/test_granite_hybrid.py checks it more widely)
 
 from __future__ import annotations
 
+import hybrid_checks as checks
 import pytest
-import test_conformance as conformance
-import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from mambapeft import NotApplicable, get_peft_model
+from mambapeft import NotApplicable
 from mambapeft.model.nemotron_h import NemotronHLM, load_nemotron_h
 from mambapeft.model.nemotron_h.loading import load_state_dict_strict
-
-from conftest import assert_rel_close
 
 VOCAB = 47
 CONFIGS = {
@@ -39,85 +36,40 @@ def config(name: str, **extra) -> NemotronHConfig:
     return NemotronHConfig(**fields)
 
 
+def move_router_bias(hf):
+    """The router's correction bias is a buffer (the jitter moves parameters): move it too."""
+    for layer in hf.model.layers:
+        if hasattr(layer.mixer, "gate"):
+            layer.mixer.gate.e_score_correction_bias.normal_(std=0.1)
+
+
 def twins(cfg: NemotronHConfig, seed: int = 0, jitter: float = 0.1):
-    torch.manual_seed(seed)
-    hf = NemotronHForCausalLM(cfg).eval()
-    cfg._experts_implementation = "eager"     # transformers' own loop (its grouped matmul refuses odd widths on CPU)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * jitter)
-        for layer in hf.model.layers:         # the router's correction bias is a buffer: move it too
-            if hasattr(layer.mixer, "gate"):
-                layer.mixer.gate.e_score_correction_bias.normal_(std=0.1)
-    ours = NemotronHLM(cfg).eval()
-    load_state_dict_strict(ours, hf.state_dict(), "test")
-    return hf, ours
+    return checks.twins(NemotronHForCausalLM, NemotronHLM, cfg, load_state_dict_strict, seed=seed, jitter=jitter,
+                        eager_experts=True, perturb=move_router_bias)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_loss_equal_transformers(name):
-    hf, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (3, 21))
-    with torch.no_grad():
-        expected = hf(ids, labels=ids, use_cache=False)
-        got = ours(ids, labels=ids)
-    assert_rel_close(got.logits, expected.logits, tol=1e-4, what="logits")
-    assert_rel_close(got.loss, expected.loss, tol=1e-4, what="loss")
+    checks.assert_logits_and_loss_equal(*twins(config(name)), length=21)
 
 
 def test_left_padded_batch_equals_transformers_at_real_positions():
-    hf, ours = twins(config("M-E-A-P-M"))
-    ids = torch.randint(0, VOCAB, (3, 15))
-    mask = torch.ones_like(ids)
-    mask[0, :6] = 0
-    with torch.no_grad():
-        expected = hf(ids, attention_mask=mask, use_cache=False).logits
-        got = ours(ids, attention_mask=mask).logits
-    assert_rel_close(got[mask.bool()], expected[mask.bool()], tol=1e-4, what="logits")
+    checks.assert_left_padding_equal(*twins(config("M-E-A-P-M")), (3, 15), {0: 6})
 
 
 def test_every_gradient_equals_transformers():
-    hf, ours = twins(config("M-E-A-P-M"))
-    hf.train(), ours.train()
-    ids = torch.randint(0, VOCAB, (2, 17))
-    hf(ids, labels=ids, use_cache=False).loss.backward()
-    ours(ids, labels=ids).loss.backward()
-    hf_params = dict(hf.named_parameters())
-    assert {n for n, _ in ours.named_parameters()} == set(hf_params)
-    for n, p in ours.named_parameters():
-        if hf_params[n].grad is None:
-            assert p.grad is None or not p.grad.any(), n
-            continue
-        assert_rel_close(p.grad, hf_params[n].grad, tol=1e-4, what=n)
+    checks.assert_gradients_equal(*twins(config("M-E-A-P-M")))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_generation_is_transformers_with_and_without_cache(name):
-    hf, ours = twins(config(name), jitter=0.3)
-    prompt = torch.randint(0, VOCAB, (2, 7))
-    ours_tokens = ours.generate(prompt, max_new_tokens=8)
-    for use_cache in (True, False):
-        expected = hf.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache)
-        assert torch.equal(ours_tokens, expected), use_cache
+    checks.assert_greedy_generation_equal(*twins(config(name), jitter=0.3))
 
 
 def test_checkpoints_both_ways_in_the_published_layout(tmp_path):
-    from safetensors.torch import load_file
-
-    hf, ours = twins(config("M-E-A-P-M"))
-    ids = torch.randint(0, VOCAB, (2, 11))
-    with torch.no_grad():
-        expected = hf(ids, use_cache=False).logits
-    ours.save_pretrained(tmp_path / "ours")
-    keys = set(load_file(tmp_path / "ours" / "model.safetensors"))
+    keys = set(checks.assert_checkpoints_both_ways(*twins(config("M-E-A-P-M")), NemotronHForCausalLM,
+                                                   load_nemotron_h, tmp_path))
     assert "backbone.layers.1.mixer.experts.3.up_proj.weight" in keys and not any(k.startswith("model.") for k in keys)
-    back = NemotronHForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    back.config._experts_implementation = "eager"
-    hf.save_pretrained(tmp_path / "hf")
-    loaded = load_nemotron_h(tmp_path / "hf")
-    with torch.no_grad():
-        assert_rel_close(back(ids, use_cache=False).logits, expected, tol=1e-5, what="ours saved, transformers loads")
-        assert_rel_close(loaded(ids).logits, expected, tol=1e-5, what="transformers saved, ours loads")
 
 
 def test_roles_and_layer_types():
@@ -125,8 +77,7 @@ def test_roles_and_layer_types():
     assert ours.layer_types() == ["mamba", "moe", "attention", "mlp", "mamba"]
     assert ours.part_types()["model.layers.1.mixer"] == "moe"
     # lora_mlp: the MLP block (24 -> 10 -> 24) and the MoE's shared expert (24 -> 8 -> 24), r (in + out) each
-    peft = get_peft_model(ours, ["lora_mlp:r=2"])
-    assert peft.parameter_counts()["trainable"] == 2 * ((24 + 10) + (10 + 24) + (24 + 8) + (8 + 24))
+    assert checks.trainable(ours, "lora_mlp:r=2") == 2 * ((24 + 10) + (10 + 24) + (24 + 8) + (8 + 24))
     with pytest.raises(NotApplicable, match="no gate"):
         ours.layer_projections("gate_proj")
 
@@ -134,17 +85,7 @@ def test_roles_and_layer_types():
 # ------------------------------------------------------------------ every method, through the conformance battery
 
 
-FAMILY = "nemotron_h"
-
-
 def test_every_method_has_a_case_or_a_reason():
-    covered = {method for method, _, _ in conformance.cases(FAMILY)}
-    for name, reason in conformance.applicability(FAMILY).items():
-        if reason is None:
-            assert name in covered, name
-        else:
-            assert reason.startswith(f"{name} does not apply to {FAMILY} models: ") and len(reason) > 50, reason
-    assert {"lora_p_x", "additional_scan", "affix", "prompt", "state_offset", "lora_attn", "lora_mlp",
-            "lora_experts", "lora_router"} <= covered
-
-
+    checks.assert_every_method_has_a_case_or_a_reason(
+        "nemotron_h", {"lora_p_x", "additional_scan", "affix", "prompt", "state_offset", "lora_attn", "lora_mlp",
+                       "lora_experts", "lora_router"})

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
+import hybrid_checks as checks
 import pytest
-import test_conformance as conformance
 import torch
 from safetensors.torch import save_file
 from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
@@ -50,101 +50,39 @@ def config(name: str, **extra) -> Qwen3_5TextConfig:
 
 
 def twins(cfg, seed: int = 0, jitter: float = 0.1):
-    torch.manual_seed(seed)
-    hf = Qwen3_5ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * jitter)
-    ours = Qwen3_5LM(cfg).eval()
-    get_family("qwen3_5").load_state(ours, hf.state_dict(), "test")
-    return hf, ours
+    return checks.twins(Qwen3_5ForCausalLM, Qwen3_5LM, cfg, get_family("qwen3_5").load_state, seed=seed,
+                        jitter=jitter)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_loss_equal_transformers(name):
-    hf, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (3, 70))          # two of transformers' 64-token chunks, the second short
-    with torch.no_grad():
-        expected = hf(ids, labels=ids, use_cache=False)
-        got = ours(ids, labels=ids)
-    assert_rel_close(got.logits, expected.logits, tol=1e-4, what="logits")
-    assert_rel_close(got.loss, expected.loss, tol=1e-4, what="loss")
+    checks.assert_logits_and_loss_equal(*twins(config(name)), length=70)     # two of transformers' 64-token chunks
 
 
 def test_left_padded_batch_equals_transformers_at_real_positions():
-    hf, ours = twins(config("LLAL-gqa-partial"))
-    ids = torch.randint(0, VOCAB, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, :5] = 0
-    with torch.no_grad():
-        expected = hf(ids, attention_mask=mask, use_cache=False).logits
-        got = ours(ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert_rel_close(got[real], expected[real], tol=1e-4, what="logits at real positions")
+    checks.assert_left_padding_equal(*twins(config("LLAL-gqa-partial")), (2, 12), {1: 5})
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_gradient_equals_transformers(name):
-    hf, ours = twins(config(name))
-    hf.train(), ours.train()
-    ids = torch.randint(0, VOCAB, (2, 17))
-    hf(ids, labels=ids, use_cache=False).loss.backward()
-    ours(ids, labels=ids).loss.backward()
-    hf_params = dict(hf.named_parameters())
-    assert {n for n, _ in ours.named_parameters()} == set(hf_params)
-    for n, p in ours.named_parameters():
-        if hf_params[n].grad is None:       # an expert no token was routed to
-            assert p.grad is None or not p.grad.any(), n
-            continue
-        assert_rel_close(p.grad, hf_params[n].grad, tol=1e-4, what=n)
+    checks.assert_gradients_equal(*twins(config(name)))
 
 
 def test_state_continuation_equals_the_full_forward():
-    """The prompt through the state, then three single tokens and a chunk of four: the logits of a full forward, and
-    every layer's state has seen all 14 tokens."""
-    _, ours = twins(config(NAMES[0]))
-    ids = torch.randint(0, VOCAB, (2, 14))
-    with torch.no_grad():
-        full = ours(ids).logits
-        state = ours.new_state()
-        parts = [ours(ids[:, :7], state=state).logits]
-        parts += [ours(ids[:, i : i + 1], state=state).logits for i in range(7, 10)]
-        parts.append(ours(ids[:, 10:], state=state).logits)
-    assert_rel_close(torch.cat(parts, dim=1), full, tol=1e-5)
-    assert all(s.offset == 14 for s in state.layers)
+    checks.assert_state_continuation_equals_full_forward(twins(config(NAMES[0]))[1])
 
 
 def test_padded_generation_equals_each_prompt_alone():
-    _, ours = twins(config(NAMES[0]), jitter=0.3)
-    a, b = torch.randint(1, VOCAB, (1, 9)), torch.randint(1, VOCAB, (1, 5))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, :4] = 0
-    together = ours.generate(batch, max_new_tokens=5, attention_mask=mask)
-    assert torch.equal(together[0, 9:], ours.generate(a, max_new_tokens=5)[0, 9:])
-    assert torch.equal(together[1, 9:], ours.generate(b, max_new_tokens=5)[0, 5:])
+    checks.assert_padded_generation_equals_each_prompt_alone(twins(config(NAMES[0]), jitter=0.3)[1])
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_generation_is_transformers_with_and_without_cache(name):
-    hf, ours = twins(config(name), jitter=0.3)
-    prompt = torch.randint(0, VOCAB, (2, 6))
-    ours_tokens = ours.generate(prompt, max_new_tokens=6)
-    for use_cache in (True, False):
-        assert torch.equal(ours_tokens, hf.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=use_cache))
+    checks.assert_greedy_generation_equal(*twins(config(name), jitter=0.3), prompt_length=6, new_tokens=6)
 
 
 def test_checkpoints_both_ways(tmp_path):
-    hf, ours = twins(config("ALL-mqa-tied"))
-    ids = torch.randint(0, VOCAB, (2, 11))
-    with torch.no_grad():
-        expected = hf(ids, use_cache=False).logits
-    ours.save_pretrained(tmp_path / "ours")
-    hf.save_pretrained(tmp_path / "hf")
-    with torch.no_grad():
-        back = Qwen3_5ForCausalLM.from_pretrained(tmp_path / "ours").eval()
-        assert_rel_close(back(ids, use_cache=False).logits, expected, tol=1e-5, what="ours saved, transformers loads")
-        assert_rel_close(load_qwen3_5(tmp_path / "hf")(ids).logits, expected, tol=1e-5, what="transformers saved")
+    checks.assert_checkpoints_both_ways(*twins(config("ALL-mqa-tied")), Qwen3_5ForCausalLM, load_qwen3_5, tmp_path)
 
 
 def test_published_vision_language_layout_loads_its_text_model(tmp_path):
@@ -170,7 +108,7 @@ def test_mixer_and_mlp_roles_counted_by_hand():
     d, K, V, H = 20, 8, 18, 6
 
     def trainable(spec):
-        return get_peft_model(ours, [spec]).parameter_counts()["trainable"]
+        return checks.trainable(ours, spec)
 
     # in_proj: its four layers, qkv (d -> 2K + V), z (d -> V), b and a (d -> H)
     assert trainable("lora_in_proj:r=2") == 3 * 2 * ((d + 2 * K + V) + (d + V) + 2 * (d + H))
@@ -207,15 +145,7 @@ def test_published_0_8b_on_meta_counts_by_hand(capsys):
     assert f"{18 * H * dk * dv:,}" in capsys.readouterr().out          # one 16 x 128 x 128 state per linear layer
 
 
-FAMILY = "qwen3_5"
-
-
 def test_every_method_has_a_case_or_a_reason():
-    covered = {method for method, _, _ in conformance.cases(FAMILY)}
-    for name, reason in conformance.applicability(FAMILY).items():
-        if reason is None:
-            assert name in covered, name
-        else:
-            assert reason.startswith(f"{name} does not apply to {FAMILY} models: ") and len(reason) > 50, reason
-    assert {"initial_state", "state_offset", "lora_p_x", "lora_in_proj", "prompt", "lora_attn", "lora_mlp",
-            "dora_mlp"} <= covered
+    checks.assert_every_method_has_a_case_or_a_reason(
+        "qwen3_5", {"initial_state", "state_offset", "lora_p_x", "lora_in_proj", "prompt", "lora_attn", "lora_mlp",
+                    "dora_mlp"})

@@ -5,17 +5,14 @@ transformers runs its torch Gated DeltaNet path on CPU (see there)."""
 
 from __future__ import annotations
 
+import hybrid_checks as checks
 import pytest
-import test_conformance as conformance
-import torch
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-from mambapeft import NotApplicable, get_peft_model
+from mambapeft import NotApplicable
 from mambapeft.errors import ConfigError
 from mambapeft.model.qwen3_next import Qwen3NextLM, load_qwen3_next
 from mambapeft.model.registry import get_family
-
-from conftest import assert_rel_close
 
 VOCAB = 41
 CONFIGS = {
@@ -50,94 +47,37 @@ def config(name: str, **extra) -> Qwen3NextConfig:
 
 
 def twins(cfg, seed: int = 0, jitter: float = 0.1):
-    torch.manual_seed(seed)
-    hf = Qwen3NextForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * jitter)
-    ours = Qwen3NextLM(cfg).eval()
-    get_family("qwen3_next").load_state(ours, hf.state_dict(), "test")
-    return hf, ours
+    return checks.twins(Qwen3NextForCausalLM, Qwen3NextLM, cfg, get_family("qwen3_next").load_state, seed=seed,
+                        jitter=jitter)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_loss_equal_transformers(name):
-    hf, ours = twins(config(name))
-    ids = torch.randint(0, VOCAB, (3, 70))          # two of transformers' 64-token chunks, the second short
-    with torch.no_grad():
-        expected = hf(ids, labels=ids, use_cache=False)
-        got = ours(ids, labels=ids)
-    assert_rel_close(got.logits, expected.logits, tol=1e-4, what="logits")
-    assert_rel_close(got.loss, expected.loss, tol=1e-4, what="loss")
+    checks.assert_logits_and_loss_equal(*twins(config(name)), length=70)     # two of transformers' 64-token chunks
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_gradient_equals_transformers(name):
-    hf, ours = twins(config(name))
-    hf.train(), ours.train()
-    ids = torch.randint(0, VOCAB, (2, 17))
-    hf(ids, labels=ids, use_cache=False).loss.backward()
-    ours(ids, labels=ids).loss.backward()
-    hf_params = dict(hf.named_parameters())
-    assert {n for n, _ in ours.named_parameters()} == set(hf_params)
-    for n, p in ours.named_parameters():
-        if hf_params[n].grad is None:       # an expert no token was routed to
-            assert p.grad is None or not p.grad.any(), n
-            continue
-        assert_rel_close(p.grad, hf_params[n].grad, tol=1e-4, what=n)
+    checks.assert_gradients_equal(*twins(config(name)))
 
 
 def test_state_continuation_equals_the_full_forward():
-    """The prompt through the state, then three single tokens and a chunk of four: the logits of a full forward, and
-    every layer's state has seen all 14 tokens."""
-    _, ours = twins(config(NAMES[0]))
-    ids = torch.randint(0, VOCAB, (2, 14))
-    with torch.no_grad():
-        full = ours(ids).logits
-        state = ours.new_state()
-        parts = [ours(ids[:, :7], state=state).logits]
-        parts += [ours(ids[:, i : i + 1], state=state).logits for i in range(7, 10)]
-        parts.append(ours(ids[:, 10:], state=state).logits)
-    assert_rel_close(torch.cat(parts, dim=1), full, tol=1e-5)
-    assert all(s.offset == 14 for s in state.layers)
+    checks.assert_state_continuation_equals_full_forward(twins(config(NAMES[0]))[1])
 
 
 def test_padded_generation_equals_each_prompt_alone():
-    _, ours = twins(config(NAMES[0]), jitter=0.3)
-    a, b = torch.randint(1, VOCAB, (1, 9)), torch.randint(1, VOCAB, (1, 5))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, :4] = 0
-    together = ours.generate(batch, max_new_tokens=5, attention_mask=mask)
-    assert torch.equal(together[0, 9:], ours.generate(a, max_new_tokens=5)[0, 9:])
-    assert torch.equal(together[1, 9:], ours.generate(b, max_new_tokens=5)[0, 5:])
+    checks.assert_padded_generation_equals_each_prompt_alone(twins(config(NAMES[0]), jitter=0.3)[1])
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_generation_is_transformers_with_and_without_cache(name):
-    hf, ours = twins(config(name), jitter=0.3)
-    prompt = torch.randint(0, VOCAB, (2, 6))
-    ours_tokens = ours.generate(prompt, max_new_tokens=6)
-    for use_cache in (True, False):
-        assert torch.equal(ours_tokens, hf.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=use_cache))
+    checks.assert_greedy_generation_equal(*twins(config(name), jitter=0.3), prompt_length=6, new_tokens=6)
 
 
 def test_checkpoints_both_ways(tmp_path):
-    hf, ours = twins(config("LLAL-sparse-step"))
-    ids = torch.randint(0, VOCAB, (2, 11))
-    with torch.no_grad():
-        expected = hf(ids, use_cache=False).logits
-    ours.save_pretrained(tmp_path / "ours")
-    hf.save_pretrained(tmp_path / "hf")
-    from safetensors import safe_open
-    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as f:       # the published per-expert layout
-        assert "model.layers.1.mlp.experts.2.up_proj.weight" in set(f.keys())
-        assert f.get_tensor("model.layers.1.mlp.experts.2.up_proj.weight").shape == (4, 18)
-    with torch.no_grad():
-        back = Qwen3NextForCausalLM.from_pretrained(tmp_path / "ours").eval()
-        back.config._experts_implementation = "eager"
-        assert_rel_close(back(ids, use_cache=False).logits, expected, tol=1e-5, what="ours saved, transformers loads")
-        assert_rel_close(load_qwen3_next(tmp_path / "hf")(ids).logits, expected, tol=1e-5, what="transformers saved")
+    written = checks.assert_checkpoints_both_ways(*twins(config("LLAL-sparse-step")), Qwen3NextForCausalLM,
+                                                  load_qwen3_next, tmp_path)
+    assert written["model.layers.1.mlp.experts.2.up_proj.weight"].shape == (4, 18)   # the published per-expert layout
 
 
 def test_layer_parts_and_expert_roles_counted_by_hand():
@@ -148,7 +88,7 @@ def test_layer_parts_and_expert_roles_counted_by_hand():
                                  "model.layers.2.linear_attn": "mamba", "model.layers.2.mlp": "moe"}
 
     def trainable(spec):
-        return get_peft_model(ours, [spec]).parameter_counts()["trainable"]
+        return checks.trainable(ours, spec)
 
     d = 20
     # the dense MLP (20 -> 9 -> 20) and the two shared experts (20 -> 7 -> 20): gate, up and down each
@@ -181,15 +121,7 @@ def test_published_80b_a3b_builds_on_meta():
     assert 79e9 < total < 82e9                     # "80B"
 
 
-FAMILY = "qwen3_next"
-
-
 def test_every_method_has_a_case_or_a_reason():
-    covered = {method for method, _, _ in conformance.cases(FAMILY)}
-    for name, reason in conformance.applicability(FAMILY).items():
-        if reason is None:
-            assert name in covered, name
-        else:
-            assert reason.startswith(f"{name} does not apply to {FAMILY} models: ") and len(reason) > 50, reason
-    assert {"initial_state", "state_offset", "lora_in_proj", "lora_out_proj", "prompt", "lora_attn", "lora_mlp",
-            "lora_experts", "lora_router"} <= covered
+    checks.assert_every_method_has_a_case_or_a_reason(
+        "qwen3_next", {"initial_state", "state_offset", "lora_in_proj", "lora_out_proj", "prompt", "lora_attn",
+                       "lora_mlp", "lora_experts", "lora_router"})

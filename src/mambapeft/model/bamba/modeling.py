@@ -19,26 +19,15 @@ from transformers import BambaConfig
 from transformers.models.bamba.modeling_bamba import BambaAttention, BambaMLP, BambaRMSNorm, BambaRotaryEmbedding
 
 from ...errors import NotApplicable
-from ..granitemoehybrid.modeling import GraniteHybridLM, key_mask_after, layer_kind
-from ..interface import Projection, TensorSlot, unwrap
+from ..granitemoehybrid.modeling import (
+    ATTENTION_ROLES,
+    GraniteHybridLM,
+    layer_kind,
+    mixer_from_config,
+)
+from ..interface import Projection, TensorSlot
 from ..mamba.lm import MambaLMOutput
 from ..mamba2 import Mamba2Mixer
-
-
-def mixer_from_config(config: BambaConfig) -> Mamba2Mixer:
-    return Mamba2Mixer(
-        config.hidden_size,
-        d_state=config.mamba_d_state,
-        d_conv=config.mamba_d_conv,
-        expand=config.mamba_expand,
-        head_dim=config.mamba_d_head,
-        n_groups=config.mamba_n_groups,
-        conv_bias=config.mamba_conv_bias,
-        bias=config.mamba_proj_bias,
-        norm_eps=config.rms_norm_eps,
-        chunk_size=config.mamba_chunk_size,
-        dt_limit=tuple(config.time_step_limit),
-    )
 
 
 class BambaLayer(nn.Module):
@@ -63,8 +52,7 @@ class BambaLayer(nn.Module):
             length = x.shape[1]
             x = self.self_attn(x, position_embeddings=position_embeddings, attention_mask=attn_mask, cache=state)[0]
             if state is not None:
-                state.key_mask = key_mask_after(mask, state.key_mask, state.offset, length)
-                state.offset += length
+                state.advance(mask, length)
         h = h + x
         return h + self.feed_forward(self.pre_ff_layernorm(h))
 
@@ -89,33 +77,13 @@ class BambaLM(GraniteHybridLM):
                         "mamba_n_groups", "mamba_d_state", "mamba_d_head", "mamba_d_conv", "mamba_expand",
                         "mamba_conv_bias", "mamba_proj_bias", "attention_bias", "mlp_bias")
 
-    def __init__(self, config: BambaConfig, device=None, dtype=None):
-        if config.hidden_act != "silu":
-            raise ValueError(f"only silu activations are supported, the config asks for {config.hidden_act!r}")
-        nn.Module.__init__(self)
-        config._attn_implementation = "sdpa"
-        self.config = config
-        with torch.device(device if device is not None else torch.get_default_device()):
-            self.model = BambaModelOurs(config)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.hooks = nn.ModuleList()
-        if dtype is not None:
-            self.to(dtype)
-        self.tie_weights()
-        if self.lm_head.weight.device.type != "meta":
-            self.reset_parameters()
+    decoder_class = BambaModelOurs
+    builds_experts = False
+    embedding_multiplier = logits_scaling = 1.0        # no µP scalars
 
     @property
     def final_norm(self) -> nn.Module:
         return self.model.final_layernorm
-
-    @property
-    def embedding_multiplier(self) -> float:
-        return 1.0
-
-    @property
-    def logits_scaling(self) -> float:
-        return 1.0
 
     def part_types(self) -> dict[str, str]:
         parts = {}
@@ -125,17 +93,9 @@ class BambaLM(GraniteHybridLM):
         return parts
 
     def layer_projections(self, role: str) -> list[Projection]:
-        if role in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            attention = [layer.self_attn for layer in self.model.layers if layer.self_attn is not None]
-            if not attention:
-                raise NotApplicable(f"this {self.family} model has no attention layers")
-            return [Projection(a, role, (0, unwrap(getattr(a, role)).out_features)) for a in attention]
-        attrs = {"gate_proj": ("gate_proj",), "up_proj": ("up_proj",), "down_proj": ("down_proj",),
-                 "mlp_in": ("gate_proj", "up_proj"), "mlp_out": ("down_proj",)}.get(role)
-        if attrs is None:
-            raise NotApplicable(f"{self.family} has no {role!r} projection")
-        return [Projection(layer.feed_forward, attr, (0, unwrap(getattr(layer.feed_forward, attr)).out_features))
-                for layer in self.model.layers for attr in attrs]
+        if role in ATTENTION_ROLES:
+            return self.attention_projections(role)
+        return self.gated_mlp_projections(role, [layer.feed_forward for layer in self.model.layers])
 
     def layer_tensors(self, role: str) -> list[TensorSlot]:
         raise NotApplicable(f"{self.family} has no experts (a dense MLP after every layer)")

@@ -45,7 +45,11 @@ from transformers.models.falcon_h1.modeling_falcon_h1 import (
 )
 
 from ...errors import NotApplicable
-from ..granitemoehybrid.modeling import AttentionState, GraniteHybridLM, key_mask_after
+from ..granitemoehybrid.modeling import (
+    ATTENTION_ROLES,
+    AttentionState,
+    GraniteHybridLM,
+)
 from ..interface import Projection, TensorSlot, unwrap
 from ..mamba.lm import MambaState
 from ..mamba2 import Mamba2Mixer
@@ -176,8 +180,7 @@ class FalconH1Layer(nn.Module):
             state.offset = past                                                   # ... which the attention owns
         a = self.self_attn(x * self.attention_in_multiplier, position_embeddings, attn_mask, cache=state)[0]
         if state is not None:
-            state.key_mask = key_mask_after(mask, state.key_mask, past, length)
-            state.offset = past + length
+            state.advance(mask, length)                                           # offset: past + length
         h = h + (m * self.ssm_out_multiplier + a * self.attention_out_multiplier)
         return h + self.feed_forward(self.pre_ff_layernorm(h))
 
@@ -204,21 +207,8 @@ class FalconH1LM(GraniteHybridLM):
                         "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_conv_bias", "mamba_proj_bias",
                         "mamba_rms_norm", "projectors_bias", "attention_bias", "mlp_bias")
 
-    def __init__(self, config: FalconH1Config, device=None, dtype=None):
-        if config.hidden_act != "silu":
-            raise ValueError(f"only silu activations are supported, the config asks for {config.hidden_act!r}")
-        nn.Module.__init__(self)
-        config._attn_implementation = "sdpa"
-        self.config = config
-        with torch.device(device if device is not None else torch.get_default_device()):
-            self.model = FalconH1ModelOurs(config)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.hooks = nn.ModuleList()
-        if dtype is not None:
-            self.to(dtype)
-        self.tie_weights()
-        if self.lm_head.weight.device.type != "meta":
-            self.reset_parameters()
+    decoder_class = FalconH1ModelOurs
+    builds_experts = False
 
     @property
     def final_norm(self) -> nn.Module:
@@ -248,15 +238,9 @@ class FalconH1LM(GraniteHybridLM):
         return parts
 
     def layer_projections(self, role: str) -> list[Projection]:
-        if role in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            return [Projection(layer.self_attn, role, (0, unwrap(getattr(layer.self_attn, role)).out_features))
-                    for layer in self.model.layers]
-        attrs = {"gate_proj": ("gate_proj",), "up_proj": ("up_proj",), "down_proj": ("down_proj",),
-                 "mlp_in": ("gate_proj", "up_proj"), "mlp_out": ("down_proj",)}.get(role)
-        if attrs is None:
-            raise NotApplicable(f"{self.family} has no {role!r} projection")
-        return [Projection(layer.feed_forward, attr, (0, unwrap(getattr(layer.feed_forward, attr)).out_features))
-                for layer in self.model.layers for attr in attrs]
+        if role in ATTENTION_ROLES:
+            return self.attention_projections(role)                  # every layer has one
+        return self.gated_mlp_projections(role, [layer.feed_forward for layer in self.model.layers])
 
     def layer_tensors(self, role: str) -> list[TensorSlot]:
         raise NotApplicable(f"{self.family} has no experts (a dense MLP after every layer)")

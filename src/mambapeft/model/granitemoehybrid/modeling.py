@@ -105,6 +105,12 @@ class AttentionState:
         self.key, self.value = key, value
         return key, value
 
+    def advance(self, mask: torch.Tensor | None, length: int) -> None:
+        """Counts the `length` tokens of the call that just `update`d the cache (mask (b, L) of the real ones, or
+        None: all real), so the next call masks the padded keys and continues at the right position."""
+        self.key_mask = key_mask_after(mask, self.key_mask, self.offset, length)
+        self.offset += length
+
 
 @dataclass
 class PassState:
@@ -142,8 +148,20 @@ def key_mask_after(mask: torch.Tensor | None, past_mask: torch.Tensor | None, pa
     return torch.cat([old.bool(), new], dim=1)
 
 
+ATTENTION_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
+# a gated MLP's roles (down(silu(gate(x)) * up(x)), one Linear each): the Linears each role names
+GATED_MLP_ROLES = {"gate_proj": ("gate_proj",), "up_proj": ("up_proj",), "down_proj": ("down_proj",),
+                   "mlp_in": ("gate_proj", "up_proj"), "mlp_out": ("down_proj",)}
+
+
+def whole_projections(modules, attrs) -> list[Projection]:
+    """The Linear `attr` of each module, for each attr in `attrs`, every output row (a role that is a whole layer)."""
+    return [Projection(m, attr, (0, unwrap(getattr(m, attr)).out_features)) for m in modules for attr in attrs]
+
+
 def mixer_from_config(config: GraniteMoeHybridConfig) -> Mamba2Mixer:
-    """Our Mamba-2 mixer with a Granite layer's sizes (the mixer's norm eps is the model's rms_norm_eps)."""
+    """Our Mamba-2 mixer with a Granite layer's sizes (the mixer's norm eps is the model's rms_norm_eps); Bamba's
+    configs name the same fields."""
     return Mamba2Mixer(
         config.hidden_size,
         d_state=config.mamba_d_state,
@@ -186,8 +204,7 @@ class GraniteHybridLayer(nn.Module):
             length = x.shape[1]
             x = self.self_attn(x, attn_mask, cache=state, position_embeddings=position_embeddings)[0]
             if state is not None:
-                state.key_mask = key_mask_after(mask, state.key_mask, state.offset, length)
-                state.offset += length
+                state.advance(mask, length)
         h = h + x * self.residual_multiplier
         x = self.post_attention_layernorm(h)
         out = self.shared_mlp(x)
@@ -201,6 +218,8 @@ class GraniteHybridModel(nn.Module):
 
     def __init__(self, config: GraniteMoeHybridConfig):
         super().__init__()
+        if config.position_embedding_type not in (None, "rope", "nope"):
+            raise ValueError(f"unknown position_embedding_type {config.position_embedding_type!r}")
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(GraniteHybridLayer(config, i) for i in range(config.num_hidden_layers))
@@ -212,7 +231,13 @@ class GraniteHybridModel(nn.Module):
 
 
 class GraniteHybridLM(nn.Module, PeftModelInterface):
-    """Granite 4.0-H causal language model (`config`: a transformers GraniteMoeHybridConfig)."""
+    """Granite 4.0-H causal language model (`config`: a transformers GraniteMoeHybridConfig).
+
+    The other hybrid families (Bamba, Jamba, Falcon-H1, Nemotron-H, Qwen3-Next, Qwen3.5) subclass it and keep its
+    constructor, head, tying, initialisation and forward; each says only what differs: its decoder
+    (`decoder_class`), what its configs may not ask for (`check_config`), whether transformers' expert blocks are
+    built (`builds_experts`), its two glue scalars (`embedding_multiplier`, `logits_scaling`; 1 where the family
+    has none) and its interface answers."""
 
     family = "granitemoehybrid"
     is_causal = True
@@ -222,19 +247,18 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
                         "num_attention_heads", "num_key_value_heads", "intermediate_size", "shared_intermediate_size",
                         "num_local_experts", "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_head",
                         "mamba_d_conv", "mamba_expand", "mamba_conv_bias", "mamba_proj_bias", "attention_bias")
+    decoder_class: type[nn.Module] = GraniteHybridModel     # the decoder without the head, built from the config
+    builds_experts = True                                   # the decoder may hold transformers' MoE blocks
 
     def __init__(self, config: GraniteMoeHybridConfig, device=None, dtype=None):
+        self.check_config(config)
         super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"only silu activations are supported, the config asks for {config.hidden_act!r}")
-        if config.position_embedding_type not in (None, "rope", "nope"):
-            raise ValueError(f"unknown position_embedding_type {config.position_embedding_type!r}")
         config._attn_implementation = "sdpa"          # a boolean mask, and the fast CPU path
-        if getattr(config, "_experts_implementation", None) is None:
+        if self.builds_experts and getattr(config, "_experts_implementation", None) is None:
             config._experts_implementation = "eager"  # transformers' loop over the experts (any width, exact)
         self.config = config
         with torch.device(device if device is not None else torch.get_default_device()):
-            self.model = GraniteHybridModel(config)
+            self.model = self.decoder_class(config)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.hooks = nn.ModuleList()               # model-level PeftHooks: soft prompt tokens at stage "embeddings"
         if dtype is not None:
@@ -242,6 +266,13 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
             self.reset_parameters()
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Refuses (ValueError) what this family's module tree does not implement, before anything is built (the
+        decoder refuses what only it reads, such as Granite's position_embedding_type)."""
+        if config.hidden_act != "silu":
+            raise ValueError(f"only silu activations are supported, the config asks for {config.hidden_act!r}")
 
     # what a hybrid family around the same glue (nemotron_h) says differently
     @property
@@ -254,10 +285,12 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
 
     @property
     def embedding_multiplier(self) -> float:
+        """h = embed_tokens(ids) * this (a µP scalar); a family without one sets the class attribute to 1.0."""
         return self.config.embedding_multiplier
 
     @property
     def logits_scaling(self) -> float:
+        """logits = lm_head(h) / this; a family without one sets the class attribute to 1.0."""
         return self.config.logits_scaling
 
     def tie_weights(self):
@@ -317,14 +350,26 @@ class GraniteHybridLM(nn.Module, PeftModelInterface):
                 parts[f"model.layers.{i}.block_sparse_moe"] = "moe"
         return parts
 
-    def layer_projections(self, role: str) -> list[Projection]:
+    def attention_projections(self, role: str) -> list[Projection]:
+        """`role` (q_proj, k_proj, v_proj, o_proj) of every layer's `self_attn`, whole; refused by name in a model
+        without attention layers."""
         attention = [layer.self_attn for layer in self.model.layers if layer.self_attn is not None]
+        if not attention:
+            raise NotApplicable(f"this {self.family} model has no attention layers (layer_types: all mamba)")
+        return whole_projections(attention, (role,))
+
+    def gated_mlp_projections(self, role: str, mlps: list[nn.Module]) -> list[Projection]:
+        """`role` in a family whose MLPs are gated, one Linear per role (GATED_MLP_ROLES): those Linears of `mlps`."""
+        attrs = GATED_MLP_ROLES.get(role)
+        if attrs is None:
+            raise NotApplicable(f"{self.family} has no {role!r} projection")
+        return whole_projections(mlps, attrs)
+
+    def layer_projections(self, role: str) -> list[Projection]:
+        if role in ATTENTION_ROLES:
+            return self.attention_projections(role)
         mlps = [layer.shared_mlp for layer in self.model.layers]
         width = self.config.shared_intermediate_size
-        if role in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if not attention:
-                raise NotApplicable(f"this {self.family} model has no attention layers (layer_types: all mamba)")
-            return [Projection(a, role, (0, unwrap(getattr(a, role)).out_features)) for a in attention]
         rows = {"gate_proj": ("input_linear", (0, width)), "up_proj": ("input_linear", (width, 2 * width)),
                 "mlp_in": ("input_linear", (0, 2 * width)), "down_proj": ("output_linear", (0, self.d_model)),
                 "mlp_out": ("output_linear", (0, self.d_model))}

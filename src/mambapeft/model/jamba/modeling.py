@@ -32,8 +32,14 @@ from transformers import JambaConfig
 from transformers.models.jamba.modeling_jamba import JambaAttention, JambaMLP, JambaRMSNorm, JambaSparseMoeBlock
 
 from ...errors import NotApplicable
-from ..granitemoehybrid.modeling import AttentionState, GraniteHybridLM, key_mask_after, layer_kind
-from ..interface import Projection, TensorSlot, unwrap
+from ..granitemoehybrid.modeling import (
+    ATTENTION_ROLES,
+    GATED_MLP_ROLES,
+    AttentionState,
+    GraniteHybridLM,
+    layer_kind,
+)
+from ..interface import Projection, TensorSlot
 from ..mamba.lm import MambaState
 from ..mamba.mixer import MambaMixer, MixerState
 
@@ -78,8 +84,7 @@ class JambaLayer(nn.Module):
             length = x.shape[1]
             x = self.self_attn(x, attention_mask=attn_mask, cache=state)[0]
             if state is not None:
-                state.key_mask = key_mask_after(mask, state.key_mask, state.offset, length)
-                state.offset += length
+                state.advance(mask, length)
         h = h + x
         return h + self.feed_forward(self.pre_ff_layernorm(h))
 
@@ -107,35 +112,12 @@ class JambaLM(GraniteHybridLM):
                         "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias",
                         "mamba_proj_bias")
 
-    def __init__(self, config: JambaConfig, device=None, dtype=None):
-        if config.hidden_act != "silu":
-            raise ValueError(f"only silu activations are supported, the config asks for {config.hidden_act!r}")
-        nn.Module.__init__(self)
-        config._attn_implementation = "sdpa"
-        if getattr(config, "_experts_implementation", None) is None:
-            config._experts_implementation = "eager"  # transformers' loop over the experts (any width, exact)
-        self.config = config
-        with torch.device(device if device is not None else torch.get_default_device()):
-            self.model = JambaModelOurs(config)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.hooks = nn.ModuleList()
-        if dtype is not None:
-            self.to(dtype)
-        self.tie_weights()
-        if self.lm_head.weight.device.type != "meta":
-            self.reset_parameters()
+    decoder_class = JambaModelOurs
+    embedding_multiplier = logits_scaling = 1.0        # no µP scalars
 
     @property
     def final_norm(self) -> nn.Module:
         return self.model.final_layernorm
-
-    @property
-    def embedding_multiplier(self) -> float:
-        return 1.0
-
-    @property
-    def logits_scaling(self) -> float:
-        return 1.0
 
     def new_state(self) -> MambaState:
         """An empty state for generation: a MixerState per Mamba layer, an AttentionState per attention one."""
@@ -149,19 +131,12 @@ class JambaLM(GraniteHybridLM):
         return parts
 
     def layer_projections(self, role: str) -> list[Projection]:
-        if role in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            attention = [layer.self_attn for layer in self.model.layers if layer.self_attn is not None]
-            if not attention:
-                raise NotApplicable(f"this {self.family} model has no attention layers")
-            return [Projection(a, role, (0, unwrap(getattr(a, role)).out_features)) for a in attention]
-        attrs = {"gate_proj": ("gate_proj",), "up_proj": ("up_proj",), "down_proj": ("down_proj",),
-                 "mlp_in": ("gate_proj", "up_proj"), "mlp_out": ("down_proj",)}.get(role)
-        if attrs is None:
-            raise NotApplicable(f"{self.family} has no {role!r} projection")
+        if role in ATTENTION_ROLES:
+            return self.attention_projections(role)
         mlps = [layer.feed_forward for layer in self.model.layers if not layer.is_moe]
-        if not mlps:
+        if role in GATED_MLP_ROLES and not mlps:
             raise NotApplicable(f"this {self.family} model has no dense MLP (experts after every layer)")
-        return [Projection(m, attr, (0, unwrap(getattr(m, attr)).out_features)) for m in mlps for attr in attrs]
+        return self.gated_mlp_projections(role, mlps)
 
     def layer_tensors(self, role: str) -> list[TensorSlot]:
         where = {"router": lambda m: TensorSlot(m.router, "weight"),

@@ -32,14 +32,15 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
 
 from ...errors import NotApplicable
 from ..granitemoehybrid.modeling import (
+    ATTENTION_ROLES,
     ATTENTION_TYPES,
     MAMBA_TYPES,
     AttentionState,
     GraniteHybridLM,
     PassState,
-    key_mask_after,
+    whole_projections,
 )
-from ..interface import Projection, TensorSlot, unwrap
+from ..interface import Projection, TensorSlot
 from ..mamba.lm import MambaState
 from ..mamba2 import Mamba2Mixer, Mamba2MixerState
 
@@ -94,8 +95,7 @@ class NemotronHLayer(nn.Module):
             length = x.shape[1]
             x = self.mixer(x, attn_mask, cache=state)[0]
             if state is not None:
-                state.key_mask = key_mask_after(mask, state.key_mask, state.offset, length)
-                state.offset += length
+                state.advance(mask, length)
         else:
             x = self.mixer(x)
             if state is not None:
@@ -124,24 +124,14 @@ class NemotronHLM(GraniteHybridLM):
                         "ssm_state_size", "n_groups", "conv_kernel", "use_conv_bias", "use_bias", "n_routed_experts",
                         "moe_intermediate_size", "moe_shared_expert_intermediate_size", "moe_latent_size")
 
-    def __init__(self, config: NemotronHConfig, device=None, dtype=None):
+    decoder_class = NemotronHModelOurs
+    embedding_multiplier = logits_scaling = 1.0        # no µP scalars
+
+    @classmethod
+    def check_config(cls, config: NemotronHConfig) -> None:
         if config.mamba_hidden_act != "silu":
             raise ValueError(f"only silu Mamba activations are supported, the config asks for "
                              f"{config.mamba_hidden_act!r}")
-        nn.Module.__init__(self)
-        config._attn_implementation = "sdpa"
-        if getattr(config, "_experts_implementation", None) is None:
-            config._experts_implementation = "eager"
-        self.config = config
-        with torch.device(device if device is not None else torch.get_default_device()):
-            self.model = NemotronHModelOurs(config)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.hooks = nn.ModuleList()
-        if dtype is not None:
-            self.to(dtype)
-        self.tie_weights()
-        if self.lm_head.weight.device.type != "meta":
-            self.reset_parameters()
 
     @property
     def embedding(self) -> nn.Embedding:
@@ -150,14 +140,6 @@ class NemotronHLM(GraniteHybridLM):
     @property
     def final_norm(self) -> nn.Module:
         return self.model.norm_f
-
-    @property
-    def embedding_multiplier(self) -> float:
-        return 1.0
-
-    @property
-    def logits_scaling(self) -> float:
-        return 1.0
 
     def new_state(self) -> MambaState:
         """An empty state for generation: per block a Mamba2MixerState, an AttentionState or a PassState."""
@@ -171,11 +153,11 @@ class NemotronHLM(GraniteHybridLM):
         return [layer.mixer for layer in self.model.layers if layer.kind == kind]
 
     def layer_projections(self, role: str) -> list[Projection]:
-        if role in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if role in ATTENTION_ROLES:
             attention = self._mixers("attention")
             if not attention:
                 raise NotApplicable(f"this {self.family} model has no attention blocks")
-            return [Projection(a, role, (0, unwrap(getattr(a, role)).out_features)) for a in attention]
+            return whole_projections(attention, (role,))
         if role == "gate_proj":
             raise NotApplicable(f"{self.family}'s MLPs have no gate (down_proj(relu2(up_proj(x))))")
         # the MLP blocks and the MoE blocks' shared experts (MLPs of their own)
@@ -185,7 +167,7 @@ class NemotronHLM(GraniteHybridLM):
             raise NotApplicable(f"{self.family} has no {role!r} projection")
         if not mlps:
             raise NotApplicable(f"this {self.family} model has no MLP or MoE blocks")
-        return [Projection(m, attr, (0, unwrap(getattr(m, attr)).out_features)) for m in mlps]
+        return whole_projections(mlps, (attr,))
 
     def layer_tensors(self, role: str) -> list[TensorSlot]:
         where = {"router": lambda m: TensorSlot(m.gate, "weight"),

@@ -16,7 +16,6 @@ as transformers' text forward does. The glue is Qwen3-Next's (model/qwen3_next/m
 
 from __future__ import annotations
 
-from transformers import Qwen3_5TextConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import (
     Qwen3_5Attention,
     Qwen3_5MLP,
@@ -46,14 +45,11 @@ class Qwen3_5LM(Qwen3NextLM):
     """Qwen3.5 causal language model, text only (`config`: a transformers Qwen3_5TextConfig)."""
 
     family = "qwen3_5"
-    model_class = Qwen3_5Model
+    decoder_class = Qwen3_5Model
     fingerprint_keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "layer_types",
                         "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
                         "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
                         "linear_value_head_dim", "linear_conv_kernel_dim", "attention_bias")
-
-    def __init__(self, config: Qwen3_5TextConfig, device=None, dtype=None):
-        super().__init__(config, device=device, dtype=dtype)
 
     def layer_tensors(self, role: str):
         if role in ("router", "experts_in", "experts_out"):

@@ -39,8 +39,13 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (
 
 from ...errors import NotApplicable
 from ..gated_deltanet import GatedDeltaNetMixer, GatedDeltaNetState, mixer_from_config
-from ..granitemoehybrid.modeling import AttentionState, GraniteHybridLM, key_mask_after, layer_kind
-from ..interface import Projection, TensorSlot, unwrap
+from ..granitemoehybrid.modeling import (
+    ATTENTION_ROLES,
+    AttentionState,
+    GraniteHybridLM,
+    layer_kind,
+)
+from ..interface import Projection, TensorSlot
 from ..mamba.lm import MambaState
 
 
@@ -85,8 +90,7 @@ class QwenHybridLayer(nn.Module):
             length = x.shape[1]
             x = self.self_attn(x, position_embeddings=position_embeddings, attention_mask=attn_mask, cache=state)[0]
             if state is not None:
-                state.key_mask = key_mask_after(mask, state.key_mask, state.offset, length)
-                state.offset += length
+                state.advance(mask, length)
         h = h + x
         out = self.mlp(self.post_attention_layernorm(h))
         return h + (out[0] if isinstance(out, tuple) else out)
@@ -112,7 +116,7 @@ class Qwen3NextLM(GraniteHybridLM):
     """Qwen3-Next causal language model (`config`: a transformers Qwen3NextConfig)."""
 
     family = "qwen3_next"
-    model_class = QwenHybridModel
+    decoder_class = QwenHybridModel
     fingerprint_keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "layer_types",
                         "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
                         "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
@@ -120,34 +124,14 @@ class Qwen3NextLM(GraniteHybridLM):
                         "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
                         "mlp_only_layers")
 
-    def __init__(self, config: Qwen3NextConfig, device=None, dtype=None):
-        if config.hidden_act != "silu":
-            raise ValueError(f"only silu activations are supported, the config asks for {config.hidden_act!r}")
+    embedding_multiplier = logits_scaling = 1.0        # no µP scalars
+
+    @classmethod
+    def check_config(cls, config: Qwen3NextConfig) -> None:
+        super().check_config(config)
         if getattr(config, "output_router_logits", False):
             raise ValueError("output_router_logits (the router's load-balancing loss added to the loss) is not "
                              "supported: set it to false (the published configs do)")
-        nn.Module.__init__(self)
-        config._attn_implementation = "sdpa"          # a boolean mask, and the fast CPU path
-        if getattr(config, "_experts_implementation", None) is None:
-            config._experts_implementation = "eager"  # transformers' loop over the experts (any width, exact)
-        self.config = config
-        with torch.device(device if device is not None else torch.get_default_device()):
-            self.model = self.model_class(config)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.hooks = nn.ModuleList()               # model-level PeftHooks: soft prompt tokens at stage "embeddings"
-        if dtype is not None:
-            self.to(dtype)
-        self.tie_weights()
-        if self.lm_head.weight.device.type != "meta":
-            self.reset_parameters()
-
-    @property
-    def embedding_multiplier(self) -> float:
-        return 1.0
-
-    @property
-    def logits_scaling(self) -> float:
-        return 1.0
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None):
@@ -187,18 +171,10 @@ class Qwen3NextLM(GraniteHybridLM):
         return [layer.mlp.shared_expert if layer.is_moe else layer.mlp for layer in self.model.layers]
 
     def layer_projections(self, role: str) -> list[Projection]:
-        if role in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            attention = [layer.self_attn for layer in self.model.layers if layer.self_attn is not None]
-            if not attention:
-                raise NotApplicable(f"this {self.family} model has no attention layers")
+        if role in ATTENTION_ROLES:
             # q_proj's rows hold each head's query and its output gate side by side: the whole layer is the role
-            return [Projection(a, role, (0, unwrap(getattr(a, role)).out_features)) for a in attention]
-        attrs = {"gate_proj": ("gate_proj",), "up_proj": ("up_proj",), "down_proj": ("down_proj",),
-                 "mlp_in": ("gate_proj", "up_proj"), "mlp_out": ("down_proj",)}.get(role)
-        if attrs is None:
-            raise NotApplicable(f"{self.family} has no {role!r} projection")
-        return [Projection(mlp, attr, (0, unwrap(getattr(mlp, attr)).out_features))
-                for mlp in self._mlps() for attr in attrs]
+            return self.attention_projections(role)
+        return self.gated_mlp_projections(role, self._mlps())
 
     def layer_tensors(self, role: str) -> list[TensorSlot]:
         moes = [layer.mlp for layer in self.model.layers if layer.is_moe]
