@@ -44,3 +44,20 @@ def twin_models(config, seed=0, jitter=0.1, embed_std=None):
     ours = (Mamba2LM if config.model_type == "mamba2" else MambaLM)(config).eval()
     family_of_model(ours).load_state(ours, hf.state_dict(), "test")
     return hf, ours
+
+
+def adamw_losses(peft, steps: int = 5, lr: float = 1e-2, vocab: int = 512):
+    """The losses of `steps` AdamW steps of `peft` on one fixed random batch (2 x 12 tokens below `vocab`): how a
+    narrowed or quantized base is compared with the float32 run. Returns (losses, the batch)."""
+    import torch
+
+    optimizer = torch.optim.AdamW(peft.parameter_groups(lr=lr))
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):
+        loss = peft(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, ids

@@ -18,7 +18,7 @@ from transformers import MambaConfig
 from mambapeft import ConfigError, from_config, get_peft_model
 from mambapeft.model import narrow_base
 
-from conftest import assert_rel_close
+from conftest import adamw_losses, assert_rel_close
 
 
 def tiny_mamba(layers: int = 2, seed: int = 0):
@@ -166,15 +166,7 @@ def test_narrow_base_trains_like_float32_and_merges():
         model = tiny_mamba()
         peft = get_peft_model(model, ["lora_p_x:r=4,dropout=0", "additional_scan"], seed=0).train()
         peft.store_base_as(dtype)
-        optimizer = torch.optim.AdamW(peft.parameter_groups(lr=1e-2))
-        ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-        losses[dtype] = []
-        for _ in range(5):
-            loss = peft(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[dtype].append(loss.item())
+        losses[dtype], ids = adamw_losses(peft)
     assert losses["float32"][-1] < losses["float32"][0]
     for a, b in zip(losses["bfloat16"], losses["float32"]):
         assert abs(a - b) < 1e-2 * abs(b), losses

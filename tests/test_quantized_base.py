@@ -21,7 +21,7 @@ from transformers import Mamba2Config, MambaConfig
 from mambapeft import ConfigError, from_config, get_peft_model
 from mambapeft.model import narrow_base, quantized_base
 
-from conftest import assert_rel_close
+from conftest import adamw_losses, assert_rel_close
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized base needs mambapeft[quant] (bitsandbytes)")
 
@@ -157,15 +157,7 @@ def test_quantized_base_trains_like_float32_and_merges(scheme, tol):
         model = tiny("mamba")
         peft = get_peft_model(model, ["lora_p_x:r=4,dropout=0"], seed=0).train()
         peft.store_base_as(dtype)
-        optimizer = torch.optim.AdamW(peft.parameter_groups(lr=1e-2))
-        ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-        losses[dtype] = []
-        for _ in range(5):
-            loss = peft(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[dtype].append(loss.item())
+        losses[dtype], ids = adamw_losses(peft)
     assert losses["float32"][-1] < losses["float32"][0]
     for a, b in zip(losses[scheme], losses["float32"]):
         assert abs(a - b) < tol * abs(b), losses
