@@ -61,3 +61,15 @@ def adamw_losses(peft, steps: int = 5, lr: float = 1e-2, vocab: int = 512):
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses, ids
+
+
+def jitter_(model, seed: int = 0, scale: float = 0.1):
+    """Every weight of `model` moved off its constant init (norms 1, D 1, ...) by scale x N(0, 1), the same for the
+    same seed, so a test cannot pass because some tensor is still all ones or zeros."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model

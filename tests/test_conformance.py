@@ -24,16 +24,11 @@ from mambapeft import NotApplicable, PeftModel, get_peft_model
 from mambapeft.methods import REGISTRY
 from mambapeft.model.registry import FAMILIES as MODEL_FAMILIES
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, jitter_
 
 
 def jittered(model, seed):
-    """Every weight moved off its constant init (norms 1, D 1, ...), the same for the same seed."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return jitter_(model, seed).eval()
 
 
 def load_in_transformers(folder):

@@ -18,17 +18,12 @@ from transformers import MambaConfig
 from mambapeft import ConfigError, from_config, get_peft_model
 from mambapeft.model import narrow_base
 
-from conftest import adamw_losses, assert_rel_close
+from conftest import adamw_losses, assert_rel_close, jitter_
 
 
 def tiny_mamba(layers: int = 2, seed: int = 0):
     config = MambaConfig(hidden_size=32, num_hidden_layers=layers, vocab_size=512, state_size=8)
-    model = from_config(config, seed=seed)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)           # off the constant inits (norms 1, D 1)
-    return model
+    return jitter_(from_config(config, seed=seed), seed)
 
 
 def saved_bytes(run) -> int:

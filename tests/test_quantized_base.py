@@ -21,7 +21,7 @@ from transformers import Mamba2Config, MambaConfig
 from mambapeft import ConfigError, from_config, get_peft_model
 from mambapeft.model import narrow_base, quantized_base
 
-from conftest import adamw_losses, assert_rel_close
+from conftest import adamw_losses, assert_rel_close, jitter_
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized base needs mambapeft[quant] (bitsandbytes)")
 
@@ -50,12 +50,7 @@ def tiny(family: str, seed: int = 0):
     else:
         config = Mamba2Config(hidden_size=32, num_heads=4, head_dim=16, n_groups=1, state_size=8, chunk_size=8,
                               num_hidden_layers=2, vocab_size=512, tie_word_embeddings=True)
-    model = from_config(config, seed=seed)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)           # off the constant inits (norms 1, D 1)
-    return model
+    return jitter_(from_config(config, seed=seed), seed)
 
 
 def stored_bytes(model) -> int:
