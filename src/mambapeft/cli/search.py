@@ -454,29 +454,21 @@ def winner_trial_run(objective, result, final, out: Path, n_tasks: int) -> Path 
 def reuse_trial_run(folder: Path, config) -> dict:
     """The winner's final run as its trial ran it: the trial's folder becomes final/ and its adapter is scored on
     the test set, as `final_scores` reports a run it trained."""
+    from ..outputs import atomic_folder
     from ..peft import PeftModel
-    from ..train.run_folder import write_atomic
     from ..train.tasks import get_task
 
     out = Path(config.output_dir)
-    staging = out.with_name(out.name + ".incomplete")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(folder, staging)
-    results = json.loads((staging / "results.json").read_text())
     task = get_task(config.kind)
     prepared = task.prepare(config, lambda *_: None)
-    model = PeftModel.from_pretrained(prepared.model, staging / "adapter").eval()
-    test = task.score_test(model, prepared, config)
-    results.update(fine_tuned=test, trained_as=str(folder.relative_to(out.parent)))
-    write_atomic(staging / "results.json", json.dumps(results, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    scores = {"validation": results.get("best_validation"), "steps": results.get("steps"), "test": test.get("acc")}
-    val = scores["validation"]
-    print(f"final ({scores['steps']} steps, {' + '.join(config.method)}; the trial's run, "
-          f"{results['trained_as']}): " + (f"validation {val:.4f}, " if val is not None else "")
-          + (f"test accuracy {scores['test']:.1%}" if scores["test"] is not None else "no test set"))
-    return scores
+    with atomic_folder(out, overwrite=True, option="the search's final/ folder") as staging:
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        results = json.loads((staging / "results.json").read_text())
+        model = PeftModel.from_pretrained(prepared.model, staging / "adapter").eval()
+        results.update(fine_tuned=task.score_test(model, prepared, config),
+                       trained_as=str(folder.relative_to(out.parent)))
+        (staging / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return reported_scores(results, config, "final")
 
 
 def ready_to_train(config) -> dict:
@@ -525,11 +517,16 @@ def final_scores(config, what: str) -> dict:
     """Trains `config` (the full recipe) and returns its validation and test scores."""
     from ..train.run import fine_tune
 
-    results = fine_tune(config, overwrite=True, log=lambda *_: None)
+    return reported_scores(fine_tune(config, overwrite=True, log=lambda *_: None), config, what)
+
+
+def reported_scores(results: dict, config, what: str) -> dict:
+    """A final run's validation and test scores from its results, printed on one line."""
     scores = {"validation": results.get("best_validation"), "steps": results.get("steps"),
               "test": (results.get("fine_tuned") or {}).get("acc")}
     val, test = scores["validation"], scores["test"]
-    print(f"{what} ({scores['steps']} steps, {' + '.join(config.method)}): "
+    source = f"; the trial's run, {results['trained_as']}" if "trained_as" in results else ""
+    print(f"{what} ({scores['steps']} steps, {' + '.join(config.method)}{source}): "
           + (f"validation {val:.4f}, " if val is not None else "")
           + (f"test accuracy {test:.1%}" if test is not None else "no test set"))
     return scores
