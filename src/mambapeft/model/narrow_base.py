@@ -135,14 +135,21 @@ def stored_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def restore(model: nn.Module) -> None:
-    """The narrow weights back to float32 plain parameters (the same Parameter objects, so ties hold)."""
+def stored_layers(model: nn.Module, kind: type, storage: str) -> list[nn.Module]:
+    """The layers whose weight is held by a `kind` parametrization (Upcast, quantized_base.Dequantize), each
+    checked to carry nothing on top of it, so undoing the storage cannot drop another parametrization."""
     layers = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")
-              and isinstance(m.parametrizations.weight[0], Upcast)]
+              and isinstance(m.parametrizations.weight[0], kind)]
     for module in layers:
         if len(module.parametrizations.weight) != 1:
-            raise ConfigError(f"{type(module).__name__}.weight carries another parametrization on top of its narrow "
-                              f"storage; remove that first")
+            raise ConfigError(f"{type(module).__name__}.weight carries another parametrization on top of its "
+                              f"{storage} storage; remove that first")
+    return layers
+
+
+def restore(model: nn.Module) -> None:
+    """The narrow weights back to float32 plain parameters (the same Parameter objects, so ties hold)."""
+    layers = stored_layers(model, Upcast, "narrow")
     originals = {id(m.parametrizations.weight.original): m.parametrizations.weight.original for m in layers}
     for weight in originals.values():
         weight.data = weight.data.float()

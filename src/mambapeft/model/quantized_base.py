@@ -153,12 +153,7 @@ def stored_scheme(model: nn.Module) -> str | None:
 def restore(model: nn.Module) -> None:
     """The quantized weights back to float32 plain parameters holding their dequantized values (the same Parameter
     objects)."""
-    layers = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")
-              and isinstance(m.parametrizations.weight[0], Dequantize)]
-    for module in layers:
-        if len(module.parametrizations.weight) != 1:
-            raise ConfigError(f"{type(module).__name__}.weight carries another parametrization on top of its "
-                              f"quantized storage; remove that first")
+    layers = narrow_base.stored_layers(model, Dequantize, "quantized")
     for module in layers:
         original = module.parametrizations.weight.original
         with torch.no_grad():
