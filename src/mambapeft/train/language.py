@@ -187,7 +187,7 @@ class LanguageTask(TaskKind):
     Config = TrainConfig
     builtin_defaults = BUILTIN_DEFAULTS
     # The demo's recipe is 4 epochs (168 steps, half of train's), trials and final alike, so the winner's trial is
-    # its final run (8 min on 2 cores, from 11). Shorter trials rank noise: at 80 steps PEFT on the
+    # its final run (7-8 min on 2 cores, from 11). Shorter trials rank noise: at 80 steps PEFT on the
     # built-in model has barely left chance (lora_p_x: ~35% validation; the 80-step winner ended 5 points below the
     # default). Step 2's rates are Table 9's range moved up 10x, to where the built-in model's rates lie.
     search_builtin_recipe = dict(epochs=4.0, save_total_limit=1)
