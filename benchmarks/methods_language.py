@@ -34,16 +34,18 @@ SINGLE = ["lora_embed", "lora_in_proj", "lora_x_proj", "lora_dt_proj", "lora_out
           "lora_p_dt", "lora_p_b", "lora_p_c", "parallel_adapter", "prompt", "affix", "additional_scan",
           "partial_a", "partial_d", "partial_conv1d", "partial_bias", "sdt", "sdt_lora", "dora_p_x",
           "initial_state", "state_offset", "state_offset_y", "memba", "prodial"]
+HYBRID = ["lora_attn", "lora_mlp"]                # a hybrid's attention and MLP layers (not applicable on pure SSMs)
 ALL_AT_ONCE = ["lora_embed:r=8", "lora_p_x:r=8", "lora_p_z:r=8", "lora_out_proj:r=8", "parallel_adapter:dim=8",
                "affix:n=1", "additional_scan:n=1", "partial_a", "partial_d", "partial_bias"]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=SINGLE + ["full", "linear_probe", "all"],
+    p.add_argument("--methods", nargs="+", default=SINGLE + HYBRID + ["full", "linear_probe", "all"],
                    help="method names (paper presets), 'full', 'linear_probe' or 'all' (every method at once)")
     p.add_argument("--max-steps", type=int, default=336, help="optimiser steps per method (8 epochs: 336)")
-    p.add_argument("--model", default="builtin", help="the base model: builtin (tiny Mamba) or tiny-mamba2")
+    p.add_argument("--model", default="builtin",
+                   help="the base model: builtin (tiny Mamba), tiny-mamba2, or a built-in hybrid (tiny-granite-h, ...)")
     p.add_argument("--lr", type=float, default=None,
                    help="one learning rate for every method (default: the built-in model's per-method rates)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -2,11 +2,11 @@
 Mamba's size, the other side of the MambaPEFT paper's first comparison (PEFT on Mamba vs on a Transformer of the
 same size; benchmarks/placement.py).
 
-    .venv/bin/python scripts/pretrain_tiny_attention.py     # deterministic (seed 0, 1 thread)
+    .venv/bin/python scripts/pretrain_tiny_attention.py --threads 1    # deterministic (seed 0, 1 thread)
     .venv/bin/python scripts/pretrain_tiny_attention.py --steps 20 --out /tmp/tinya   # a quick smoke run
 
-Everything but the model is scripts/pretrain_tiny_lm.py's (pretrain_on_shared_tokens), and the step count is the one
-shared with tiny-falcon-h1 and tiny-jamba (PLACEMENT_STEPS): the same pretraining budget.
+Everything but the model is scripts/pretrain_tiny_lm.py's (pretrain_on_shared_tokens), the step count too
+(PRETRAINING_STEPS, 2,000): the tiny Mamba-2 it is compared with had the same budget.
 
 Model: Granite 4.0-H's family (`granitemoehybrid`) with every layer "attention", which is a plain pre-norm
 Transformer: d 128, 4 layers of GQA attention (4 heads of 32, 2 key-value heads, RoPE) and a gated MLP of width 160,
@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from pretrain_tiny_falcon_h1 import PLACEMENT_STEPS  # noqa: E402
 from pretrain_tiny_lm import parser, pretrain_on_shared_tokens  # noqa: E402
 
 
@@ -45,7 +44,6 @@ def attention_config(args, vocab: int, eos: int):
 
 def main(argv=None) -> None:
     p = parser(__doc__, str(ROOT / "src/mambapeft/assets/tiny-attention"), tokenizer_options=False)
-    p.set_defaults(steps=PLACEMENT_STEPS)
     p.add_argument("--mlp", type=int, default=160, help="width of the MLP after every attention layer")
     args = p.parse_args(argv)
     pretrain_on_shared_tokens(

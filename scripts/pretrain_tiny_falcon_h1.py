@@ -1,14 +1,12 @@
 """Pretrains the built-in tiny parallel hybrid (src/mambapeft/assets/tiny-falcon-h1): Falcon-H1's layout (attention
 and a Mamba-2 mixer side by side in every layer, µP multipliers on every stream) at the built-in models' size.
 
-    .venv/bin/python scripts/pretrain_tiny_falcon_h1.py     # deterministic (seed 0, 1 thread); see --steps
+    .venv/bin/python scripts/pretrain_tiny_falcon_h1.py --threads 1    # deterministic (seed 0, 1 thread)
     .venv/bin/python scripts/pretrain_tiny_falcon_h1.py --steps 20 --out /tmp/tinyf   # a quick smoke run
 
 Everything but the model is scripts/pretrain_tiny_lm.py's (pretrain_on_shared_tokens): the same text, tokenizer
-(the tiny Mamba's, copied), AdamW loop, batch, length, learning rate and seed. The step count is the one that
-scripts/pretrain_tiny_jamba.py and scripts/pretrain_tiny_attention.py use too (PLACEMENT_STEPS), so the three models of
-benchmarks/placement.py have the same pretraining budget; it is chosen so each build stays under about eight minutes
-of one CPU core, far fewer steps than the pure-SSM built-ins (2,000), which is why their losses are higher.
+(the tiny Mamba's, copied), AdamW loop, batch, length, learning rate, seed and steps (PRETRAINING_STEPS, 2,000, as
+every built-in language model: the models of benchmarks/placement.py have one pretraining budget).
 
 Model: `falcon_h1`, d 128, 4 layers, each with GQA attention (4 heads of 32, 2 key-value heads, RoPE) beside a Mamba-2
 mixer (d_ssm 192 = 1.5 d as Falcon-H1-0.5B's 1536 over 1024; 6 heads of 32, state 32, one group), then a gated MLP
@@ -28,10 +26,6 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from pretrain_tiny_lm import parser, pretrain_on_shared_tokens  # noqa: E402
-
-# the pretraining budget shared by the three models of the placement benchmark (tiny-falcon-h1, tiny-jamba,
-# tiny-attention): the same steps of the same batches
-PLACEMENT_STEPS = 300
 
 
 def falcon_h1_config(args, vocab: int, eos: int):
@@ -56,7 +50,6 @@ def falcon_h1_config(args, vocab: int, eos: int):
 
 def main(argv=None) -> None:
     p = parser(__doc__, str(ROOT / "src/mambapeft/assets/tiny-falcon-h1"), tokenizer_options=False)
-    p.set_defaults(steps=PLACEMENT_STEPS)
     p.add_argument("--head-dim", type=int, default=32, help="Mamba-2 channels per head (P)")
     p.add_argument("--d-state", type=int, default=32, help="Mamba-2 state size per head (N)")
     p.add_argument("--mlp", type=int, default=192, help="width of the MLP after the parallel mixers")

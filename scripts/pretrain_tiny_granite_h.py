@@ -1,13 +1,13 @@
 """Pretrains the built-in tiny hybrid (src/mambapeft/assets/tiny-granite-h): Granite 4.0-H's layout at the built-in
 models' size, on their text.
 
-    .venv/bin/python scripts/pretrain_tiny_granite_h.py     # about 10 min on one core; deterministic (seed 0, 1 thread)
+    .venv/bin/python scripts/pretrain_tiny_granite_h.py --threads 1   # about 20 min; deterministic (seed 0, 1 thread)
     .venv/bin/python scripts/pretrain_tiny_granite_h.py --steps 20 --out /tmp/tinyh   # a quick smoke run
 
 Everything but the model is scripts/pretrain_tiny_lm.py's, imported from it: the same text (pydoc topics minus the
-built-in task's, plus the standard library's docstrings), the same AdamW loop, batch, length, learning rate and seed;
-fewer steps (1,000 against 2,000) so the build stays near ten minutes of one CPU core, the attention layer and the
-MLPs costing more per step than the Mamba-2 mixers alone. The tokenizer is the built-in tiny Mamba's, copied, so every
+built-in task's, plus the standard library's docstrings), the same AdamW loop, batch, length, learning rate, seed and
+steps (PRETRAINING_STEPS, 2,000; the first build had 1,000, and short PEFT recipes could not teach it the built-in
+task). The tokenizer is the built-in tiny Mamba's, copied, so every
 built-in language model reads the same tokens. Model: `granitemoehybrid` as Granite 4.0-H lays it out (Mamba-2 layers
 with one attention layer among them, a dense shared MLP after every mixer, no position embedding (NoPE), tied head,
 Granite's embedding / residual / attention / logits multipliers), d 128, 4 layers [mamba, mamba, attention, mamba];
@@ -51,7 +51,6 @@ def granite_h_config(args, vocab: int, eos: int):
 
 def main(argv=None) -> None:
     p = parser(__doc__, str(ROOT / "src/mambapeft/assets/tiny-granite-h"), tokenizer_options=False)
-    p.set_defaults(steps=1000)
     p.add_argument("--attention-at", type=int, nargs="*", default=[2], help="indices of the attention layers")
     p.add_argument("--head-dim", type=int, default=32, help="Mamba-2 channels per head (P)")
     p.add_argument("--d-state", type=int, default=32, help="Mamba-2 state size per head (N)")

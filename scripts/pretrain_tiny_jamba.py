@@ -1,12 +1,12 @@
 """Pretrains the built-in tiny sequential hybrid (src/mambapeft/assets/tiny-jamba): Jamba's layout (Mamba-1 layers
 with one attention layer among them, an MLP after every mixer) at the built-in models' size.
 
-    .venv/bin/python scripts/pretrain_tiny_jamba.py     # deterministic (seed 0, 1 thread)
+    .venv/bin/python scripts/pretrain_tiny_jamba.py --threads 1    # deterministic (seed 0, 1 thread)
     .venv/bin/python scripts/pretrain_tiny_jamba.py --steps 20 --out /tmp/tinyj   # a quick smoke run
 
-Everything but the model is scripts/pretrain_tiny_lm.py's (pretrain_on_shared_tokens), and the step count is the one
-shared with tiny-falcon-h1 and tiny-attention (scripts/pretrain_tiny_falcon_h1.py's PLACEMENT_STEPS): the three models
-of benchmarks/placement.py have the same pretraining budget.
+Everything but the model is scripts/pretrain_tiny_lm.py's (pretrain_on_shared_tokens), the step count too
+(PRETRAINING_STEPS, 2,000, as every built-in language model): the models of benchmarks/placement.py have one
+pretraining budget.
 
 Model: `jamba`, d 128, 4 layers [mamba, mamba, attention, mamba] (attn_layer_period 4, offset 2: Jamba keeps one
 attention layer in eight; at four layers that rounds to one), Mamba-1 mixers as the tiny Mamba's (expand 2, state 16,
@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from pretrain_tiny_falcon_h1 import PLACEMENT_STEPS  # noqa: E402
 from pretrain_tiny_lm import parser, pretrain_on_shared_tokens  # noqa: E402
 
 
@@ -43,7 +42,6 @@ def jamba_config(args, vocab: int, eos: int):
 
 def main(argv=None) -> None:
     p = parser(__doc__, str(ROOT / "src/mambapeft/assets/tiny-jamba"), tokenizer_options=False)
-    p.set_defaults(steps=PLACEMENT_STEPS)
     p.add_argument("--attention-at", type=int, default=2, help="index of the attention layer")
     p.add_argument("--mlp", type=int, default=256, help="width of the MLP after every mixer")
     args = p.parse_args(argv)

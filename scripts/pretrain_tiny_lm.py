@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mambapeft.assets import PRETRAINING_STEPS  # noqa: E402
 from mambapeft.data.pydoc_text import pretraining_documents, task_passages  # noqa: E402
 
 EOS = "<|endoftext|>"
@@ -68,7 +69,7 @@ def parser(description: str, out: str, tokenizer_options: bool = True) -> argpar
         p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--d", type=int, default=128, help="model width")
     p.add_argument("--layers", type=int, default=4, help="number of Mamba blocks")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=PRETRAINING_STEPS, help="optimiser steps")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--length", type=int, default=128, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (30 warm-up steps, cosine to 10%%)")
@@ -148,12 +149,13 @@ TOKENIZER_FROM = ROOT / "src/mambapeft/assets/tiny-mamba"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def pretrain_on_shared_tokens(args, argv, make_config, describe, script: str) -> None:
+def pretrain_on_shared_tokens(args, argv, make_config, describe, script: str, initialise=None, **extra) -> None:
     """Pretrains another built-in language model exactly as the tiny Mamba was, reading the tiny Mamba's tokens.
 
     make_config(args, vocab, eos) returns the transformers config of the new layout; describe(config) the line that
-    names it. The tokenizer is not trained again but copied file for file (save_pretrained would add loading-time
-    keys), so every built-in language model reads the same tokens and their scores compare.
+    names it; initialise(model), if given, changes the random initialisation before the first step (`extra` goes to
+    pretraining.json). The tokenizer is not trained again but copied file for file (save_pretrained would add
+    loading-time keys), so every built-in language model reads the same tokens and their scores compare.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -170,10 +172,13 @@ def pretrain_on_shared_tokens(args, argv, make_config, describe, script: str) ->
     vocab = -(-len(tokenizer) // 8) * 8
     config = make_config(args, vocab, tokenizer.eos_token_id)
     model = from_config(config, seed=args.seed).train()
+    if initialise is not None:
+        initialise(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {describe(config)}, vocab {vocab}, {n_params:,} parameters", flush=True)
     pretrain(model, stream, held_out, args, start)
-    save_with_report(model, tokenizer, stream, held_out, args, argv, start, script, tokenizer_from=TOKENIZER_FROM.name)
+    save_with_report(model, tokenizer, stream, held_out, args, argv, start, script, tokenizer_from=TOKENIZER_FROM.name,
+                     **extra)
     for name in TOKENIZER_FILES:
         shutil.copyfile(TOKENIZER_FROM / name, Path(args.out) / name)
 

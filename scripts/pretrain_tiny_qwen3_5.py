@@ -1,15 +1,15 @@
 """Pretrains the built-in tiny Qwen3.5-layout model (src/mambapeft/assets/tiny-qwen3.5): Qwen3.5's text layout
 (three Gated DeltaNet layers per attention layer) at the built-in models' size, on their text.
 
-    .venv/bin/python scripts/pretrain_tiny_qwen3_5.py --threads 1     # deterministic (seed 0, 1 thread)
-    .venv/bin/python scripts/pretrain_tiny_qwen3_5.py --threads 1 --steps 400     # what the shipped folder ran
+    .venv/bin/python scripts/pretrain_tiny_qwen3_5.py --threads 1     # about 25 min; deterministic (seed 0, 1 thread)
     .venv/bin/python scripts/pretrain_tiny_qwen3_5.py --steps 20 --out /tmp/tinyq   # a quick smoke run
 
 Everything but the model is scripts/pretrain_tiny_lm.py's (pretrain_on_shared_tokens): the same text, AdamW loop,
 batch, length, learning rate and seed, and the tiny Mamba's tokenizer copied file for file, so every built-in
-language model reads the same tokens and their task scores compare. Steps by default as tiny-granite-h (1,000), the
-hybrid budget; the shipped folder was built with --steps 400 (pretraining.json says so): on the shared two-core
-machine at load average 16-30 a step took 4-5 s, and 1,000 would not fit the session that built it.
+language model reads the same tokens and their task scores compare; the steps too (PRETRAINING_STEPS, 2,000). One
+change to the initialisation (--dt-init slow, slow_decay_init): dt_bias as Mamba-2 and fla's Gated DeltaNet set it,
+not transformers' constant 1, so the heads start out remembering (the first build, 400 steps from transformers'
+init, had every head forgetting within a token or two: docs/hybrids.md).
 Model: `qwen3_5_text` as Qwen3.5 lays it out, d 128, 4 layers [linear, linear, linear, full] (Qwen3.5's
 3:1 ratio, which at four layers is one attention layer last); Gated DeltaNet with 4 key heads and 8 value heads of
 32 channels (the 1:2 key-to-value head ratio of transformers' Qwen3_5TextConfig defaults, a value width of 2 d as the
@@ -47,17 +47,38 @@ def qwen3_5_config(args, vocab: int, eos: int):
         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
 
 
+def slow_decay_init(model, dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
+    """Every Gated DeltaNet's dt_bias set so that softplus(dt_bias) is log-uniform in [dt_min, dt_max] per head, as
+    Mamba-2 and the flash-linear-attention Gated DeltaNet initialise it (transformers sets dt_bias to 1, which with
+    A up to 16 decays the state by up to exp(-21) per token: the built in model trained so forgot within a token or
+    two, and a tuned initial state had nothing to carry)."""
+    import math
+
+    import torch
+
+    from mambapeft.model.gated_deltanet import GatedDeltaNetMixer
+
+    gen = torch.Generator().manual_seed(0)
+    for mixer in (m for m in model.modules() if isinstance(m, GatedDeltaNetMixer)):
+        u = torch.rand(mixer.dt_bias.shape, generator=gen)
+        dt = (u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).exp()        # (H,)
+        with torch.no_grad():
+            mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))                        # softplus^-1(dt)
+
+
 def main(argv=None) -> None:
     p = parser(__doc__, str(ROOT / "src/mambapeft/assets/tiny-qwen3.5"), tokenizer_options=False)
-    p.set_defaults(steps=1000)
     p.add_argument("--every", type=int, default=4, help="every how many layers one is full attention (Qwen3.5: 4)")
     p.add_argument("--key-heads", type=int, default=4, help="Gated DeltaNet key (and query) heads")
     p.add_argument("--value-heads", type=int, default=8, help="Gated DeltaNet value heads")
     p.add_argument("--head-dim", type=int, default=32, help="Gated DeltaNet channels per key and per value head")
     p.add_argument("--mlp", type=int, default=256, help="width of the MLP after every layer")
+    p.add_argument("--dt-init", choices=("slow", "transformers"), default="slow",
+                   help="slow: dt_bias log-uniform in [1e-3, 1e-1] after softplus (Mamba-2, fla); transformers: 1")
     args = p.parse_args(argv)
     pretrain_on_shared_tokens(
-        args, argv, qwen3_5_config, script="pretrain_tiny_qwen3_5.py",
+        args, argv, qwen3_5_config, script="pretrain_tiny_qwen3_5.py", dt_init=args.dt_init,
+        initialise=slow_decay_init if args.dt_init == "slow" else None,
         describe=lambda c: f"Qwen3.5 layout {c.layer_types}, d {c.hidden_size}, Gated DeltaNet "
                            f"{c.linear_num_key_heads} key / {c.linear_num_value_heads} value heads x "
                            f"{c.linear_key_head_dim}, MLP {c.intermediate_size}")

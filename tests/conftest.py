@@ -1,4 +1,4 @@
-"""Shared test setup: no network, two threads, deterministic seeds, small helpers."""
+"""Shared test setup: no network, two threads (one per pytest-xdist worker), deterministic seeds, small helpers."""
 
 import os
 
@@ -8,7 +8,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# the suite runs with `-n auto` (pytest-xdist, one worker per core): a worker takes one thread, so the workers do not
+# fight over the cores; a plain `pytest` run of one file takes two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)

@@ -15,16 +15,21 @@ import pytest
 import torch
 
 import mambapeft
-from mambapeft.assets import BUILTIN_ATTENTION, BUILTIN_FALCON_H1, BUILTIN_JAMBA, BUILTIN_MAMBA2, BUILTIN_MODEL
+from mambapeft.assets import (
+    BUILTIN_ATTENTION,
+    BUILTIN_FALCON_H1,
+    BUILTIN_JAMBA,
+    BUILTIN_MAMBA2,
+    BUILTIN_MODEL,
+    PRETRAINING_STEPS,
+)
 from mambapeft.peft import count_parameters
 from mambapeft.train.language import BUILTIN_MODELS
 
 from conftest import assert_rel_close
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pretrain_tiny_falcon_h1 import PLACEMENT_STEPS  # noqa: E402
 
 MODELS = {  # name -> (folder, our class, transformers' class, layer types)
     "tiny-falcon-h1": (BUILTIN_FALCON_H1, "FalconH1LM", "FalconH1ForCausalLM", None),
@@ -47,7 +52,7 @@ def test_builtin_loads_here_and_in_transformers(name):
     for file in ("tokenizer.json", "tokenizer_config.json"):                 # the built-in Mamba-1's tokenizer, as is
         assert (folder / file).read_bytes() == (BUILTIN_MODEL / file).read_bytes()
     report = json.loads((folder / "pretraining.json").read_text())
-    assert report["steps"] == PLACEMENT_STEPS and (report["batch"], report["length"], report["seed"]) == (8, 128, 0)
+    assert report["steps"] == PRETRAINING_STEPS and (report["batch"], report["length"], report["seed"]) == (8, 128, 0)
     assert report["final_train_loss"] < 7.0                                  # it learned (random: ln 4096 = 8.3)
     ids = torch.randint(0, c.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     theirs = getattr(transformers, theirs_class).from_pretrained(str(folder)).eval()

@@ -339,15 +339,23 @@ def run(args) -> int:
             default = [spec.to_dict() for spec in PeftConfig.parse(default_methods(kind, base)).methods]
             baseline = final_config(objective, default, best_task, out / "baseline")
         helpers = [] if args.worker else start_helpers(args.argv, jobs - 1, out, base.threads)
-        # side by side, the default's full-recipe run needs nothing from the search: it runs beside the trials
-        pool, default_run = start_final_run(baseline, "baseline") if baseline is not None and jobs > 1 else (None, None)
+        # side by side, the default's full-recipe run needs nothing from the search: it runs beside step 2, whose
+        # few trials (the first is step 1's best, replayed) leave a process free, and not in step 1, where it
+        # would be one process more than the cores
+        started: dict = {}
+
+        def start_default():
+            started["pool"], started["run"] = start_final_run(baseline, "baseline")
+
         try:
-            result = run_search(space, objective, settings, progress=progress)
+            result = run_search(space, objective, settings, progress=progress,
+                                after_step1=start_default if baseline is not None and jobs > 1 else None)
             wait_for_helpers(helpers)
         finally:
             for helper in helpers:
                 if helper.poll() is None:
                     helper.terminate()
+            pool, default_run = started.get("pool"), started.get("run")
             if pool is not None and sys.exc_info()[0] is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         print(f"step 1 kept: {' + '.join(result.combination)}")

@@ -414,14 +414,19 @@ def check_fingerprint(study, settings: SearchSettings) -> None:
                           f"search it should help, or give another --study-name")
 
 
-def run_search(space: SearchSpace, objective: Objective, settings: SearchSettings, progress=None) -> SearchResult:
-    """Runs (or joins, or resumes) the two-step search; every worker calling this with the same storage helps."""
+def run_search(space: SearchSpace, objective: Objective, settings: SearchSettings, progress=None,
+               after_step1=None) -> SearchResult:
+    """Runs (or joins, or resumes) the two-step search; every worker calling this with the same storage helps.
+    after_step1(), if given, is called once step 1 is done (the CLI starts the default's run there, where step 2's
+    few trials leave a core free)."""
     storage = open_storage(settings)
     study1 = open_study(settings, storage, 1)
     check_fingerprint(study1, settings)
     run_step(study1, step1_trial(space, objective, settings), space.step1_trials, settings,
              progress and (lambda done, total: progress(1, done, total)))
     combination = best_combination(study1)
+    if after_step1 is not None:
+        after_step1()
 
     best, step = max(study1.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.value, -t.number)), 1
     start = best.user_attrs["config"]
