@@ -15,16 +15,16 @@ Sections (rows; each row is fine-tuned once per seed, with the same steps, batch
                        attention layer) and tiny-falcon-h1 (parallel: attention beside Mamba-2 in every layer).
   state                S0 tuning's finding (arXiv 2604.01168: one tuned initial state per recurrent layer beats LoRA
                        on hybrids): initial_state and state_offset on both hybrids, against the placement section's
-                       LoRA rows.
+                       LoRA rows, and on tiny-qwen3.5 (Gated DeltaNet, S0 tuning's own model family) against its
+                       placement/both LoRA.
 
 Rates are the built-in models' (config/presets.py: 3e-2 for the LoRA family, whose update is scaled by 0.1; 1e-3 for
 full; 3e-3 for the rest; --lr sets one for all), as benchmarks/methods_language.py. Each run keeps the checkpoint
 with the best validation accuracy and reports its test accuracy (112 questions, chance 25%). The table gives the
-mean over seeds and the spread (min-max), with the zero-shot accuracy. Caveat printed with the table: tiny-mamba2
-was pretrained for 2,000 steps, the three placement models for scripts/pretrain_tiny_falcon_h1.py's PLACEMENT_STEPS,
-so the first section compares a better-pretrained Mamba with the Transformer unless --mamba names a model pretrained
-at the same budget. results.json is written after every run; a rerun with the same --out resumes (finished
-(row, seed) pairs are kept). --jobs 2 runs two fine-tunings at once, each on one thread (the machine has two cores).
+mean over seeds and the spread (min-max), with the zero-shot accuracy. Every built-in language model was pretrained
+with the same budget (mambapeft.assets.PRETRAINING_STEPS, 2,000 steps of the same batches). results.json is written
+after every run; a rerun with the same --out resumes (finished (row, seed) pairs are kept). --jobs 2 runs two
+fine-tunings at once, each on one thread (the machine has two cores).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 LORA_ALL_MAMBA = ["lora_in_proj:r=8", "lora_out_proj:r=8"]
 LORA_ALL_ATTENTION = ["lora_attn:r=8", "lora_mlp:r=8"]
 HYBRIDS = {"sequential": "tiny-jamba", "parallel": "tiny-falcon-h1"}
+LINEAR_RECURRENT = "tiny-qwen3.5"      # S0 tuning's own setting: a Gated DeltaNet hybrid (Qwen3.5's layout)
 
 
 def rows(mamba: str) -> dict[str, list[tuple[str, str, list[str]]]]:
@@ -56,7 +57,8 @@ def rows(mamba: str) -> dict[str, list[tuple[str, str, list[str]]]]:
         "placement": [(f"{model} {where}", model, [f"placement/{where}"])
                       for model in HYBRIDS.values() for where in ("attention", "ssm", "both")],
         "state": [(f"{model} {method}", model, [f"paper/{method}"])
-                  for model in HYBRIDS.values() for method in ("initial_state", "state_offset")],
+                  for model in (*HYBRIDS.values(), LINEAR_RECURRENT) for method in ("initial_state", "state_offset")]
+                 + [(f"{LINEAR_RECURRENT} both", LINEAR_RECURRENT, ["placement/both"])],
     }
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -61,6 +62,9 @@ def add_parser(commands):
     parser.add_argument("--no-prune", action="store_true", help="do not stop trials early (= --pruner none)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (each extra worker offsets it)")
     parser.add_argument("--worker", action="store_true", help="only help run trials: no report, no final run")
+    # set by --jobs for the helpers it starts: a fixed seed offset, so a search with --jobs samples the same
+    # configurations on every run (a worker started by hand offsets its seed by its process id)
+    parser.add_argument("--helper-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=None,
                         help="processes that run trials side by side on this machine, sharing its cores (each gets "
                         "cores / jobs torch threads; the winner's and the default's final runs then also run side by "
@@ -299,7 +303,8 @@ def run(args) -> int:
 
     storage_url = args.storage or f"sqlite:///{(out / 'search.db').resolve()}"
     check_storage(storage_url)
-    seed = args.seed + (os.getpid() % 10_000 if args.worker else 0)
+    seed = args.seed + (0 if not args.worker else args.helper_index if args.helper_index is not None
+                        else os.getpid() % 10_000)
     pruner = "none" if args.no_prune else args.pruner or getattr(kind, "search_builtin_pruner", "median")
     described = {"base": base.to_dict(), "trial": trial, "tasks": tasks, "space": space.to_dict(),
                  "study_name": args.study_name, "pruner": pruner}
@@ -415,8 +420,9 @@ def start_helpers(argv: list[str], count: int, out: Path, threads: int) -> list[
     helpers = []
     for i in range(count):
         with open(logs / f"worker-{i + 1}.log", "w") as log:
-            helpers.append(subprocess.Popen([sys.executable, "-m", "mambapeft", *argv, "--worker"], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
+            command = [sys.executable, "-m", "mambapeft", *argv, "--worker", "--helper-index", str(i + 1)]
+            helpers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=env))
     print(f"{count} helper process{'es' if count > 1 else ''} run trials beside this one ({threads} thread"
           f"{'s' if threads > 1 else ''} each; their output: {logs}/)", flush=True)
     return helpers
