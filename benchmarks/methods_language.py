@@ -64,6 +64,8 @@ def main(argv=None) -> None:
             rows.append(before[name])
             continue
         specs = ALL_AT_ONCE if name == "all" else [name if name in ("full", "linear_probe") else f"paper/{name}"]
+        if name in HYBRID:                               # no paper preset: the placement presets' rank
+            specs = [f"{name}:r=8"]
         if name == "prompt":                             # the preset's prefix+suffix is Vim's; causal LMs: prefix
             specs = ["prompt:n=8,position=prefix"]
         if name in ("sdt", "sdt_lora"):                  # SDT's warm-up: the first quarter of the budget
