@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         except NotApplicable as err:                     # the family lacks what the method trains
             rows.append({"method": name, "not_applicable": str(err)})
             print(f"{name}: not applicable: {err}", flush=True)
-            results.write_text(json.dumps(rows, indent=2) + "\n")
+            save(results, rows, before)
             continue
         except Exception as err:                         # one method's failure is a line, not the end of the table
             print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
@@ -98,8 +98,8 @@ def main(argv=None) -> None:
         r = rows[-1]
         print(f"{name:18s} {r['trainable']:>10,} {r['percent']:7.2f}%  val {r['val_acc']:.3f}  test {r['test_acc']:.3f}"
               f"  {r['s_per_step']:.2f} s/step", flush=True)
-        results.write_text(json.dumps(rows, indent=2) + "\n")     # after every row: an interrupted run resumes
-    results.write_text(json.dumps(rows, indent=2) + "\n")
+        save(results, rows, before)                      # after every row: an interrupted run resumes
+    save(results, rows, before)
     lines = ["| method | settings | trainable | % | val acc | test acc | s/step |",
              "|---|---|---:|---:|---:|---:|---:|"]
     ran = [r for r in rows if "not_applicable" not in r]
@@ -111,6 +111,13 @@ def main(argv=None) -> None:
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(ran, out)
+
+
+def save(results: Path, rows: list[dict], before: dict) -> None:
+    """results.json: this run's rows, then the earlier rows of methods this run did not list (a run of a few methods
+    into an existing folder adds to its table, it does not drop the rest)."""
+    ran = {r["method"] for r in rows}
+    results.write_text(json.dumps(rows + [r for name, r in before.items() if name not in ran], indent=2) + "\n")
 
 
 def method_specs(result: dict) -> list[str]:
