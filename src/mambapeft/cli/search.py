@@ -303,8 +303,9 @@ def run(args) -> int:
 
     storage_url = args.storage or f"sqlite:///{(out / 'search.db').resolve()}"
     check_storage(storage_url)
-    seed = args.seed + (0 if not args.worker else args.helper_index if args.helper_index is not None
-                        else os.getpid() % 10_000)
+    seed = args.seed
+    if args.worker:         # a helper of --jobs: its index; a worker started by hand: its process id
+        seed += args.helper_index if args.helper_index is not None else os.getpid() % 10_000
     pruner = "none" if args.no_prune else args.pruner or getattr(kind, "search_builtin_pruner", "median")
     described = {"base": base.to_dict(), "trial": trial, "tasks": tasks, "space": space.to_dict(),
                  "study_name": args.study_name, "pruner": pruner}
